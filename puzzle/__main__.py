@@ -1,0 +1,3 @@
+from puzzle.cli import main
+
+main()

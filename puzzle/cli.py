@@ -1,0 +1,154 @@
+"""The `puzzle` command line: a thin layer over the stage functions.
+
+Every command takes a YAML config and `--set key.sub=value` overrides. A problem with the user's
+input is printed as one line per problem on stderr with exit code 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from puzzle.config import (
+    ParentTrainingConfig,
+    PuzzleConfig,
+    Section,
+    apply_overrides,
+    describe_fields,
+    read_yaml,
+    validate,
+)
+from puzzle.errors import ConfigError, PuzzleError
+from puzzle.progress import out
+
+app = typer.Typer(
+    name="puzzle",
+    help="Compress a Hugging Face LLM by distillation-based architecture search (NVIDIA's Puzzle method).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.", show_default=False)]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        help="Override a config value, e.g. --set kd.tokens=100000 (value read as YAML; repeatable). "
+        "Every key is listed in `puzzle validate --help`.",
+        show_default=False,
+    ),
+]
+
+
+def _key_reference(model: type[Section]) -> str:
+    lines = []
+    for key, default, description in describe_fields(model):
+        lines.append(f"  {key}" + (f" = {default}" if default else "") + (f" : {description}" if description else ""))
+    # \b stops click from re-wrapping the paragraph that follows.
+    return "\b\n" + "\n".join(lines)
+
+
+def _is_training_config(raw: dict) -> bool:
+    return "training" in raw or "model" in raw or "output" in raw
+
+
+def load_job(path: Path, overrides: list[str] | None) -> PuzzleConfig:
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return validate(raw, PuzzleConfig, str(path))
+
+
+@app.command("train-parent")
+def train_parent_command(config: ConfigArg, set_: SetOption = None) -> None:
+    """Train a tokenizer and a small Llama parent on text (the embedded default: examples/train_parent.yaml).
+
+    Resumable: checkpoints go to work_dir every training.checkpoint_every steps.
+    """
+    from puzzle.train_parent import train_parent
+
+    raw = apply_overrides(read_yaml(config), set_ or [])
+    cfg = validate(raw, ParentTrainingConfig, str(config))
+    result = train_parent(cfg)
+    out.print(
+        f"parent written to {result.output}: {result.parameters:,} parameters, validation loss "
+        f"{result.validation_loss:.4f} (perplexity {result.validation_perplexity:.2f}), {result.seconds:.0f} s"
+    )
+
+
+@app.command(
+    "validate",
+    epilog="Config keys of job files:\n\n"
+    + _key_reference(PuzzleConfig)
+    + "\n\nConfig keys of train-parent files:\n\n"
+    + _key_reference(ParentTrainingConfig),
+)
+def validate_command(config: ConfigArg, set_: SetOption = None) -> None:
+    """Check a config: every problem is listed with its key, the value given and what is expected.
+
+    Job files are also checked against the disk: the parent's path and family, the data files.
+    """
+    from puzzle.stages import preflight
+
+    raw = apply_overrides(read_yaml(config), set_ or [])
+    if _is_training_config(raw):
+        validate(raw, ParentTrainingConfig, str(config))
+        out.print(f"{config}: valid parent-training config")
+        return
+    job = validate(raw, PuzzleConfig, str(config))
+    problems = preflight(job)
+    if problems:
+        raise ConfigError(problems, str(config))
+    out.print(f"{config}: valid job config")
+
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOption = None) -> None:
+    """Run the job's pipeline, reusing every stage already done in run.dir.
+
+    Stages so far: parent (load through the family adapter, measure validation perplexity).
+    """
+    from puzzle.rundir import RunDir
+    from puzzle.stages import check_inputs, parent_stage
+
+    job = load_job(config, set_)
+    check_inputs(job)
+    RunDir(job.run.dir).write_config(job)
+    summary = parent_stage(job)
+    table = Table(title=f"parent {summary.source} ({summary.model_type}, {summary.parameters:,} parameters)")
+    for column in ("layer", "attention", "heads", "kv heads", "intermediate"):
+        table.add_column(column, justify="right")
+    for layer in summary.layers:
+        table.add_row(
+            str(layer.index), layer.attention_type, str(layer.num_attention_heads), str(layer.num_key_value_heads),
+            str(layer.intermediate_size),
+        )
+    out.print(table)
+    out.print(
+        f"validation loss {summary.validation_loss:.4f}, perplexity {summary.validation_perplexity:.2f} "
+        f"on {summary.validation_tokens:,} tokens"
+    )
+    out.print(f"run directory: {job.run.dir}")
+
+
+def main() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        app()
+    except ConfigError as e:
+        print(f"error: {e.source}: {len(e.problems)} problem(s)", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        sys.exit(2)
+    except PuzzleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept, run the command again to resume", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,350 @@
+"""The job config: one typed section per pipeline stage, validated when loaded.
+
+A YAML file is read with `yaml.safe_load`, `--set key.sub=value` overrides are applied, and the
+result is validated as a whole: unknown keys are rejected and every problem is reported at once,
+each naming its dotted key, the value given and what is expected. Relative paths are relative to
+the current working directory, as with any command-line tool.
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from puzzle.errors import ConfigError
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class RunSection(Section):
+    dir: Path = Field(Path("runs/default"), description="Run directory: one folder per stage, see docs/run-directory.md.")
+    seed: int = Field(0, description="Seed for every random choice of the run (data order, initializations).")
+
+
+class ParentSection(Section):
+    path: str = Field(..., description="Parent checkpoint: a local directory, or a hub id when online.")
+    dtype: DType = Field("float32", description="Dtype the parent is loaded in; 'auto' keeps the checkpoint's.")
+    device: str = Field("cpu", description="Torch device for the parent: 'cpu', 'cuda', 'cuda:1', or 'auto'.")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel of the parent.")
+    trust_remote_code: bool = Field(
+        False, description="Run modeling code shipped with the parent. Off unless you trust its author."
+    )
+
+
+class HubDataset(Section):
+    name: str = Field(..., description="Dataset id on the hub (needs network access).")
+    split: str = Field("train", description="Dataset split to read.")
+    text_column: str = Field("text", description="Column holding the text.")
+
+
+class DataSection(Section):
+    files: list[str] = Field(
+        default_factory=list, description="Local text files or glob patterns; each file is one document."
+    )
+    hub: HubDataset | None = Field(None, description="A hub dataset instead of local files.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory; defaults to the parent's.")
+    sequence_length: int = Field(512, gt=1, description="Tokens per block.")
+    validation_fraction: float = Field(
+        0.05, gt=0.0, lt=1.0, description="Share of blocks held out for validation, chosen once by split_seed."
+    )
+    split_seed: int = Field(1234, description="Seed of the fixed train/validation split (independent of run.seed).")
+    calibration_blocks: int = Field(16, ge=1, description="Training blocks used for calibration statistics.")
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if bool(self.files) == (self.hub is not None):
+            raise ValueError("give exactly one of data.files (local text) or data.hub (a hub dataset)")
+        return self
+
+
+class LibrarySection(Section):
+    kv_heads: list[int] | Literal["divisors"] = Field(
+        "divisors", description="KV-head counts for GQA candidates: a list, or every divisor of the parent's count."
+    )
+    windows: list[int] = Field(default_factory=lambda: [64, 128], description="Window widths for window attention.")
+    linear_attention: bool = Field(True, description="Include attention replaced by one hidden×hidden Linear.")
+    noop_attention: bool = Field(True, description="Include removing attention.")
+    ffn_fractions: list[float] = Field(
+        default_factory=lambda: [0.875, 0.75, 0.5, 0.25, 0.1],
+        description="Pruned FFN sizes as fractions of the parent's intermediate size, in (0, 1].",
+    )
+    ffn_sizes: list[int] = Field(default_factory=list, description="Pruned FFN sizes given exactly.")
+    ffn_grid: int | None = Field(
+        None, ge=1, description="Round pruned FFN sizes up to this multiple (256 = what serving engines accept)."
+    )
+    linear_ffn: bool = Field(True, description="Include FFN replaced by one hidden×hidden Linear.")
+    noop_ffn: bool = Field(True, description="Include removing the FFN.")
+
+
+class BldSection(Section):
+    mode: Literal["decoupled", "coupled"] = Field("decoupled", description="Train subblocks alone or as pairs.")
+    coupled_pairs: list[str] = Field(
+        default_factory=list, description="Extra (attention, FFN) pairs trained together, as 'attention_id+ffn_id'."
+    )
+    optimizer: Literal["adamw"] = Field("adamw", description="Optimizer.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    tokens_per_candidate: int = Field(262_144, ge=1, description="Training tokens each candidate sees.")
+    batch_size: int = Field(4, ge=1, description="Blocks per step.")
+    sequence_length: int = Field(256, gt=1, description="Tokens per block during BLD.")
+
+
+class ScoringSection(Section):
+    metric: Literal["kl", "lm_loss", "top1", "top5", "top10"] = Field(
+        "kl", description="Block score used by the search (top-k = 1 − agreement)."
+    )
+    validation_blocks: int = Field(8, ge=1, description="Held-out blocks per score.")
+    batch_size: int = Field(4, ge=1, description="Blocks per forward pass.")
+
+
+class ProfileSection(Section):
+    device: str = Field("local", description="'local' measures here; a GPU name (h100, h200, …) uses the roofline.")
+    weight_dtype: Literal["float32", "bfloat16", "float16", "fp8"] = Field("bfloat16", description="Weight dtype.")
+    kv_dtype: Literal["float32", "bfloat16", "float16", "fp8"] = Field("bfloat16", description="KV-cache dtype.")
+    batch_size: int = Field(1, ge=1, description="Sequences per batch.")
+    prefill_length: int = Field(256, ge=1, description="Prompt tokens.")
+    decode_length: int = Field(128, ge=1, description="Generated tokens.")
+    warmup: int = Field(3, ge=0, description="Untimed runs before measuring.")
+    repeats: int = Field(10, ge=1, description="Timed runs; the median is kept.")
+
+
+class SearchSection(Section):
+    budgets: dict[str, str] = Field(
+        default_factory=dict, description="Budgets, e.g. {latency: 0.5x, memory: 40GiB, params: 2.5M}."
+    )
+    metric: Literal["kl", "lm_loss", "top1", "top5", "top10"] = Field("kl", description="Objective.")
+    solver: Literal["cbc", "highs"] = Field("cbc", description="MIP solver behind PuLP.")
+    solutions: int = Field(1, ge=1, description="Number of diverse solutions.")
+    min_diff: int = Field(1, ge=1, description="Layers in which each solution differs from every earlier one.")
+    batch_sizes: list[int] = Field(default_factory=list, description="Batch sizes to sweep; empty = profile's.")
+
+
+class RealizeSection(Section):
+    solution: int = Field(0, ge=0, description="Index of the solution to build.")
+
+
+class KdSection(Section):
+    tokens: int = Field(1_048_576, ge=1, description="Training tokens of global distillation.")
+    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    batch_size: int = Field(4, ge=1, description="Blocks per step.")
+    kl_weight: float = Field(1.0, ge=0, description="Weight of KL(parent ‖ child) on logits.")
+    cosine_weight: float = Field(1.0, ge=0, description="Weight of Σ (1 − cos) over layer hidden states.")
+    lm_weight: float = Field(0.0, ge=0, description="Weight of the LM loss (off by default: it hurt in the paper).")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between resumable checkpoints.")
+
+
+class EvalSection(Section):
+    validation_blocks: int = Field(32, ge=1, description="Held-out blocks for KL, perplexity and agreement.")
+    batch_size: int = Field(4, ge=1, description="Blocks per forward pass.")
+    tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks, when it is installed.")
+    kv_dtype: Literal["model", "fp8"] = Field("model", description="Simulate an FP8 KV cache during eval.")
+
+
+class PuzzleConfig(Section):
+    """A puzzle job: one section per stage."""
+
+    run: RunSection = Field(default_factory=RunSection, description="Where and how the run is stored.")
+    parent: ParentSection = Field(..., description="The model to compress.")
+    data: DataSection = Field(..., description="Text for calibration, training and validation.")
+    library: LibrarySection = Field(default_factory=LibrarySection, description="Candidate subblocks per layer.")
+    bld: BldSection = Field(default_factory=BldSection, description="Blockwise local distillation.")
+    scoring: ScoringSection = Field(default_factory=ScoringSection, description="Replace-1-block scores.")
+    profile: ProfileSection = Field(default_factory=ProfileSection, description="Cost model scenario.")
+    search: SearchSection = Field(default_factory=SearchSection, description="MIP architecture search.")
+    realize: RealizeSection = Field(default_factory=RealizeSection, description="Building the child checkpoint.")
+    kd: KdSection = Field(default_factory=KdSection, description="Global knowledge distillation.")
+    eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation of parent and child.")
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'kd.tokens=1000' -> (['kd', 'tokens'], 1000). The value is read as YAML, so types come out right."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {text!r}: expected KEY.SUB=VALUE, for example --set kd.tokens=1000"], "--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            child = node.get(k)
+            if not isinstance(child, dict):
+                child = node[k] = {}
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"file not found: {path}"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"malformed YAML{where}: {problem}"], str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(["not a text file (UTF-8 expected)"], str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"], str(path))
+    return data
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Field names of the model that owns the location `loc[:-1]`, to suggest on an unknown key."""
+    current: Any = model
+    for part in loc[:-1]:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = _model_in(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(error: pydantic.ValidationError, model: type[BaseModel]) -> list[str]:
+    problems = []
+    for e in error.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            problems.append(f"{key}: unknown key{hint}")
+        elif e["type"] == "missing":
+            problems.append(f"{key}: required, not given")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: got {e['input']!r}; {msg}")
+    return problems
+
+
+def validate(raw: dict[str, Any], model: type[Section] = PuzzleConfig, source: str = "config") -> Section:
+    try:
+        return model.model_validate(raw)
+    except pydantic.ValidationError as e:
+        raise ConfigError(format_validation_error(e, model), source) from None
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, model: type[Section] = PuzzleConfig
+) -> Section:
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return validate(raw, model, str(path))
+
+
+def dump_config(config: Section) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field, for --help and docs."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = _model_in(field.annotation)
+        if sub is not None and sub is not model:
+            rows.append((key, "", field.description or ""))
+            rows.extend(describe_fields(sub, key + "."))
+            continue
+        if field.is_required():
+            default = "(required)"
+        elif field.default_factory is not None:
+            default = repr(field.default_factory())
+        else:
+            default = repr(field.default.as_posix() if isinstance(field.default, Path) else field.default)
+        rows.append((key, default, field.description or ""))
+    return rows
+
+
+# --- the parent-training job (`puzzle train-parent`) ----------------------------------------------
+
+
+class TokenizerSection(Section):
+    vocab_size: int = Field(4096, ge=300, description="BPE vocabulary size, including 3 special and 256 byte tokens.")
+
+
+class ParentArchitecture(Section):
+    hidden_size: int = Field(192, ge=8, description="Width of the residual stream.")
+    intermediate_size: int = Field(512, ge=1, description="FFN width; a multiple of 256 keeps pruned sizes servable.")
+    num_hidden_layers: int = Field(8, ge=1, description="Decoder layers.")
+    num_attention_heads: int = Field(6, ge=1, description="Query heads.")
+    num_key_value_heads: int = Field(2, ge=1, description="KV heads (GQA); divides num_attention_heads.")
+    max_position_embeddings: int = Field(512, ge=2, description="Longest context.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base.")
+    tie_word_embeddings: bool = Field(False, description="Share input embeddings and lm_head.")
+
+    @pydantic.model_validator(mode="after")
+    def _heads(self) -> ParentArchitecture:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("num_attention_heads must divide hidden_size")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_key_value_heads must divide num_attention_heads")
+        return self
+
+
+class ParentTrainingSection(Section):
+    steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Blocks per step.")
+    learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_learning_rate: float = Field(2e-4, ge=0, description="Learning rate at the end of the cosine decay.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    eval_every: int = Field(100, ge=1, description="Steps between validation estimates.")
+    eval_blocks: int = Field(16, ge=1, description="Validation blocks per estimate during training.")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between resumable checkpoints.")
+    save_dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Dtype of the shipped weights.")
+
+
+class ParentTrainingConfig(Section):
+    """`puzzle train-parent`: a tokenizer and a small Llama parent trained from text, deterministically."""
+
+    output: Path = Field(..., description="Directory of the finished parent (replaced atomically at the end).")
+    work_dir: Path = Field(Path("runs/train-parent"), description="Resumable checkpoints while training.")
+    seed: int = Field(0, description="Seed of initialization and batch order.")
+    data: DataSection = Field(..., description="Training text (data.tokenizer is ignored: one is trained).")
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="The tokenizer to train.")
+    model: ParentArchitecture = Field(default_factory=ParentArchitecture, description="Llama architecture.")
+    training: ParentTrainingSection = Field(default_factory=ParentTrainingSection, description="Optimization.")

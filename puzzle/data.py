@@ -1,0 +1,112 @@
+"""Token streams for calibration, training and validation.
+
+Documents (local text files, or a hub dataset when online) are read through `datasets`, tokenized
+without special tokens, joined with an end-of-sequence token between documents and cut into blocks of
+`sequence_length` tokens. The train/validation split is a fixed, seeded choice of blocks, so every
+stage of every run sees the same held-out text.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from puzzle.config import DataSection
+from puzzle.errors import PuzzleError
+
+
+@dataclass(frozen=True)
+class TokenBlocks:
+    train: torch.Tensor  # [n_train, sequence_length] int64
+    validation: torch.Tensor  # [n_validation, sequence_length] int64
+    fingerprint: str  # identifies documents, tokenizer and split
+
+    def calibration(self, n: int) -> torch.Tensor:
+        return self.train[:n]
+
+
+def resolve_files(patterns: list[str]) -> list[Path]:
+    """Expand globs; every pattern must match and every match must be a readable file."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise PuzzleError(f"data.files: no file matches {pattern!r}")
+        for m in matches:
+            p = Path(m)
+            if not p.is_file():
+                raise PuzzleError(f"data.files: {m!r} is not a file")
+            if not os.access(p, os.R_OK):
+                raise PuzzleError(f"data.files: {m!r} is not readable (check its permissions)")
+            files.append(p)
+    return files
+
+
+def read_files(patterns: list[str]) -> list[str]:
+    return [_read_text(f) for f in resolve_files(patterns)]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PuzzleError(f"data.files: {str(path)!r} is not UTF-8 text") from None
+    except OSError as e:
+        raise PuzzleError(f"data.files: cannot read {str(path)!r}: {e.strerror}") from None
+
+
+def read_documents(section: DataSection) -> list[str]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    if section.hub is not None:
+        ds = datasets.load_dataset(section.hub.name, split=section.hub.split)
+        if section.hub.text_column not in ds.column_names:
+            raise PuzzleError(
+                f"data.hub.text_column: {section.hub.text_column!r} is not a column of {section.hub.name} "
+                f"(columns: {', '.join(ds.column_names)})"
+            )
+        return list(ds[section.hub.text_column])
+    return read_files(section.files)
+
+
+def tokenize_documents(docs: list[str], tokenizer) -> torch.Tensor:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise PuzzleError("the tokenizer has no end-of-sequence token to separate documents")
+    ids: list[int] = []
+    for encoded in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def split_blocks(stream: torch.Tensor, section: DataSection) -> tuple[torch.Tensor, torch.Tensor]:
+    n = stream.numel() // section.sequence_length
+    n_val = max(1, round(n * section.validation_fraction))
+    if n - n_val < 1:
+        raise PuzzleError(
+            f"data: only {stream.numel()} tokens, too few for blocks of {section.sequence_length} "
+            "with a validation split; add text or lower data.sequence_length"
+        )
+    blocks = stream[: n * section.sequence_length].view(n, section.sequence_length)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(section.split_seed))
+    val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
+    return blocks[train_idx].clone(), blocks[val_idx].clone()
+
+
+def load_blocks(section: DataSection, tokenizer) -> TokenBlocks:
+    docs = read_documents(section)
+    if not any(d.strip() for d in docs):
+        raise PuzzleError("data: the documents contain no text")
+    stream = tokenize_documents(docs, tokenizer)
+    train, validation = split_blocks(stream, section)
+    h = hashlib.sha256()
+    h.update(stream.numpy().tobytes())
+    h.update(f"{section.sequence_length}/{section.validation_fraction}/{section.split_seed}".encode())
+    return TokenBlocks(train=train, validation=validation, fingerprint=h.hexdigest()[:16])

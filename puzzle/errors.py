@@ -1,0 +1,14 @@
+"""Errors a user can fix. The CLI prints them as one line each and exits with code 2."""
+
+
+class PuzzleError(Exception):
+    """A problem with the user's input (config, paths, data, model); never a bug in puzzle."""
+
+
+class ConfigError(PuzzleError):
+    """A config that does not validate. Carries every problem found, not only the first."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))

@@ -1,0 +1,183 @@
+"""One adapter over the dense decoder families: Llama, Mistral, Qwen2, Qwen3 (transformers 5.x).
+
+The adapter exposes, per layer, the attention and FFN subblocks with their norms, and builds what a
+layer needs to run alone: rotary position embeddings, the causal or sliding-window mask of its
+attention type, and the KV cache. Later stages run any layer, subblock or replacement candidate
+through it without depending on a family's `forward`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from puzzle.errors import PuzzleError
+
+
+class AttentionType(str, enum.Enum):
+    full = "full_attention"
+    sliding = "sliding_attention"
+
+
+def _uniform_types(config: PretrainedConfig) -> list[AttentionType]:
+    return [AttentionType.full] * config.num_hidden_layers
+
+
+def _mistral_types(config: PretrainedConfig) -> list[AttentionType]:
+    kind = AttentionType.sliding if getattr(config, "sliding_window", None) else AttentionType.full
+    return [kind] * config.num_hidden_layers
+
+
+def _declared_types(config: PretrainedConfig) -> list[AttentionType]:
+    """Qwen2/Qwen3 declare each layer's attention in `layer_types`."""
+    return [AttentionType(t) for t in config.layer_types[: config.num_hidden_layers]]
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    layer_types: Callable[[PretrainedConfig], list[AttentionType]]
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llama", _uniform_types),
+        Family("mistral", _mistral_types),
+        Family("qwen2", _declared_types),
+        Family("qwen3", _declared_types),
+    )
+}
+
+
+def family_for(model_type: str) -> Family:
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise PuzzleError(
+            f"parent model_type '{model_type}' is not supported; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    return family
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """The pieces of decoder layer `index`, as the parent holds them."""
+
+    index: int
+    attention: nn.Module
+    ffn: nn.Module
+    input_norm: nn.Module
+    post_attention_norm: nn.Module
+    attention_type: AttentionType
+    sliding_window: int | None
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """Everything but the hidden states that a layer needs for one forward pass."""
+
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    masks: dict[AttentionType, torch.Tensor | None]
+    cache: Cache | None
+
+
+class FamilyAdapter:
+    """Runs a dense parent layer by layer, or subblock by subblock."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.config = model.config
+        self.family = family_for(self.config.model_type)
+        self.attention_types = self.family.layer_types(self.config)
+        self._backbone = model.model
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def layer(self, index: int) -> LayerParts:
+        decoder = self._backbone.layers[index]
+        kind = self.attention_types[index]
+        return LayerParts(
+            index=index,
+            attention=decoder.self_attn,
+            ffn=decoder.mlp,
+            input_norm=decoder.input_layernorm,
+            post_attention_norm=decoder.post_attention_layernorm,
+            attention_type=kind,
+            sliding_window=self.config.sliding_window if kind is AttentionType.sliding else None,
+        )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._backbone.embed_tokens(input_ids)
+
+    def context(
+        self,
+        hidden: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> LayerContext:
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
+        mask_kwargs = dict(
+            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids
+        )
+        masks: dict[AttentionType, torch.Tensor | None] = {}
+        if AttentionType.full in self.attention_types:
+            masks[AttentionType.full] = create_causal_mask(**mask_kwargs)
+        if AttentionType.sliding in self.attention_types:
+            masks[AttentionType.sliding] = create_sliding_window_causal_mask(**mask_kwargs)
+        return LayerContext(
+            position_ids=position_ids,
+            position_embeddings=self._backbone.rotary_emb(hidden, position_ids=position_ids),
+            masks=masks,
+            cache=cache,
+        )
+
+    def attention_delta(self, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """What the attention subblock adds to the residual stream (pre-norm included)."""
+        parts = self.layer(index)
+        out, _ = parts.attention(
+            hidden_states=parts.input_norm(hidden),
+            position_embeddings=ctx.position_embeddings,
+            attention_mask=ctx.masks[parts.attention_type],
+            position_ids=ctx.position_ids,
+            cache=ctx.cache,
+        )
+        return out
+
+    def ffn_delta(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """What the FFN subblock adds to the residual stream (pre-norm included)."""
+        parts = self.layer(index)
+        return parts.ffn(parts.post_attention_norm(hidden))
+
+    def run_layer(self, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        hidden = hidden + self.attention_delta(index, hidden, ctx)
+        return hidden + self.ffn_delta(index, hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self._backbone.norm(hidden))
+
+    def hidden_states(self, input_ids: torch.Tensor, ctx: LayerContext | None = None) -> list[torch.Tensor]:
+        """Residual stream entering each layer, then the output of the last one (L + 1 tensors)."""
+        hidden = self.embed(input_ids)
+        ctx = ctx or self.context(hidden)
+        states = [hidden]
+        for i in range(self.num_layers):
+            hidden = self.run_layer(i, hidden, ctx)
+            states.append(hidden)
+        return states
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden_states(input_ids)[-1])

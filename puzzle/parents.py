@@ -1,0 +1,126 @@
+"""Loading a parent: a local Hugging Face directory, or a hub id when online.
+
+Weights load from safetensors only (`use_safetensors=True`), and the parent's own modeling code runs
+only when the user sets `parent.trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from puzzle.config import ParentSection
+from puzzle.errors import PuzzleError
+from puzzle.families import FamilyAdapter, family_for
+
+
+@dataclass
+class Parent:
+    model: PreTrainedModel
+    tokenizer: object
+    adapter: FamilyAdapter
+    source: str
+
+
+def _is_local(path: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else is meant as a local path.
+    return Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so an offline user gets an answer now, not after the hub client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_config(section: ParentSection) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(section.path, trust_remote_code=section.trust_remote_code, local_files_only=True)
+    except (OSError, ValueError):
+        pass  # not in the local hub cache: try the network below
+    if not _hub_reachable():
+        raise PuzzleError(
+            f"parent.path: {section.path!r} is not a local directory, and the hub cannot be reached to fetch it; "
+            "give the path of a downloaded checkpoint"
+        )
+    try:
+        return AutoConfig.from_pretrained(section.path, trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PuzzleError(f"parent.path: cannot load {section.path!r} from the hub: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def parent_config(section: ParentSection) -> PretrainedConfig:
+    """Read and check the parent's config without loading weights (cheap; used before writing anything)."""
+    if not _is_local(section.path):
+        config = _hub_config(section)
+        family_for(config.model_type)
+        return config
+    local = Path(section.path).expanduser()
+    if not local.is_dir():
+        raise PuzzleError(f"parent.path: {section.path!r} does not exist or is not a directory")
+    config_file = local / "config.json"
+    if not config_file.is_file():
+        raise PuzzleError(f"parent.path: {section.path!r} has no config.json; is it a Hugging Face checkpoint?")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise PuzzleError(f"parent.path: {config_file} is not valid JSON ({e})") from None
+    # Checked before AutoConfig, which would otherwise fail on families transformers does not know.
+    family_for(str(model_type))
+    try:
+        return AutoConfig.from_pretrained(str(local), trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PuzzleError(f"parent.path: cannot load {str(local)!r}: {_first_line(e)}") from None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PuzzleError(f"parent.device: {name!r} is not a torch device (try 'cpu', 'cuda', 'cuda:0', 'auto')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PuzzleError(f"parent.device: {name!r} asked for, but no CUDA device is available here")
+    return device
+
+
+def load_parent(section: ParentSection) -> Parent:
+    config = parent_config(section)
+    device = _device(section.device)
+    path = str(Path(section.path).expanduser()) if _is_local(section.path) else section.path
+    dtype = "auto" if section.dtype == "auto" else getattr(torch, section.dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype=dtype,
+            attn_implementation=section.attn_implementation,
+            trust_remote_code=section.trust_remote_code,
+            use_safetensors=True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PuzzleError(f"parent.path: cannot load {path!r}: {_first_line(e)}") from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return Parent(model=model, tokenizer=tokenizer, adapter=FamilyAdapter(model), source=path)

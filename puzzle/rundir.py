@@ -1,0 +1,155 @@
+"""The run directory: one folder per stage, a manifest per stage, a lock per stage.
+
+    RUN_DIR/
+      config.yaml              the resolved config of the latest command (all defaults filled in)
+      <stage>/                 parent, library, scores, profile, search, child, kd, eval, report
+        manifest.json          status (running | done | failed), timestamps, versions, config
+                               fingerprint of the sections the stage depends on, outputs
+        .lock                  held (flock) while a process writes the stage
+        ...                    the stage's own files, each written atomically
+
+A stage is reused only if its manifest says `done` with the same fingerprint. The lock is an OS
+advisory lock, released by the kernel when its process dies, so a killed run never leaves a stale lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import fcntl
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from puzzle.config import PuzzleConfig, dump_config
+from puzzle.errors import PuzzleError
+from puzzle.io import atomic_write_json, atomic_write_text
+
+
+class Stage(str, enum.Enum):
+    parent = "parent"
+    library = "library"
+    scores = "scores"
+    profile = "profile"
+    search = "search"
+    child = "child"
+    kd = "kd"
+    eval = "eval"
+    report = "report"
+
+
+class Status(str, enum.Enum):
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import puzzle
+
+    return {
+        "puzzle": puzzle.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def fingerprint(config: PuzzleConfig, sections: tuple[str, ...]) -> str:
+    """Hash of the config sections a stage depends on: changing any of them invalidates the stage."""
+    dumped = config.model_dump(mode="json")
+    payload = json.dumps({s: dumped[s] for s in sections}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class StageRecord:
+    """What a running stage reports; written into its manifest when the stage ends."""
+
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def stage_dir(self, stage: Stage) -> Path:
+        return self.path / stage.value
+
+    def manifest(self, stage: Stage) -> dict[str, Any] | None:
+        file = self.stage_dir(stage) / "manifest.json"
+        if not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            # Manifests are written atomically, so this is outside damage, not a crash of ours.
+            raise PuzzleError(f"{file}: not valid JSON ({e}); delete the stage folder to redo it") from None
+
+    def is_done(self, stage: Stage, config_fingerprint: str) -> bool:
+        m = self.manifest(stage)
+        return m is not None and m["status"] == Status.done.value and m["fingerprint"] == config_fingerprint
+
+    def write_config(self, config: PuzzleConfig) -> None:
+        atomic_write_text(self.path / "config.yaml", dump_config(config))
+
+    @contextlib.contextmanager
+    def lock(self, stage: Stage) -> Iterator[None]:
+        directory = self.stage_dir(stage)
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise PuzzleError(
+                    f"stage '{stage.value}' of {self.path} is being written by another process (pid {holder}); "
+                    "wait for it to finish or choose another run.dir"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def stage(self, stage: Stage, config_fingerprint: str) -> Iterator[StageRecord]:
+        """Lock the stage and keep its manifest truthful: running, then done or failed."""
+        with self.lock(stage):
+            previous = self.manifest(stage) or {}
+            base = {
+                "stage": stage.value,
+                "fingerprint": config_fingerprint,
+                "started": _now(),
+                "versions": versions(),
+                "runs": previous.get("runs", 0) + 1,
+            }
+            file = self.stage_dir(stage) / "manifest.json"
+            atomic_write_json(file, {**base, "status": Status.running.value})
+            record = StageRecord()
+            try:
+                yield record
+            except BaseException as e:
+                atomic_write_json(
+                    file, {**base, "status": Status.failed.value, "finished": _now(), "error": f"{type(e).__name__}: {e}"}
+                )
+                raise
+            atomic_write_json(
+                file, {**base, "status": Status.done.value, "finished": _now(), "outputs": record.outputs}
+            )

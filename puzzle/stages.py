@@ -1,0 +1,124 @@
+"""Stage functions behind the CLI: plain typed functions, one per stage, each resumable.
+
+Input checks (`preflight`) run before anything is written, so bad input leaves no trace on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from puzzle.config import PuzzleConfig
+from puzzle.data import load_blocks, read_files
+from puzzle.errors import PuzzleError
+from puzzle.io import atomic_write_json
+from puzzle.parents import load_parent, parent_config
+from puzzle.rundir import RunDir, Stage, fingerprint
+
+
+def preflight(config: PuzzleConfig) -> list[str]:
+    """Every problem with the job's inputs that can be seen without loading weights."""
+    problems = []
+    try:
+        parent_config(config.parent)
+    except PuzzleError as e:
+        problems.append(str(e))
+    if config.data.files:
+        try:
+            read_files(config.data.files)
+        except PuzzleError as e:
+            problems.append(str(e))
+    if config.data.tokenizer is not None and not Path(config.data.tokenizer).is_dir():
+        problems.append(f"data.tokenizer: {config.data.tokenizer!r} is not a directory")
+    return problems
+
+
+def check_inputs(config: PuzzleConfig) -> None:
+    problems = preflight(config)
+    if problems:
+        raise PuzzleError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    index: int
+    attention_type: str
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
+class ParentSummary:
+    source: str
+    model_type: str
+    parameters: int
+    layers: list[LayerSummary]
+    validation_loss: float
+    validation_perplexity: float
+    validation_tokens: int
+
+    @classmethod
+    def from_json(cls, data: dict) -> ParentSummary:
+        return cls(**{**data, "layers": [LayerSummary(**layer) for layer in data["layers"]]})
+
+
+@torch.no_grad()
+def validation_loss(adapter, blocks: torch.Tensor, batch_size: int) -> tuple[float, int]:
+    """Mean next-token cross-entropy of the model behind `adapter`, run layer by layer."""
+    device = next(adapter.model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        x = blocks[i : i + batch_size].to(device)
+        logits = adapter.logits(x)[:, :-1].float()
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+        count += x[:, 1:].numel()
+    return total / count, count
+
+
+def parent_stage(config: PuzzleConfig) -> ParentSummary:
+    """Load the parent through its family adapter and measure it on the held-out text."""
+    run = RunDir(config.run.dir)
+    key = fingerprint(config, ("parent", "data", "eval"))
+    summary_file = run.stage_dir(Stage.parent) / "summary.json"
+    if run.is_done(Stage.parent, key):
+        return ParentSummary.from_json(json.loads(summary_file.read_text()))
+    with run.stage(Stage.parent, key) as record:
+        parent = load_parent(config.parent)
+        tokenizer = parent.tokenizer
+        if config.data.tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
+        blocks = load_blocks(config.data, tokenizer)
+        loss, tokens = validation_loss(
+            parent.adapter, blocks.validation[: config.eval.validation_blocks], config.eval.batch_size
+        )
+        cfg = parent.model.config
+        summary = ParentSummary(
+            source=parent.source,
+            model_type=cfg.model_type,
+            parameters=sum(p.numel() for p in parent.model.parameters()),
+            layers=[
+                LayerSummary(
+                    index=i,
+                    attention_type=parent.adapter.layer(i).attention_type.value,
+                    num_attention_heads=cfg.num_attention_heads,
+                    num_key_value_heads=cfg.num_key_value_heads,
+                    intermediate_size=cfg.intermediate_size,
+                )
+                for i in range(parent.adapter.num_layers)
+            ],
+            validation_loss=loss,
+            validation_perplexity=math.exp(loss),
+            validation_tokens=tokens,
+        )
+        atomic_write_json(summary_file, asdict(summary))
+        record.outputs = {"summary": "summary.json", "data_fingerprint": blocks.fingerprint}
+    return summary

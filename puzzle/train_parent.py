@@ -1,0 +1,210 @@
+"""Train the embedded default parent: a tokenizer and a small Llama with GQA, from shipped text.
+
+Deterministic for a given config and machine: the initialization, the batch order and the data split
+all come from seeds. Checkpoints are written atomically every `checkpoint_every` steps, so a killed
+run resumes where it stopped and ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from puzzle.config import ParentTrainingConfig, dump_config
+from puzzle.data import TokenBlocks, load_blocks, read_documents
+from puzzle.io import atomic_dir, atomic_write_text
+from puzzle.progress import progress_bar
+from puzzle.tokenizer import train_tokenizer
+
+SAMPLE_PROMPTS = ["ROMEO.\n", "To be, or not to be", "KING.\nMy lords,"]
+
+
+@dataclass(frozen=True)
+class ParentTrainingResult:
+    output: Path
+    parameters: int
+    validation_loss: float
+    validation_perplexity: float
+    seconds: float
+
+
+def learning_rate(step: int, cfg: ParentTrainingConfig) -> float:
+    t = cfg.training
+    if step < t.warmup_steps:
+        return t.learning_rate * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_learning_rate + 0.5 * (t.learning_rate - t.min_learning_rate) * (1 + math.cos(math.pi * progress))
+
+
+def batch_indices(step: int, n_blocks: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Blocks of `step`: epochs are seeded permutations, so any step's batch is known without replay."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n_blocks)
+        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    return torch.tensor(out)
+
+
+def llama_config(cfg: ParentTrainingConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    m = cfg.model
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        tie_word_embeddings=m.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+        attn_implementation="sdpa",
+    )
+
+
+@torch.no_grad()
+def mean_loss(model: LlamaForCausalLM, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy over all predicted positions of `blocks`."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        x = blocks[i : i + batch_size]
+        logits = model(input_ids=x).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum")
+        total += loss.item()
+        count += x[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+def _save_checkpoint(work: Path, model, optimizer, step: int, log: list[dict]) -> None:
+    with atomic_dir(work / "checkpoint") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "log": log}))
+
+
+def _load_checkpoint(work: Path, model, optimizer) -> tuple[int, list[dict]]:
+    ckpt = work / "checkpoint"
+    if not (ckpt / "state.json").is_file():
+        return 0, []
+    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    # Our own optimizer file; weights_only refuses anything but tensors and plain containers.
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    state = json.loads((ckpt / "state.json").read_text())
+    return state["step"], state["log"]
+
+
+def _prepare_tokenizer(cfg: ParentTrainingConfig) -> PreTrainedTokenizerFast:
+    """Train the tokenizer once per work dir; a resumed run reuses it."""
+    tok_dir = cfg.work_dir / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    docs = read_documents(cfg.data)
+    with atomic_dir(tok_dir) as tmp:
+        tokenizer = train_tokenizer(docs, cfg.tokenizer.vocab_size, tmp)
+    return tokenizer
+
+
+def samples(model: LlamaForCausalLM, tokenizer, seed: int, max_new_tokens: int = 60) -> list[str]:
+    torch.manual_seed(seed)
+    out = []
+    model.eval()
+    for prompt in SAMPLE_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8)
+        out.append(tokenizer.decode(gen[0], skip_special_tokens=True))
+    return out
+
+
+def train_parent(cfg: ParentTrainingConfig) -> ParentTrainingResult:
+    started = time.time()
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.work_dir / "config.yaml", dump_config(cfg))
+    tokenizer = _prepare_tokenizer(cfg)
+    blocks: TokenBlocks = load_blocks(cfg.data, tokenizer)
+
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(llama_config(cfg, tokenizer))
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.training.learning_rate,
+        betas=(0.9, 0.95),
+    )
+    step, log = _load_checkpoint(cfg.work_dir, model, optimizer)
+    t = cfg.training
+    eval_set = blocks.validation[: t.eval_blocks]
+    with progress_bar() as bar:
+        task = bar.add_task("train parent", total=t.steps, completed=step, status="")
+        while step < t.steps:
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = blocks.train[batch_indices(step, len(blocks.train), t.batch_size, cfg.seed)]
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            row = {"step": step, "loss": round(loss.item(), 5), "lr": lr, "tokens": step * t.batch_size * x.size(1)}
+            if step % t.eval_every == 0 or step == t.steps:
+                row["validation_loss"] = round(mean_loss(model, eval_set), 5)
+            log.append(row)
+            bar.update(task, advance=1, status=f"loss {row['loss']:.3f}")
+            if step % t.checkpoint_every == 0 and step < t.steps:
+                _save_checkpoint(cfg.work_dir, model, optimizer, step, log)
+
+    return _finish(cfg, model, tokenizer, blocks, log, time.time() - started)
+
+
+def _finish(cfg, model, tokenizer, blocks: TokenBlocks, log: list[dict], seconds: float) -> ParentTrainingResult:
+    dtype = getattr(torch, cfg.training.save_dtype)
+    with atomic_dir(cfg.output) as tmp:
+        model.to(dtype).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=True, top_k=40,
+            temperature=0.8, max_new_tokens=128,
+        ).save_pretrained(tmp)
+        # The shipped figure is measured on the shipped (rounded) weights, loaded as users load them.
+        shipped = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        val_loss = mean_loss(shipped, blocks.validation)
+        summary = {
+            "parameters": sum(p.numel() for p in shipped.parameters()),
+            "validation_loss": round(val_loss, 4),
+            "validation_perplexity": round(math.exp(val_loss), 3),
+            "validation_blocks": len(blocks.validation),
+            "validation_tokens": int(blocks.validation[:, 1:].numel()),
+            "train_blocks": len(blocks.train),
+            "data_fingerprint": blocks.fingerprint,
+            "training_seconds": round(seconds, 1),
+            "steps": cfg.training.steps,
+            "tokens_seen": cfg.training.steps * cfg.training.batch_size * cfg.data.sequence_length,
+            "torch": torch.__version__,
+            "samples": samples(shipped, tokenizer, cfg.seed),
+        }
+        (tmp / "training_config.yaml").write_text(dump_config(cfg))
+        (tmp / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return ParentTrainingResult(
+        output=cfg.output,
+        parameters=summary["parameters"],
+        validation_loss=val_loss,
+        validation_perplexity=math.exp(val_loss),
+        seconds=seconds,
+    )

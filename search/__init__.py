@@ -1,0 +1,1 @@
+"""Choosing: profiling, hardware specs, the MIP and its frontiers."""

@@ -1,0 +1,135 @@
+"""The CLI's contract: bad input gets one clear line per problem, exit code 2, no traceback, nothing written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from puzzle.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SONNETS = str(ROOT / "examples/data/shakespeare/sonnets.txt")
+LUCRECE = str(ROOT / "examples/data/shakespeare/rape_of_lucrece.txt")
+
+
+def cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["puzzle", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def job(tmp_path, parent, **changes) -> Path:
+    raw = {
+        "run": {"dir": str(tmp_path / "run")},
+        "parent": {"path": str(parent)},
+        "data": {"files": [SONNETS, LUCRECE], "sequence_length": 64, "validation_fraction": 0.1},
+        "eval": {"validation_blocks": 4, "batch_size": 2},
+    }
+    for section, values in changes.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def assert_clean_failure(code, err, tmp_path, *fragments):
+    assert code == 2
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+    assert not (tmp_path / "run").exists(), "a failed command must not write its run directory"
+
+
+def test_help_lists_the_commands(monkeypatch, capsys):
+    code, out, _ = cli(monkeypatch, capsys, "--help")
+    assert code == 0
+    for command in ("train-parent", "validate", "run"):
+        assert command in out
+
+
+def test_malformed_yaml(monkeypatch, capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("parent: {path: [x\n")
+    code, _, err = cli(monkeypatch, capsys, "run", bad)
+    assert_clean_failure(code, err, tmp_path, "malformed YAML at line")
+
+
+def test_unknown_key(monkeypatch, capsys, tmp_path, tiny_parent_dir):
+    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, tiny_parent_dir, kd={"tokenz": 5}))
+    assert_clean_failure(code, err, tmp_path, "kd.tokenz: unknown key; allowed keys here: tokens")
+
+
+def test_wrong_type(monkeypatch, capsys, tmp_path, tiny_parent_dir):
+    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, tiny_parent_dir), "--set", "eval.batch_size=many")
+    assert_clean_failure(code, err, tmp_path, "eval.batch_size: got 'many'; Input should be a valid integer")
+
+
+def test_missing_parent_path(monkeypatch, capsys, tmp_path):
+    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, tmp_path / "nowhere"))
+    assert_clean_failure(code, err, tmp_path, "does not exist or is not a directory")
+
+
+def test_unsupported_model_type(monkeypatch, capsys, tmp_path):
+    fake = tmp_path / "gpt2"
+    fake.mkdir()
+    (fake / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, fake))
+    assert_clean_failure(code, err, tmp_path, "'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3")
+
+
+def test_missing_data_path(monkeypatch, capsys, tmp_path, tiny_parent_dir):
+    path = job(tmp_path, tiny_parent_dir, data={"files": [str(tmp_path / "missing/*.txt")]})
+    code, _, err = cli(monkeypatch, capsys, "run", path)
+    assert_clean_failure(code, err, tmp_path, "data.files: no file matches")
+
+
+def test_unreadable_data_file(monkeypatch, capsys, tmp_path, tiny_parent_dir):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, tiny_parent_dir, data={"files": [str(binary)]}))
+    assert_clean_failure(code, err, tmp_path, "is not UTF-8 text")
+
+
+def test_validate_reports_config_and_disk_problems_together(monkeypatch, capsys, tmp_path):
+    path = job(tmp_path, tmp_path / "nowhere", data={"files": [str(tmp_path / "none.txt")]})
+    code, _, err = cli(monkeypatch, capsys, "validate", path)
+    assert code == 2
+    assert "2 problem(s)" in err and "parent.path" in err and "data.files" in err
+
+
+def test_validate_accepts_a_good_config(monkeypatch, capsys, tmp_path, tiny_parent_dir):
+    code, out, _ = cli(monkeypatch, capsys, "validate", job(tmp_path, tiny_parent_dir))
+    assert code == 0 and "valid job config" in out
+
+
+def test_run_writes_the_parent_stage_and_reuses_it(monkeypatch, capsys, tmp_path, tiny_parent_dir):
+    path = job(tmp_path, tiny_parent_dir)
+    code, _, err = cli(monkeypatch, capsys, "run", path)
+    assert code == 0, err
+    run = tmp_path / "run"
+    manifest = json.loads((run / "parent/manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["runs"] == 1
+    assert set(manifest["versions"]) >= {"puzzle", "torch", "transformers"}
+    summary = json.loads((run / "parent/summary.json").read_text())
+    assert summary["model_type"] == "llama" and len(summary["layers"]) == 2
+    assert yaml.safe_load((run / "config.yaml").read_text())["eval"]["validation_blocks"] == 4
+    # A second run reuses the finished stage instead of redoing it.
+    code, _, _ = cli(monkeypatch, capsys, "run", path)
+    assert code == 0
+    assert json.loads((run / "parent/manifest.json").read_text())["runs"] == 1
+
+
+def test_subprocess_entry_point_exit_code(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("parent: [\n")
+    result = subprocess.run([sys.executable, "-m", "puzzle", "validate", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
