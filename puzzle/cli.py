@@ -25,6 +25,7 @@ from puzzle.config import (
 )
 from puzzle.errors import ConfigError, PuzzleError
 from puzzle.progress import out
+from puzzle.rundir import RunDir
 
 app = typer.Typer(
     name="puzzle",
@@ -114,7 +115,6 @@ def run(config: ConfigArg, set_: SetOption = None) -> None:
 
     Stages so far: parent (load through the family adapter, measure validation perplexity).
     """
-    from puzzle.rundir import RunDir
     from puzzle.stages import check_inputs, parent_stage
 
     job = load_job(config, set_)
@@ -135,6 +135,58 @@ def run(config: ConfigArg, set_: SetOption = None) -> None:
         f"on {summary.validation_tokens:,} tokens"
     )
     out.print(f"run directory: {job.run.dir}")
+
+
+@app.command()
+def distill(
+    config: ConfigArg,
+    set_: SetOption = None,
+    num_processes: Annotated[
+        int,
+        typer.Option(
+            "--num-processes",
+            help="Train on N processes (torch.distributed; gloo on CPU, NCCL on GPU). Candidates are sharded; "
+            "the library equals a one-process run. Under torchrun or `accelerate launch` leave it at 1.",
+        ),
+    ] = 1,
+) -> None:
+    """Build the replacement library and train it by blockwise local distillation (BLD).
+
+    Resumable: finished candidates are kept, a killed run continues from its last checkpoint, and a
+    damaged entry is retrained. Writes RUN_DIR/library/ (see docs/run-directory.md).
+    """
+    from puzzle.distill_stage import distill_stage
+    from puzzle.distributed import relaunch
+    from puzzle.stages import check_inputs
+
+    job = load_job(config, set_)
+    check_inputs(job)
+    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        argv = ["distill", str(config)] + [arg for s in (set_ or []) for arg in ("--set", s)]
+        code = relaunch(num_processes, argv)
+        if code:
+            raise PuzzleError(f"distributed distill failed (exit code {code}); see the messages above")
+        return
+    RunDir(job.run.dir).write_config(job)
+    summary = distill_stage(job)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_library(summary)
+
+
+def _print_library(summary) -> None:
+    table = Table(title=f"library: {len(summary.rows)} trained candidates ({summary.trained_now} trained now)")
+    for column in ("layer", "candidate", "init", "initial nMSE", "final nMSE"):
+        table.add_column(column, justify="left" if column in ("candidate", "init") else "right")
+    for row, following in zip(summary.rows, summary.rows[1:] + [None]):
+        last_of_layer = following is not None and following.layer != row.layer
+        table.add_row(
+            str(row.layer), row.subblocks, row.init, f"{row.initial_nmse:.4f}", f"{row.final_nmse:.4f}",
+            end_section=last_of_layer,
+        )
+    out.print(table)
+    improved = sum(r.final_nmse < r.initial_nmse for r in summary.rows)
+    out.print(f"{improved}/{len(summary.rows)} candidates improved on their initialization; {summary.seconds:.0f} s")
+    out.print(f"library: {summary.directory}")
 
 
 def main() -> None:

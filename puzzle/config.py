@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from puzzle.errors import ConfigError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
 
 
 class Section(BaseModel):
@@ -68,17 +70,17 @@ class DataSection(Section):
 
 
 class LibrarySection(Section):
-    kv_heads: list[int] | Literal["divisors"] = Field(
+    kv_heads: list[PositiveInt] | Literal["divisors"] = Field(
         "divisors", description="KV-head counts for GQA candidates: a list, or every divisor of the parent's count."
     )
-    windows: list[int] = Field(default_factory=lambda: [64, 128], description="Window widths for window attention.")
+    windows: list[PositiveInt] = Field(default_factory=lambda: [64, 128], description="Window widths for window attention.")
     linear_attention: bool = Field(True, description="Include attention replaced by one hidden×hidden Linear.")
     noop_attention: bool = Field(True, description="Include removing attention.")
-    ffn_fractions: list[float] = Field(
+    ffn_fractions: list[Fraction] = Field(
         default_factory=lambda: [0.875, 0.75, 0.5, 0.25, 0.1],
         description="Pruned FFN sizes as fractions of the parent's intermediate size, in (0, 1].",
     )
-    ffn_sizes: list[int] = Field(default_factory=list, description="Pruned FFN sizes given exactly.")
+    ffn_sizes: list[PositiveInt] = Field(default_factory=list, description="Pruned FFN sizes given exactly.")
     ffn_grid: int | None = Field(
         None, ge=1, description="Round pruned FFN sizes up to this multiple (256 = what serving engines accept)."
     )
@@ -87,17 +89,21 @@ class LibrarySection(Section):
 
 
 class BldSection(Section):
-    mode: Literal["decoupled", "coupled"] = Field("decoupled", description="Train subblocks alone or as pairs.")
-    coupled_pairs: list[str] = Field(
-        default_factory=list, description="Extra (attention, FFN) pairs trained together, as 'attention_id+ffn_id'."
+    mode: Literal["decoupled", "coupled"] = Field(
+        "decoupled", description="decoupled: attention and FFN candidates apart; coupled: every pair together."
     )
-    optimizer: Literal["adamw"] = Field("adamw", description="Optimizer.")
-    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    coupled_pairs: list[str] = Field(
+        default_factory=list,
+        description="(attention, FFN) pairs also trained together in every layer, as 'attention.kv1+ffn.i256'.",
+    )
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, no weight decay).")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
-    tokens_per_candidate: int = Field(262_144, ge=1, description="Training tokens each candidate sees.")
+    tokens_per_candidate: int = Field(131_072, ge=1, description="Training tokens each candidate sees.")
     batch_size: int = Field(4, ge=1, description="Blocks per step.")
-    sequence_length: int = Field(256, gt=1, description="Tokens per block during BLD.")
+    sequence_length: int = Field(256, gt=1, description="Tokens per block; training blocks of data are cut to it.")
+    eval_blocks: int = Field(4, ge=1, description="Held-out blocks for each candidate's initial and final loss.")
+    checkpoint_every: int = Field(20, ge=1, description="Steps between resumable checkpoints.")
 
 
 class ScoringSection(Section):

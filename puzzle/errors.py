@@ -1,8 +1,8 @@
 """Errors a user can fix. The CLI prints them as one line each and exits with code 2."""
 
+from blocks.errors import PuzzleError
 
-class PuzzleError(Exception):
-    """A problem with the user's input (config, paths, data, model); never a bug in puzzle."""
+__all__ = ["PuzzleError", "ConfigError"]
 
 
 class ConfigError(PuzzleError):

@@ -18,6 +18,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from blocks.init import ParentLayer
+from blocks.specs import ParentShape
 from puzzle.errors import PuzzleError
 
 
@@ -64,6 +66,22 @@ def family_for(model_type: str) -> Family:
             f"parent model_type '{model_type}' is not supported; supported: {', '.join(sorted(FAMILIES))}"
         )
     return family
+
+
+def parent_shapes(config: PretrainedConfig) -> list[ParentShape]:
+    """Every layer's sizes, from the config alone (no weights needed)."""
+    kinds = family_for(config.model_type).layer_types(config)
+    return [
+        ParentShape(
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            intermediate_size=config.intermediate_size,
+            window=config.sliding_window if kind is AttentionType.sliding else None,
+        )
+        for kind in kinds
+    ]
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,21 @@ class FamilyAdapter:
             post_attention_norm=decoder.post_attention_layernorm,
             attention_type=kind,
             sliding_window=self.config.sliding_window if kind is AttentionType.sliding else None,
+        )
+
+    def shape(self, index: int) -> ParentShape:
+        return parent_shapes(self.config)[index]
+
+    def parent_layer(self, index: int) -> ParentLayer:
+        """The layer as `blocks.init` reads it to initialize candidates."""
+        parts = self.layer(index)
+        return ParentLayer(
+            attention=parts.attention,
+            ffn=parts.ffn,
+            input_norm=parts.input_norm,
+            post_attention_norm=parts.post_attention_norm,
+            shape=self.shape(index),
+            rms_norm_eps=self.config.rms_norm_eps,
         )
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

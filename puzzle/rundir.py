@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 from puzzle.config import PuzzleConfig, dump_config
 from puzzle.errors import PuzzleError
-from puzzle.io import atomic_write_json, atomic_write_text
+from blocks.io import atomic_write_json, atomic_write_text
 
 
 class Stage(str, enum.Enum):
@@ -63,10 +63,21 @@ def versions() -> dict[str, str]:
     }
 
 
-def fingerprint(config: PuzzleConfig, sections: tuple[str, ...]) -> str:
-    """Hash of the config sections a stage depends on: changing any of them invalidates the stage."""
+def fingerprint(config: PuzzleConfig, keys: tuple[str, ...]) -> str:
+    """Hash of the config sections (or dotted keys, e.g. 'run.seed') a stage depends on.
+
+    Changing any of them invalidates the stage; the run directory itself is never part of it, so a
+    copied run stays valid.
+    """
     dumped = config.model_dump(mode="json")
-    payload = json.dumps({s: dumped[s] for s in sections}, sort_keys=True)
+
+    def pick(key: str):
+        node = dumped
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    payload = json.dumps({k: pick(k) for k in keys}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -106,10 +117,11 @@ class RunDir:
         atomic_write_text(self.path / "config.yaml", dump_config(config))
 
     @contextlib.contextmanager
-    def lock(self, stage: Stage) -> Iterator[None]:
+    def lock(self, stage: Stage, suffix: str | None = None) -> Iterator[None]:
+        """Exclusive right to write `stage`; `suffix` gives each rank of a multi-process job its own lock."""
         directory = self.stage_dir(stage)
         directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / ".lock", "a+") as handle:
+        with open(directory / (".lock" if suffix is None else f".lock.{suffix}"), "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -15,16 +15,25 @@ import torch
 from puzzle.config import PuzzleConfig
 from puzzle.data import load_blocks, read_files
 from puzzle.errors import PuzzleError
-from puzzle.io import atomic_write_json
+from blocks.io import atomic_write_json
 from puzzle.parents import load_parent, parent_config
 from puzzle.rundir import RunDir, Stage, fingerprint
 
 
 def preflight(config: PuzzleConfig) -> list[str]:
     """Every problem with the job's inputs that can be seen without loading weights."""
+    from puzzle.distill_stage import layer_spaces
+    from puzzle.families import parent_shapes
+
     problems = []
     try:
-        parent_config(config.parent)
+        shapes = parent_shapes(parent_config(config.parent))
+        layer_spaces(shapes, config)
+        if config.bld.sequence_length > config.data.sequence_length:
+            problems.append(
+                f"bld.sequence_length: {config.bld.sequence_length} is longer than data.sequence_length "
+                f"({config.data.sequence_length})"
+            )
     except PuzzleError as e:
         problems.append(str(e))
     if config.data.files:

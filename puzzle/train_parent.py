@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from distill.schedule import batch_indices, warmup_cosine
 from puzzle.config import ParentTrainingConfig, dump_config
 from puzzle.data import TokenBlocks, load_blocks, read_documents
-from puzzle.io import atomic_dir, atomic_write_text
+from blocks.io import atomic_dir, atomic_write_text
 from puzzle.progress import progress_bar
 from puzzle.tokenizer import train_tokenizer
 
@@ -37,21 +38,7 @@ class ParentTrainingResult:
 
 def learning_rate(step: int, cfg: ParentTrainingConfig) -> float:
     t = cfg.training
-    if step < t.warmup_steps:
-        return t.learning_rate * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.min_learning_rate + 0.5 * (t.learning_rate - t.min_learning_rate) * (1 + math.cos(math.pi * progress))
-
-
-def batch_indices(step: int, n_blocks: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Blocks of `step`: epochs are seeded permutations, so any step's batch is known without replay."""
-    start = step * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n_blocks)
-        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
-    return torch.tensor(out)
+    return warmup_cosine(step, t.steps, t.learning_rate, t.warmup_steps, floor=t.min_learning_rate)
 
 
 def llama_config(cfg: ParentTrainingConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:

@@ -32,6 +32,7 @@ def job(tmp_path, parent, **changes) -> Path:
         "parent": {"path": str(parent)},
         "data": {"files": [SONNETS, LUCRECE], "sequence_length": 64, "validation_fraction": 0.1},
         "eval": {"validation_blocks": 4, "batch_size": 2},
+        "bld": {"sequence_length": 32},
     }
     for section, values in changes.items():
         raw.setdefault(section, {}).update(values)

@@ -1,0 +1,136 @@
+"""Training-free initialization of candidate subblocks from the parent layer (DESIGN §3).
+
+- pruned FFN: keep the channels of highest contribution C_j = mean|x_j| · ‖W_down[:, j]‖₂;
+- fewer KV heads: mean-pool the K and V heads inside each merged group (queries unchanged);
+- window attention: the parent's weights, only the mask changes;
+- linear attention: W = W_O · W_V (V heads expanded to the query heads first);
+- linear FFN: W = W_down · W_up (the gate is dropped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from blocks.errors import PuzzleError
+from blocks.modeling_puzzle import MLP, Attention, LinearAttention, LinearMLP, NoOp
+from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
+
+
+@dataclass(frozen=True)
+class ParentLayer:
+    """The parent layer's subblocks, as modules with the standard Hugging Face names (q_proj, …, down_proj)."""
+
+    attention: nn.Module
+    ffn: nn.Module
+    input_norm: nn.Module
+    post_attention_norm: nn.Module
+    shape: ParentShape
+    rms_norm_eps: float
+
+
+def _copy(dst: nn.Module, src: nn.Module) -> None:
+    """Copy a parameter or norm, refusing silent shape changes."""
+    for name, p in src.named_parameters(recurse=False):
+        getattr(dst, name).data.copy_(p.data)
+
+
+def mean_pool_kv_heads(weight: torch.Tensor, heads: int, new_heads: int, head_dim: int) -> torch.Tensor:
+    """[heads·head_dim, …] → [new_heads·head_dim, …]: consecutive heads averaged in groups.
+
+    Consecutive grouping keeps each query head with the merged head of its old KV head, since query
+    head h uses KV head h // (num_attention_heads / num_key_value_heads).
+    """
+    if heads % new_heads:
+        raise PuzzleError(f"{new_heads} KV heads do not divide the parent's {heads}")
+    rest = weight.shape[1:]
+    return weight.reshape(new_heads, heads // new_heads, head_dim, *rest).mean(1).reshape(new_heads * head_dim, *rest)
+
+
+def expand_kv_heads(weight: torch.Tensor, kv_heads: int, query_heads: int, head_dim: int) -> torch.Tensor:
+    """[kv·head_dim, …] → [query_heads·head_dim, …], each KV head repeated for the queries that use it."""
+    rest = weight.shape[1:]
+    per = query_heads // kv_heads
+    return weight.reshape(kv_heads, 1, head_dim, *rest).expand(kv_heads, per, head_dim, *rest).reshape(-1, *rest)
+
+
+def init_attention(spec: AttentionSpec, parent: ParentLayer, attn_implementation: str = "sdpa") -> nn.Module:
+    shape, src = parent.shape, parent.attention
+    if spec.kind is AttentionKind.noop:
+        return NoOp()
+    if spec.kind is AttentionKind.linear:
+        return _linear_attention(parent)
+    bias = src.q_proj.bias is not None
+    module = Attention(
+        shape.hidden_size, shape.num_attention_heads, spec.num_key_value_heads, shape.head_dim, spec.window,
+        parent.rms_norm_eps, attention_bias=bias, output_bias=src.o_proj.bias is not None,
+        qk_norm=getattr(src, "q_norm", None) is not None,
+        attn_implementation=attn_implementation,
+    )
+    _copy(module.input_layernorm, parent.input_norm)
+    _copy(module.q_proj, src.q_proj)
+    _copy(module.o_proj, src.o_proj)
+    for name in ("k_proj", "v_proj"):
+        for param in ("weight", "bias") if bias else ("weight",):
+            pooled = mean_pool_kv_heads(
+                getattr(getattr(src, name), param).data, shape.num_key_value_heads, spec.num_key_value_heads,
+                shape.head_dim,
+            )
+            getattr(getattr(module, name), param).data.copy_(pooled)
+    if module.q_norm is not None:
+        _copy(module.q_norm, src.q_norm)
+        _copy(module.k_norm, src.k_norm)
+    return module
+
+
+def _linear_attention(parent: ParentLayer) -> LinearAttention:
+    shape, src = parent.shape, parent.attention
+    w_v = expand_kv_heads(src.v_proj.weight.data, shape.num_key_value_heads, shape.num_attention_heads, shape.head_dim)
+    w_o = src.o_proj.weight.data
+    bias = src.v_proj.bias is not None or src.o_proj.bias is not None
+    module = LinearAttention(shape.hidden_size, parent.rms_norm_eps, bias=bias)
+    _copy(module.input_layernorm, parent.input_norm)
+    module.linear.weight.data.copy_(w_o @ w_v)
+    if bias:
+        b = torch.zeros(shape.hidden_size, dtype=w_o.dtype)
+        if src.v_proj.bias is not None:
+            b_v = expand_kv_heads(src.v_proj.bias.data, shape.num_key_value_heads, shape.num_attention_heads, shape.head_dim)
+            b = b + w_o @ b_v
+        if src.o_proj.bias is not None:
+            b = b + src.o_proj.bias.data
+        module.linear.bias.data.copy_(b)
+    return module
+
+
+def channel_contribution(down_input_abs_mean: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """C_j = mean over tokens of |x_j| · ‖W_down[:, j]‖₂, for x the input of down_proj."""
+    return down_input_abs_mean * w_down.norm(dim=0)
+
+
+def init_ffn(spec: FfnSpec, parent: ParentLayer, channel_scores: torch.Tensor | None = None) -> nn.Module:
+    shape, src = parent.shape, parent.ffn
+    if spec.kind is FfnKind.noop:
+        return NoOp()
+    if spec.kind is FfnKind.linear:
+        module = LinearMLP(shape.hidden_size, parent.rms_norm_eps)
+        _copy(module.post_attention_layernorm, parent.post_attention_norm)
+        module.linear.weight.data.copy_(src.down_proj.weight.data @ src.up_proj.weight.data)
+        return module
+    size = spec.intermediate_size
+    if size > shape.intermediate_size:
+        raise PuzzleError(f"FFN size {size} is larger than the parent's {shape.intermediate_size}")
+    module = MLP(shape.hidden_size, size, parent.rms_norm_eps)
+    _copy(module.post_attention_layernorm, parent.post_attention_norm)
+    if size == shape.intermediate_size:
+        keep = torch.arange(size)
+    else:
+        if channel_scores is None:
+            raise PuzzleError("pruning an FFN needs channel contributions measured on calibration tokens")
+        # Sorted so that pruning keeps the parent's channel order (makes 'keep all' exactly the parent).
+        keep = channel_scores.topk(size).indices.sort().values
+    module.gate_proj.weight.data.copy_(src.gate_proj.weight.data[keep])
+    module.up_proj.weight.data.copy_(src.up_proj.weight.data[keep])
+    module.down_proj.weight.data.copy_(src.down_proj.weight.data[:, keep])
+    return module

@@ -1,0 +1,92 @@
+"""The search space of one layer: which attention and FFN candidates a run considers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from blocks.errors import PuzzleError
+from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
+
+
+@dataclass(frozen=True)
+class SpaceOptions:
+    """Typed mirror of the config's `library` section (blocks does not import the config)."""
+
+    kv_heads: tuple[int, ...] | None  # None: every divisor of the parent's KV-head count
+    windows: tuple[int, ...]
+    linear_attention: bool
+    noop_attention: bool
+    ffn_fractions: tuple[float, ...]
+    ffn_sizes: tuple[int, ...]
+    ffn_grid: int | None
+    linear_ffn: bool
+    noop_ffn: bool
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def attention_candidates(shape: ParentShape, options: SpaceOptions) -> list[AttentionSpec]:
+    """The parent's attention first, then every variant, without duplicates."""
+    kv_counts = list(options.kv_heads) if options.kv_heads is not None else divisors(shape.num_key_value_heads)
+    for kv in kv_counts:
+        if kv <= 0 or shape.num_key_value_heads % kv:
+            raise PuzzleError(
+                f"library.kv_heads: {kv} does not divide the parent's {shape.num_key_value_heads} KV heads; "
+                f"use divisors of it: {divisors(shape.num_key_value_heads)}"
+            )
+    for w in options.windows:
+        if w <= 0:
+            raise PuzzleError(f"library.windows: {w} is not a positive window width")
+    specs = [shape.attention]
+    specs += [AttentionSpec(AttentionKind.attention, kv, shape.window) for kv in sorted(kv_counts, reverse=True)]
+    specs += [
+        AttentionSpec(AttentionKind.attention, shape.num_key_value_heads, w)
+        for w in sorted(options.windows)
+        if shape.window is None or w < shape.window
+    ]
+    if options.linear_attention:
+        specs.append(AttentionSpec(AttentionKind.linear))
+    if options.noop_attention:
+        specs.append(AttentionSpec(AttentionKind.noop))
+    return list(dict.fromkeys(specs))
+
+
+def pruned_size(fraction: float, intermediate_size: int, grid: int | None) -> int:
+    size = max(1, round(fraction * intermediate_size))
+    if grid is not None:
+        size = min(intermediate_size, grid * math.ceil(size / grid))
+    return size
+
+
+def ffn_candidates(shape: ParentShape, options: SpaceOptions) -> list[FfnSpec]:
+    """The parent's FFN first, then pruned sizes (largest first), linear and no-op."""
+    sizes = []
+    for f in options.ffn_fractions:
+        if not 0 < f <= 1:
+            raise PuzzleError(f"library.ffn_fractions: {f} is outside (0, 1]")
+        sizes.append(pruned_size(f, shape.intermediate_size, options.ffn_grid))
+    for size in options.ffn_sizes:
+        if not 0 < size <= shape.intermediate_size:
+            raise PuzzleError(
+                f"library.ffn_sizes: {size} is outside 1..{shape.intermediate_size} (the parent's intermediate size)"
+            )
+        if options.ffn_grid is not None and size % options.ffn_grid:
+            raise PuzzleError(f"library.ffn_sizes: {size} is not on the grid of {options.ffn_grid} (library.ffn_grid)")
+        sizes.append(size)
+    specs = [shape.ffn] + [FfnSpec(FfnKind.dense, s) for s in sorted(set(sizes), reverse=True)]
+    if options.linear_ffn:
+        specs.append(FfnSpec(FfnKind.linear))
+    if options.noop_ffn:
+        specs.append(FfnSpec(FfnKind.noop))
+    return list(dict.fromkeys(specs))
+
+
+def check_not_empty(attention: list[AttentionSpec], ffn: list[FfnSpec]) -> None:
+    if len(attention) == 1 and len(ffn) == 1:
+        raise PuzzleError(
+            "library: the candidate list is empty (only the parent's own subblocks); enable kv_heads, windows, "
+            "ffn_fractions, ffn_sizes, linear or noop options"
+        )

@@ -1,0 +1,126 @@
+"""Candidate specs: small frozen typed descriptions of what a layer's attention or FFN can become.
+
+A spec says nothing about weights; `blocks.init` builds a module for a spec from the parent layer.
+Every spec has a stable `id` used in file names, tables and configs (`attention.kv1`,
+`attention.window64`, `ffn.i256`, …).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class AttentionKind(str, enum.Enum):
+    attention = "attention"  # softmax attention: the parent's, fewer KV heads, or a window
+    linear = "linear"  # one hidden×hidden Linear: each token attends to itself only
+    noop = "noop"  # removed, together with its pre-norm
+
+
+class FfnKind(str, enum.Enum):
+    dense = "dense"  # gated FFN of some intermediate size (the parent's, or pruned)
+    linear = "linear"  # one hidden×hidden Linear
+    noop = "noop"  # removed, together with its pre-norm
+
+
+@dataclass(frozen=True, order=True)
+class AttentionSpec:
+    kind: AttentionKind
+    num_key_value_heads: int | None = None
+    window: int | None = None  # None: full causal attention
+
+    def __post_init__(self):
+        softmax = self.kind is AttentionKind.attention
+        if softmax != (self.num_key_value_heads is not None):
+            raise ValueError("num_key_value_heads is set exactly for softmax attention")
+        if self.window is not None and (not softmax or self.window <= 0):
+            raise ValueError("window must be a positive width of softmax attention")
+
+    @property
+    def id(self) -> str:
+        if self.kind is not AttentionKind.attention:
+            return f"attention.{self.kind.value}"
+        suffix = f".window{self.window}" if self.window is not None else ""
+        return f"attention.kv{self.num_key_value_heads}{suffix}"
+
+    @property
+    def holds_kv_cache(self) -> bool:
+        return self.kind is AttentionKind.attention
+
+
+@dataclass(frozen=True, order=True)
+class FfnSpec:
+    kind: FfnKind
+    intermediate_size: int | None = None
+
+    def __post_init__(self):
+        dense = self.kind is FfnKind.dense
+        if dense != (self.intermediate_size is not None):
+            raise ValueError("intermediate_size is set exactly for a dense FFN")
+        if dense and self.intermediate_size <= 0:
+            raise ValueError("intermediate_size must be positive")
+
+    @property
+    def id(self) -> str:
+        if self.kind is FfnKind.dense:
+            return f"ffn.i{self.intermediate_size}"
+        return f"ffn.{self.kind.value}"
+
+
+SubblockSpec = AttentionSpec | FfnSpec
+
+
+@dataclass(frozen=True)
+class ParentShape:
+    """What the specs of a layer are measured against: the parent layer's own sizes."""
+
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    window: int | None = None  # the parent layer's own sliding window, if any
+
+    @property
+    def attention(self) -> AttentionSpec:
+        return AttentionSpec(AttentionKind.attention, self.num_key_value_heads, self.window)
+
+    @property
+    def ffn(self) -> FfnSpec:
+        return FfnSpec(FfnKind.dense, self.intermediate_size)
+
+
+def is_parent(spec: SubblockSpec, shape: ParentShape) -> bool:
+    return spec == (shape.attention if isinstance(spec, AttentionSpec) else shape.ffn)
+
+
+def needs_training(spec: SubblockSpec, shape: ParentShape) -> bool:
+    """The parent's own subblock and a removed one have nothing to learn."""
+    return not is_parent(spec, shape) and spec.kind.value != "noop"
+
+
+def spec_from_id(text: str) -> SubblockSpec:
+    """Inverse of `.id`, for specs named in configs and files."""
+    group, _, rest = text.partition(".")
+    parts = rest.split(".")
+    try:
+        if group == "attention":
+            if parts == ["linear"]:
+                return AttentionSpec(AttentionKind.linear)
+            if parts == ["noop"]:
+                return AttentionSpec(AttentionKind.noop)
+            if parts[0].startswith("kv") and len(parts) <= 2:
+                window = int(parts[1].removeprefix("window")) if len(parts) == 2 and parts[1].startswith("window") else None
+                if len(parts) == 2 and window is None:
+                    raise ValueError
+                return AttentionSpec(AttentionKind.attention, int(parts[0][2:]), window)
+        if group == "ffn":
+            if parts == ["linear"]:
+                return FfnSpec(FfnKind.linear)
+            if parts == ["noop"]:
+                return FfnSpec(FfnKind.noop)
+            if len(parts) == 1 and parts[0].startswith("i"):
+                return FfnSpec(FfnKind.dense, int(parts[0][1:]))
+    except ValueError:
+        pass
+    raise ValueError(f"{text!r} is not a candidate id (examples: attention.kv2, attention.kv2.window64, ffn.i256, ffn.noop)")

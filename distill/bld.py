@@ -1,0 +1,267 @@
+"""Blockwise local distillation (DESIGN §4).
+
+Each candidate learns to reproduce what the parent's block adds to the residual stream, given the
+parent's input to that block. Decoupled candidates replace one subblock and keep the other one of
+the parent, frozen; coupled candidates replace both. Loss: normalized MSE
+`MSE(child_delta, parent_delta) / MSE(parent_delta, 0)`.
+
+One parent forward per batch feeds every candidate of every layer: the parent's activations are
+computed once under no_grad, then each candidate runs only its own layer on them. Candidates share no
+parameters, so one AdamW over all of them is the same as one optimizer each.
+
+`adapter` is the family adapter of `puzzle.families` (passed in: distill does not import puzzle).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from blocks.init import init_attention, init_ffn
+from blocks.io import atomic_dir
+from blocks.specs import AttentionSpec, FfnSpec
+from distill.schedule import batch_indices, warmup_cosine
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    """One training subject: an attention, an FFN, or a coupled pair, in one layer."""
+
+    layer: int
+    attention: AttentionSpec | None = None
+    ffn: FfnSpec | None = None
+
+    def __post_init__(self):
+        if self.attention is None and self.ffn is None:
+            raise ValueError("a candidate replaces at least one subblock")
+
+    @property
+    def subblocks(self) -> str:
+        return "+".join(s.id for s in (self.attention, self.ffn) if s is not None)
+
+    @property
+    def key(self) -> str:
+        return f"L{self.layer:02d}.{self.subblocks}"
+
+    @property
+    def module_name(self) -> str:
+        """`key` as a submodule name (torch forbids dots there)."""
+        return self.key.replace(".", "_")
+
+
+@dataclass(frozen=True)
+class BldSettings:
+    learning_rate: float
+    schedule: str  # "cosine" | "constant"
+    warmup_fraction: float
+    steps: int
+    batch_size: int
+    seed: int
+    checkpoint_every: int
+
+
+@dataclass(frozen=True)
+class ParentActivations:
+    """The parent's residual stream around every layer for one batch (no grad)."""
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    block_input: list[torch.Tensor]
+    attention_delta: list[torch.Tensor]
+    block_delta: list[torch.Tensor]  # attention + FFN contribution: the target of every candidate
+
+    def ffn_input(self, layer: int) -> torch.Tensor:
+        return self.block_input[layer] + self.attention_delta[layer]
+
+
+@torch.no_grad()
+def parent_activations(adapter, input_ids: torch.Tensor) -> ParentActivations:
+    hidden = adapter.embed(input_ids)
+    ctx = adapter.context(hidden)
+    inputs, attn, blocks = [], [], []
+    for i in range(adapter.num_layers):
+        a = adapter.attention_delta(i, hidden, ctx)
+        f = adapter.ffn_delta(i, hidden + a)
+        inputs.append(hidden)
+        attn.append(a)
+        blocks.append(a + f)
+        hidden = hidden + a + f
+    return ParentActivations(ctx.position_embeddings, inputs, attn, blocks)
+
+
+@torch.no_grad()
+def ffn_channel_scores(adapter, calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Channel contribution C_j = mean|x_j| · ‖W_down[:, j]‖ per layer, x = input of down_proj."""
+    sums = [None] * adapter.num_layers
+    count = 0
+    hooks = []
+    for i in range(adapter.num_layers):
+        def hook(_module, args, i=i):
+            x = args[0].abs().flatten(0, -2).sum(0)
+            sums[i] = x if sums[i] is None else sums[i] + x
+
+        hooks.append(adapter.layer(i).ffn.down_proj.register_forward_pre_hook(hook))
+    try:
+        for start in range(0, len(calibration), batch_size):
+            x = calibration[start : start + batch_size]
+            parent_activations(adapter, x)
+            count += x.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [
+        (s / count) * adapter.layer(i).ffn.down_proj.weight.norm(dim=0) for i, s in enumerate(sums)
+    ]
+
+
+def build_module(candidate: Candidate, adapter, channel_scores: list[torch.Tensor] | None, attn_impl: str) -> nn.ModuleDict:
+    parent = adapter.parent_layer(candidate.layer)
+    parts = {}
+    if candidate.attention is not None:
+        parts["attention"] = init_attention(candidate.attention, parent, attn_impl)
+    if candidate.ffn is not None:
+        scores = channel_scores[candidate.layer] if channel_scores is not None else None
+        parts["ffn"] = init_ffn(candidate.ffn, parent, scores)
+    return nn.ModuleDict(parts)
+
+
+def predict(candidate: Candidate, module: nn.ModuleDict, adapter, acts: ParentActivations) -> torch.Tensor:
+    """The candidate block's contribution to the residual stream, the frozen parent standing in for the rest."""
+    i = candidate.layer
+    h = acts.block_input[i]
+    if "attention" in module:
+        a = module["attention"](h, acts.position_embeddings)
+    else:
+        a = acts.attention_delta[i]
+    f = module["ffn"](h + a) if "ffn" in module else adapter.ffn_delta(i, h + a)
+    return a + f
+
+
+def normalized_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (prediction - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+
+
+def learning_rate(step: int, s: BldSettings) -> float:
+    return warmup_cosine(step, s.steps, s.learning_rate, round(s.warmup_fraction * s.steps), cosine=s.schedule == "cosine")
+
+
+@torch.no_grad()
+def evaluate(candidates, modules, adapter, eval_blocks: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Mean normalized MSE of every candidate on held-out blocks, one parent pass per batch."""
+    totals = {c.key: 0.0 for c in candidates}
+    batches = 0
+    for start in range(0, len(eval_blocks), batch_size):
+        acts = parent_activations(adapter, eval_blocks[start : start + batch_size])
+        for c in candidates:
+            totals[c.key] += normalized_mse(predict(c, modules[c.module_name], adapter, acts), acts.block_delta[c.layer]).item()
+        batches += 1
+    return {k: v / batches for k, v in totals.items()}
+
+
+@dataclass
+class TrainingState:
+    step: int = 0
+    initial: dict[str, float] = field(default_factory=dict)
+    train_loss: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for param, state in optimizer.state.items():
+        for k, v in state.items():
+            out[f"{names[param]}::{k}"] = v.detach().clone().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
+    return out
+
+
+def save_checkpoint(directory: Path, modules: nn.ModuleDict, optimizer, state: TrainingState) -> None:
+    names = {p: n for n, p in modules.named_parameters()}
+    with atomic_dir(directory) as tmp:
+        save_file({k: v.contiguous() for k, v in modules.state_dict().items()}, tmp / "weights.safetensors")
+        save_file(_optimizer_tensors(optimizer, names), tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(
+            json.dumps({"step": state.step, "keys": list(modules.keys()), "initial": state.initial,
+                        "train_loss": state.train_loss})
+        )
+
+
+def load_checkpoint(directory: Path, modules: nn.ModuleDict, optimizer) -> TrainingState | None:
+    """The saved state if it belongs to exactly these candidates; None otherwise (training starts over)."""
+    state_file = directory / "state.json"
+    if not state_file.is_file():
+        return None
+    saved = json.loads(state_file.read_text())
+    if saved["keys"] != list(modules.keys()):
+        return None
+    modules.load_state_dict(load_file(directory / "weights.safetensors"))
+    tensors = load_file(directory / "optimizer.safetensors")
+    for name, param in modules.named_parameters():
+        entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
+        if entries:
+            entries["step"] = entries["step"].reshape(())
+            optimizer.state[param] = entries
+    return TrainingState(saved["step"], saved["initial"], saved["train_loss"])
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    candidate: Candidate
+    module: nn.ModuleDict
+    initial_nmse: float
+    final_nmse: float
+    train_loss_first: float
+    train_loss_last: float
+
+
+def train_candidates(
+    candidates: list[Candidate],
+    modules: nn.ModuleDict,
+    adapter,
+    train_blocks: torch.Tensor,
+    eval_blocks: torch.Tensor,
+    settings: BldSettings,
+    checkpoint_dir: Path,
+    on_step: Callable[[int, dict[str, float]], None] = lambda step, losses: None,
+) -> list[CandidateResult]:
+    """Train `candidates` together for `settings.steps` steps; resumes from `checkpoint_dir` if it can."""
+    params = [p for p in modules.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    state = load_checkpoint(checkpoint_dir, modules, optimizer)
+    if state is None:
+        state = TrainingState(initial=evaluate(candidates, modules, adapter, eval_blocks, settings.batch_size))
+        state.train_loss = {c.key: [] for c in candidates}
+    modules.train()
+    while state.step < settings.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(state.step, settings)
+        x = train_blocks[batch_indices(state.step, len(train_blocks), settings.batch_size, settings.seed)]
+        acts = parent_activations(adapter, x)
+        losses = {}
+        for c in candidates:
+            loss = normalized_mse(predict(c, modules[c.module_name], adapter, acts), acts.block_delta[c.layer])
+            loss.backward()
+            losses[c.key] = loss.item()
+            state.train_loss[c.key].append(round(losses[c.key], 6))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        on_step(state.step, losses)
+        if state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
+            save_checkpoint(checkpoint_dir, modules, optimizer, state)
+    modules.eval()
+    final = evaluate(candidates, modules, adapter, eval_blocks, settings.batch_size)
+    return [
+        CandidateResult(
+            candidate=c,
+            module=modules[c.module_name],
+            initial_nmse=state.initial[c.key],
+            final_nmse=final[c.key],
+            train_loss_first=state.train_loss[c.key][0] if state.train_loss[c.key] else float("nan"),
+            train_loss_last=state.train_loss[c.key][-1] if state.train_loss[c.key] else float("nan"),
+        )
+        for c in candidates
+    ]

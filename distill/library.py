@@ -1,0 +1,156 @@
+"""The replacement library on disk: one safetensors file and one JSON row per trained candidate.
+
+    library/
+      space.json                   the candidates of every layer (trained or not), and the BLD fingerprint
+      entries/L03.attention.kv1.safetensors
+      entries/L03.attention.kv1.json    spec, init, steps, tokens, initial/final loss, sha256 of the weights
+
+The weights are written (atomically) before their row, and a row names the checksum of its weights and
+the fingerprint of the settings that trained it. An entry counts as finished only if both files exist,
+the checksum matches and the fingerprint is current; anything else is retrained, never used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from blocks.errors import PuzzleError
+from blocks.init import init_attention, init_ffn
+from blocks.io import atomic_path, atomic_write_json, sha256_file
+from blocks.specs import AttentionSpec, FfnSpec, SubblockSpec, spec_from_id
+from distill.bld import Candidate, CandidateResult
+
+
+def entry_paths(directory: Path, candidate: Candidate) -> tuple[Path, Path]:
+    base = directory / "entries" / candidate.key
+    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
+
+
+def write_entry(directory: Path, result: CandidateResult, *, init: str, steps: int, tokens: int, fingerprint: str) -> dict:
+    weights, row_file = entry_paths(directory, result.candidate)
+    with atomic_path(weights) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in result.module.state_dict().items()}, tmp)
+    c = result.candidate
+    row = {
+        "key": c.key,
+        "layer": c.layer,
+        "attention": c.attention.id if c.attention else None,
+        "ffn": c.ffn.id if c.ffn else None,
+        "init": init,
+        "steps": steps,
+        "tokens": tokens,
+        "initial_nmse": result.initial_nmse,
+        "final_nmse": result.final_nmse,
+        "train_loss_first": result.train_loss_first,
+        "train_loss_last": result.train_loss_last,
+        "file": weights.name,
+        "sha256": sha256_file(weights),
+        "fingerprint": fingerprint,
+    }
+    atomic_write_json(row_file, row)
+    return row
+
+
+def read_entry(directory: Path, candidate: Candidate, fingerprint: str) -> dict | None:
+    """The entry's row if the entry is complete, intact and trained with the current settings."""
+    weights, row_file = entry_paths(directory, candidate)
+    if not (weights.is_file() and row_file.is_file()):
+        return None
+    try:
+        row = json.loads(row_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    if row.get("fingerprint") != fingerprint or row.get("sha256") != sha256_file(weights):
+        return None
+    return row
+
+
+def init_name(spec: SubblockSpec, parent_spec: SubblockSpec) -> str:
+    if isinstance(spec, AttentionSpec):
+        if spec.kind.value == "linear":
+            return "W_O·W_V"
+        if spec.num_key_value_heads != parent_spec.num_key_value_heads:
+            return "mean-pooled KV heads"
+        return "parent weights, window mask"
+    if spec.kind.value == "linear":
+        return "W_down·W_up"
+    return "channel contribution"
+
+
+@dataclass(frozen=True)
+class LayerSpace:
+    attention: list[AttentionSpec]
+    ffn: list[FfnSpec]
+    coupled: list[tuple[AttentionSpec, FfnSpec]]
+
+
+def write_space(directory: Path, space: list[LayerSpace], fingerprint: str) -> None:
+    atomic_write_json(
+        directory / "space.json",
+        {
+            "fingerprint": fingerprint,
+            "layers": [
+                {
+                    "attention": [s.id for s in layer.attention],
+                    "ffn": [s.id for s in layer.ffn],
+                    "coupled": [f"{a.id}+{f.id}" for a, f in layer.coupled],
+                }
+                for layer in space
+            ],
+        },
+    )
+
+
+class Library:
+    """Read access to a finished library: a module with trained weights for any (layer, spec)."""
+
+    def __init__(self, directory: Path, adapter):
+        self.directory = Path(directory)
+        space_file = self.directory / "space.json"
+        if not space_file.is_file():
+            raise PuzzleError(f"no library at {self.directory}; run `puzzle distill` first")
+        data = json.loads(space_file.read_text())
+        self.fingerprint = data["fingerprint"]
+        self.adapter = adapter
+        self.layers = [
+            LayerSpace(
+                attention=[spec_from_id(s) for s in layer["attention"]],
+                ffn=[spec_from_id(s) for s in layer["ffn"]],
+                coupled=[tuple(spec_from_id(p) for p in pair.split("+")) for pair in layer["coupled"]],
+            )
+            for layer in data["layers"]
+        ]
+
+    def module(self, layer: int, spec: SubblockSpec) -> nn.Module:
+        parent = self.adapter.parent_layer(layer)
+        attention = isinstance(spec, AttentionSpec)
+        parent_spec = parent.shape.attention if attention else parent.shape.ffn
+        if spec == parent_spec or spec.kind.value == "noop":
+            return init_attention(spec, parent) if attention else init_ffn(spec, parent)
+        candidate = Candidate(layer, attention=spec) if attention else Candidate(layer, ffn=spec)
+        row = read_entry(self.directory, candidate, self.fingerprint)
+        if row is None:
+            raise PuzzleError(
+                f"library entry {candidate.key} is missing or damaged in {self.directory}; "
+                "run `puzzle distill` again to retrain it"
+            )
+        weights, _ = entry_paths(self.directory, candidate)
+        state = load_file(weights)
+        prefix = "attention." if attention else "ffn."
+        # Build the right shapes without calibration data: the weights are overwritten right after.
+        module = init_attention(spec, parent) if attention else _empty_ffn(spec, parent)
+        module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()})
+        return module
+
+
+def _empty_ffn(spec: FfnSpec, parent) -> nn.Module:
+    import torch
+
+    if spec.kind.value == "dense" and spec.intermediate_size < parent.shape.intermediate_size:
+        return init_ffn(spec, parent, torch.zeros(parent.shape.intermediate_size))
+    return init_ffn(spec, parent)
