@@ -163,6 +163,19 @@ def evaluate(candidates, modules, adapter, eval_blocks: torch.Tensor, batch_size
     return {k: v / batches for k, v in totals.items()}
 
 
+def train_step(candidates, modules: nn.ModuleDict, adapter, input_ids: torch.Tensor, optimizer) -> dict[str, float]:
+    """One optimizer step of every candidate on one batch, from a single parent pass."""
+    acts = parent_activations(adapter, input_ids)
+    losses = {}
+    for c in candidates:
+        loss = normalized_mse(predict(c, modules[c.module_name], adapter, acts), acts.block_delta[c.layer])
+        loss.backward()  # frees this candidate's graph before the next one is built
+        losses[c.key] = loss.item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
 @dataclass
 class TrainingState:
     step: int = 0
@@ -239,15 +252,9 @@ def train_candidates(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(state.step, settings)
         x = train_blocks[batch_indices(state.step, len(train_blocks), settings.batch_size, settings.seed)]
-        acts = parent_activations(adapter, x)
-        losses = {}
-        for c in candidates:
-            loss = normalized_mse(predict(c, modules[c.module_name], adapter, acts), acts.block_delta[c.layer])
-            loss.backward()
-            losses[c.key] = loss.item()
-            state.train_loss[c.key].append(round(losses[c.key], 6))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        losses = train_step(candidates, modules, adapter, x, optimizer)
+        for key, loss in losses.items():
+            state.train_loss[key].append(round(loss, 6))
         state.step += 1
         on_step(state.step, losses)
         if state.step % settings.checkpoint_every == 0 and state.step < settings.steps:

@@ -189,6 +189,35 @@ def _print_library(summary) -> None:
     out.print(f"library: {summary.directory}")
 
 
+@app.command()
+def score(config: ConfigArg, set_: SetOption = None) -> None:
+    """Score every block candidate by replacing that one layer of the parent (replace-1-block).
+
+    Metrics on held-out text: KL(parent ‖ child) (default for the search), LM loss, top-1/5/10
+    agreement with the parent's greedy token. Writes RUN_DIR/scores/scores.csv; resumable per layer.
+    """
+    from puzzle.score_stage import score_stage
+    from puzzle.stages import check_inputs
+
+    job = load_job(config, set_)
+    check_inputs(job)
+    RunDir(job.run.dir).write_config(job)
+    summary = score_stage(job)
+    frame = summary.frame
+    table = Table(title=f"best blocks per layer by {job.scoring.metric} ({len(frame)} blocks scored)")
+    for column in ("layer", "attention", "ffn", "kl", "lm_loss", "top1"):
+        table.add_column(column, justify="right")
+    metric = job.scoring.metric
+    ascending = not metric.startswith("top")
+    for layer, group in frame.groupby("layer"):
+        cheapest = group[(group.attention != group.attention.iloc[0]) | (group.ffn != group.ffn.iloc[0])]
+        for _, row in cheapest.sort_values(metric, ascending=ascending).head(3).iterrows():
+            table.add_row(str(layer), row.attention, row.ffn, f"{row.kl:.4f}", f"{row.lm_loss:.3f}", f"{row.top1:.3f}")
+        table.rows[-1].end_section = True
+    out.print(table)
+    out.print(f"scores: {summary.table} ({summary.scored_now} scored now, {summary.seconds:.0f} s)")
+
+
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

@@ -88,7 +88,20 @@ class LibrarySection(Section):
     noop_ffn: bool = Field(True, description="Include removing the FFN.")
 
 
-class BldSection(Section):
+Metric = Literal["kl", "lm_loss", "top1", "top5", "top10"]
+
+
+class TrainingSchedule(Section):
+    """Optimization settings shared by the training stages (BLD, KD)."""
+
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, no weight decay).")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    batch_size: int = Field(4, ge=1, description="Blocks per step.")
+    checkpoint_every: int = Field(20, ge=1, description="Steps between resumable checkpoints.")
+
+
+class BldSection(TrainingSchedule):
     mode: Literal["decoupled", "coupled"] = Field(
         "decoupled", description="decoupled: attention and FFN candidates apart; coupled: every pair together."
     )
@@ -96,20 +109,13 @@ class BldSection(Section):
         default_factory=list,
         description="(attention, FFN) pairs also trained together in every layer, as 'attention.kv1+ffn.i256'.",
     )
-    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, no weight decay).")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
-    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
     tokens_per_candidate: int = Field(131_072, ge=1, description="Training tokens each candidate sees.")
-    batch_size: int = Field(4, ge=1, description="Blocks per step.")
     sequence_length: int = Field(256, gt=1, description="Tokens per block; training blocks of data are cut to it.")
     eval_blocks: int = Field(4, ge=1, description="Held-out blocks for each candidate's initial and final loss.")
-    checkpoint_every: int = Field(20, ge=1, description="Steps between resumable checkpoints.")
 
 
 class ScoringSection(Section):
-    metric: Literal["kl", "lm_loss", "top1", "top5", "top10"] = Field(
-        "kl", description="Block score used by the search (top-k = 1 − agreement)."
-    )
+    metric: Metric = Field("kl", description="Block score used by the search (top-k = 1 − agreement).")
     validation_blocks: int = Field(8, ge=1, description="Held-out blocks per score.")
     batch_size: int = Field(4, ge=1, description="Blocks per forward pass.")
 
@@ -129,7 +135,7 @@ class SearchSection(Section):
     budgets: dict[str, str] = Field(
         default_factory=dict, description="Budgets, e.g. {latency: 0.5x, memory: 40GiB, params: 2.5M}."
     )
-    metric: Literal["kl", "lm_loss", "top1", "top5", "top10"] = Field("kl", description="Objective.")
+    metric: Metric = Field("kl", description="Objective.")
     solver: Literal["cbc", "highs"] = Field("cbc", description="MIP solver behind PuLP.")
     solutions: int = Field(1, ge=1, description="Number of diverse solutions.")
     min_diff: int = Field(1, ge=1, description="Layers in which each solution differs from every earlier one.")
@@ -140,16 +146,12 @@ class RealizeSection(Section):
     solution: int = Field(0, ge=0, description="Index of the solution to build.")
 
 
-class KdSection(Section):
+class KdSection(TrainingSchedule):
     tokens: int = Field(1_048_576, ge=1, description="Training tokens of global distillation.")
-    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule.")
-    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
-    batch_size: int = Field(4, ge=1, description="Blocks per step.")
+    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW, no weight decay).")
     kl_weight: float = Field(1.0, ge=0, description="Weight of KL(parent ‖ child) on logits.")
     cosine_weight: float = Field(1.0, ge=0, description="Weight of Σ (1 − cos) over layer hidden states.")
     lm_weight: float = Field(0.0, ge=0, description="Weight of the LM loss (off by default: it hurt in the paper).")
-    checkpoint_every: int = Field(50, ge=1, description="Steps between resumable checkpoints.")
 
 
 class EvalSection(Section):

@@ -148,7 +148,7 @@ def _distill(config: PuzzleConfig, w: Workers, lib_dir: Path, started: float) ->
     w.barrier()  # every rank has seen the same finished entries before any rank writes new ones
     shard = w.shard(todo)
     if shard:
-        _train_shard(config, parent, shard, spaces, lib_dir, entry_key, w, len(todo))
+        _train_shard(config, parent, shard, lib_dir, entry_key, w, len(todo))
     w.barrier()
     rows = []
     for c in candidates:
@@ -164,47 +164,67 @@ def _distill(config: PuzzleConfig, w: Workers, lib_dir: Path, started: float) ->
     return LibrarySummary(lib_dir, rows, len(todo), time.time() - started)
 
 
-def _train_shard(config, parent, shard, spaces, lib_dir, entry_key, w: Workers, total: int) -> None:
+@dataclass
+class BldJob:
+    """Everything one process needs to train its candidates."""
+
+    candidates: list[Candidate]
+    modules: nn.ModuleDict
+    train: torch.Tensor
+    held_out: torch.Tensor
+    settings: BldSettings
+
+
+def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate]) -> BldJob:
     bld = config.bld
     adapter = parent.adapter
     device = next(parent.model.parameters()).device
     data = load_blocks(config.data, parent.tokenizer)
-    train = recut(data.train, bld.sequence_length).to(device)
-    held_out = recut(data.validation, bld.sequence_length)[: bld.eval_blocks].to(device)
     steps = math.ceil(bld.tokens_per_candidate / (bld.batch_size * bld.sequence_length))
     settings = BldSettings(
         learning_rate=bld.learning_rate, schedule=bld.schedule, warmup_fraction=bld.warmup_fraction, steps=steps,
         batch_size=bld.batch_size, seed=config.run.seed, checkpoint_every=bld.checkpoint_every,
     )
     scores = None
-    if any(c.ffn is not None and c.ffn.kind.value == "dense" for c in shard):
+    if any(c.ffn is not None and c.ffn.kind.value == "dense" for c in candidates):
         calibration = data.calibration(config.data.calibration_blocks).to(device)
         scores = ffn_channel_scores(adapter, calibration, config.eval.batch_size)
     modules = nn.ModuleDict(
-        {c.module_name: build_module(c, adapter, scores, config.parent.attn_implementation) for c in shard}
+        {c.module_name: build_module(c, adapter, scores, config.parent.attn_implementation) for c in candidates}
     ).to(device)
+    return BldJob(
+        candidates=candidates,
+        modules=modules,
+        train=recut(data.train, bld.sequence_length).to(device),
+        held_out=recut(data.validation, bld.sequence_length)[: bld.eval_blocks].to(device),
+        settings=settings,
+    )
+
+
+def _train_shard(config, parent, shard, lib_dir, entry_key, w: Workers, total: int) -> None:
+    adapter = parent.adapter
+    job = prepare_bld(config, parent, shard)
+    steps = job.settings.steps
     checkpoint = lib_dir / ".bld" / f"rank{w.rank}-of{w.world}"
     with progress_bar() as bar:
         # Rank 0 draws the bar for everyone: ranks step in lockstep, each over its shard.
-        task = bar.add_task(
-            f"BLD {total} candidates", total=steps * total, status="", visible=w.is_main
-        )
+        task = bar.add_task(f"BLD {total} candidates", total=steps * total, status="", visible=w.is_main)
 
         def on_step(step: int, losses: dict[str, float]) -> None:
             mean = sum(losses.values()) / len(losses)
             bar.update(task, completed=step * total, status=f"step {step}/{steps} mean nMSE {mean:.4f}")
 
-        results = train_candidates(shard, modules, adapter, train, held_out, settings, checkpoint, on_step=on_step)
+        results = train_candidates(
+            shard, job.modules, adapter, job.train, job.held_out, job.settings, checkpoint, on_step=on_step
+        )
     for result in results:
         c = result.candidate
         spec = c.attention if c.attention is not None else c.ffn
         shape = adapter.shape(c.layer)
         parent_spec = shape.attention if isinstance(spec, AttentionSpec) else shape.ffn
         init = init_name(spec, parent_spec) if c.attention is None or c.ffn is None else "coupled"
-        write_entry(
-            lib_dir, result, init=init, steps=steps, tokens=steps * bld.batch_size * bld.sequence_length,
-            fingerprint=entry_key,
-        )
+        tokens = steps * job.settings.batch_size * config.bld.sequence_length
+        write_entry(lib_dir, result, init=init, steps=steps, tokens=tokens, fingerprint=entry_key)
     shutil.rmtree(checkpoint, ignore_errors=True)
 
 

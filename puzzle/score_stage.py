@@ -1,0 +1,92 @@
+"""`puzzle score`: replace-1-block scores of every block candidate of every layer.
+
+A block is an (attention, FFN) pair: decoupled candidates composed, plus coupled pairs from the
+library. Each layer's scores are written atomically as soon as the layer is done, so a killed run
+resumes at the first unfinished layer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from blocks.errors import PuzzleError
+from blocks.io import atomic_path, atomic_write_json
+from distill.library import Library
+from distill.scoring import METRICS, ParentReference
+from puzzle.config import PuzzleConfig
+from puzzle.data import load_blocks
+from puzzle.parents import load_parent
+from puzzle.progress import progress_bar
+from puzzle.rundir import RunDir, Stage, fingerprint
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    table: Path
+    frame: pd.DataFrame
+    scored_now: int
+    seconds: float
+
+
+def layer_blocks(library: Library, layer: int) -> list[tuple[str, str]]:
+    space = library.layers[layer]
+    pairs = [(a, f) for a in space.attention for f in space.ffn]
+    return [(a.id, f.id) for a, f in pairs]
+
+
+def score_stage(config: PuzzleConfig) -> ScoreSummary:
+    started = time.time()
+    run = RunDir(config.run.dir)
+    lib_dir = run.stage_dir(Stage.library)
+    if not (lib_dir / "space.json").is_file():
+        raise PuzzleError(f"no library in {lib_dir}; run `puzzle distill` first")
+    score_dir = run.stage_dir(Stage.scores)
+    space_fp = json.loads((lib_dir / "space.json").read_text())["fingerprint"]
+    key = fingerprint(config, ("parent", "data", "scoring")) + "-" + space_fp
+    with run.stage(Stage.scores, key) as record:
+        parent = load_parent(config.parent)
+        library = Library(lib_dir, parent.adapter)
+        blocks = load_blocks(config.data, parent.tokenizer).validation[: config.scoring.validation_blocks]
+        todo = [i for i in range(len(library.layers)) if not _layer_done(score_dir, i, key)]
+        total = sum(len(layer_blocks(library, i)) for i in todo)
+        if todo:
+            reference = ParentReference(parent.adapter, blocks.to(parent.model.device), config.scoring.batch_size)
+            with progress_bar() as bar:
+                task = bar.add_task("score blocks", total=total, status="")
+                for i in todo:
+                    _score_layer(library, reference, i, score_dir, key, lambda desc: bar.update(task, advance=1, status=desc))
+        frame = pd.concat([pd.read_csv(_layer_file(score_dir, i)) for i in range(len(library.layers))], ignore_index=True)
+        table = score_dir / "scores.csv"
+        with atomic_path(table) as tmp:
+            frame.to_csv(tmp, index=False)
+        record.outputs = {"table": table.name, "blocks": len(frame), "metric": config.scoring.metric}
+    return ScoreSummary(table, frame, total, time.time() - started)
+
+
+def _layer_file(score_dir: Path, layer: int) -> Path:
+    return score_dir / "layers" / f"L{layer:02d}.csv"
+
+
+def _layer_done(score_dir: Path, layer: int, key: str) -> bool:
+    marker = score_dir / "layers" / f"L{layer:02d}.json"
+    if not (marker.is_file() and _layer_file(score_dir, layer).is_file()):
+        return False
+    return json.loads(marker.read_text()).get("fingerprint") == key
+
+
+def _score_layer(library: Library, reference: ParentReference, layer: int, score_dir: Path, key: str, tick) -> None:
+    rows = []
+    attention_modules = {s.id: library.module(layer, s) for s in library.layers[layer].attention}
+    ffn_modules = {s.id: library.module(layer, s) for s in library.layers[layer].ffn}
+    for attention_id, ffn_id in layer_blocks(library, layer):
+        metrics = reference.score(layer, attention_modules[attention_id], ffn_modules[ffn_id])
+        rows.append({"layer": layer, "attention": attention_id, "ffn": ffn_id, **metrics.__dict__})
+        tick(f"L{layer} {attention_id} {ffn_id} kl {metrics.kl:.4f}")
+    with atomic_path(_layer_file(score_dir, layer)) as tmp:
+        pd.DataFrame(rows, columns=["layer", "attention", "ffn", *METRICS]).to_csv(tmp, index=False)
+    atomic_write_json(score_dir / "layers" / f"L{layer:02d}.json", {"fingerprint": key})
