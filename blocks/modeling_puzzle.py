@@ -161,3 +161,25 @@ class NoOp(nn.Module):
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return torch.zeros_like(hidden)
+
+
+class KVCache:
+    """Per-layer KV cache for decoding. A windowed layer keeps only what its next queries can see."""
+
+    def __init__(self, windows: dict[int, int | None]):
+        self.windows = windows
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
+        if layer_idx in self.keys:
+            k = torch.cat([self.keys[layer_idx], k], dim=2)
+            v = torch.cat([self.values[layer_idx], v], dim=2)
+        window = self.windows.get(layer_idx)
+        # The next query sees its own key plus the window - 1 before it.
+        keep = k.shape[2] if window is None else min(k.shape[2], window - 1)
+        self.keys[layer_idx], self.values[layer_idx] = k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :]
+        return k, v
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))

@@ -218,6 +218,62 @@ def score(config: ConfigArg, set_: SetOption = None) -> None:
     out.print(f"scores: {summary.table} ({summary.scored_now} scored now, {summary.seconds:.0f} s)")
 
 
+@app.command()
+def profile(
+    config: ConfigArg,
+    set_: SetOption = None,
+    device: Annotated[
+        Optional[str],
+        typer.Option(help="'local' to measure here, or a GPU for the roofline: h100, h200, a100, l40s, b200, rtx4090. "
+                     "Overrides profile.device."),
+    ] = None,
+    check: Annotated[
+        int,
+        typer.Option(help="Also time the parent and this many random children whole, at two scenarios, and print "
+                     "the error of the additive cost model (local device only)."),
+    ] = 0,
+) -> None:
+    """Cost of every subblock candidate: parameters, weight and KV-cache bytes, prefill and decode time.
+
+    Measured on the local device (warm-up, repeats, median and spread), or analytic (roofline) for a named
+    GPU. Embeddings, final norm and lm_head are their own row. Writes RUN_DIR/profile/profile.csv.
+    """
+    from puzzle.profile_stage import check_profile_section, profile_stage
+    from puzzle.stages import check_inputs
+
+    overrides = list(set_ or []) + ([f"profile.device={device}"] if device else [])
+    job = load_job(config, overrides)
+    check_inputs(job)
+    check_profile_section(job.profile)
+    RunDir(job.run.dir).write_config(job)
+    summary = profile_stage(job, check_models=check)
+    _print_profile(summary)
+
+
+def _print_profile(summary) -> None:
+    rows = [r for r in summary.rows if r.layer <= 0]
+    method = summary.rows[0].method
+    table = Table(title=f"profile of layer 0 and fixed costs ({method}, {summary.device})")
+    for column in ("subblock", "candidate", "params", "weight MiB", "KV MiB", "prefill ms", "decode ms/step", "spread"):
+        table.add_column(column, justify="left" if column in ("subblock", "candidate") else "right")
+    for r in rows:
+        table.add_row(
+            r.subblock, r.candidate, f"{r.params:,}", f"{r.weight_bytes / 2**20:.3f}", f"{r.kv_bytes / 2**20:.3f}",
+            f"{r.prefill_seconds * 1e3:.3f}", f"{r.decode_seconds * 1e3:.4f}",
+            f"{max(r.prefill_spread, r.decode_spread):.0%}",
+        )
+    out.print(table)
+    if summary.checks:
+        check_table = Table(title="additive cost model: predicted (sum of blocks + fixed) vs measured latency per batch")
+        for column in ("model", "scenario", "predicted s", "measured s", "error"):
+            check_table.add_column(column, justify="right")
+        for c in summary.checks:
+            check_table.add_row(c.model, c.scenario, f"{c.predicted_seconds:.4f}", f"{c.measured_seconds:.4f}",
+                                f"{c.error:+.1%}")
+        out.print(check_table)
+    out.print(f"profile: {summary.table} ({summary.seconds:.0f} s)")
+
+
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

@@ -9,6 +9,7 @@ the current working directory, as with any command-line tool.
 from __future__ import annotations
 
 import copy
+import difflib
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -257,8 +258,10 @@ def format_validation_error(error: pydantic.ValidationError, model: type[BaseMod
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, loc)
-            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            allowed = _allowed_keys(model, loc) or []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint += f"{'' if close else ';'} allowed keys here: {', '.join(allowed)}" if allowed else ""
             problems.append(f"{key}: unknown key{hint}")
         elif e["type"] == "missing":
             problems.append(f"{key}: required, not given")

@@ -65,7 +65,7 @@ def test_malformed_yaml(monkeypatch, capsys, tmp_path):
 
 def test_unknown_key(monkeypatch, capsys, tmp_path, tiny_parent_dir):
     code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, tiny_parent_dir, kd={"tokenz": 5}))
-    assert_clean_failure(code, err, tmp_path, "kd.tokenz: unknown key; allowed keys here: tokens")
+    assert_clean_failure(code, err, tmp_path, "kd.tokenz: unknown key; did you mean 'tokens'? allowed keys here: ")
 
 
 def test_wrong_type(monkeypatch, capsys, tmp_path, tiny_parent_dir):
@@ -134,3 +134,41 @@ def test_subprocess_entry_point_exit_code(tmp_path):
     result = subprocess.run([sys.executable, "-m", "puzzle", "validate", str(bad)], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["library.kv_heads=[3]"], "library.kv_heads: 3 does not divide the parent's 2 KV heads"),
+        (["library.ffn_fractions=[1.5]"], "library.ffn_fractions.0: got 1.5; Input should be less than or equal to 1"),
+        (["library.windows=[0]"], "library.windows.0: got 0; Input should be greater than 0"),
+        (
+            ["library.kv_heads=[2]", "library.windows=[]", "library.linear_attention=false",
+             "library.noop_attention=false", "library.ffn_fractions=[]", "library.linear_ffn=false",
+             "library.noop_ffn=false"],
+            "candidate list is empty",
+        ),
+    ],
+)
+def test_distill_bad_library_options(monkeypatch, capsys, tmp_path, tiny_parent_dir, overrides, message):
+    args = [arg for o in overrides for arg in ("--set", o)]
+    code, _, err = cli(monkeypatch, capsys, "distill", job(tmp_path, tiny_parent_dir), *args)
+    assert_clean_failure(code, err, tmp_path, message)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device", "tpu"], "unknown device 'tpu'; known: local, h100"),
+        (["--set", "profile.prefill_length=0"], "profile.prefill_length: got 0; Input should be greater than or equal to 1"),
+    ],
+)
+def test_profile_bad_input(monkeypatch, capsys, tmp_path, tiny_parent_dir, args, message):
+    code, _, err = cli(monkeypatch, capsys, "profile", job(tmp_path, tiny_parent_dir), *args)
+    assert_clean_failure(code, err, tmp_path, message)
+
+
+@pytest.mark.parametrize("command", ["profile", "score"])
+def test_stages_without_a_library(monkeypatch, capsys, tmp_path, tiny_parent_dir, command):
+    code, _, err = cli(monkeypatch, capsys, command, job(tmp_path, tiny_parent_dir))
+    assert code == 2 and "no library" in err and "puzzle distill" in err and "Traceback" not in err

@@ -1,0 +1,106 @@
+"""Analytic costs of a subblock: parameters, KV-cache bytes, FLOPs and bytes moved (DESIGN §6).
+
+Pure functions of a spec, the parent layer's shape and a scenario; the measured profile and the
+roofline both use them for the memory side, and the roofline for time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape, SubblockSpec
+
+DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    batch_size: int
+    prefill_length: int
+    decode_length: int
+    weight_dtype: str = "bfloat16"
+    kv_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if min(self.batch_size, self.prefill_length, self.decode_length) <= 0:
+            raise ValueError("batch size, prefill length and decode length must be positive")
+
+    @property
+    def decode_context(self) -> int:
+        """Tokens in the cache at the average decode step."""
+        return self.prefill_length + self.decode_length // 2
+
+
+def parameters(spec: SubblockSpec, shape: ParentShape, attention_bias: bool = False, qk_norm: bool = False) -> int:
+    h, d = shape.hidden_size, shape.head_dim
+    if spec.kind.value == "noop":
+        return 0
+    if isinstance(spec, AttentionSpec):
+        if spec.kind is AttentionKind.linear:
+            return h * h + h + (h if attention_bias else 0)
+        q, kv = shape.num_attention_heads * d, spec.num_key_value_heads * d
+        n = h + h * q + 2 * h * kv + q * h  # norm, q, k, v, o
+        n += (q + 2 * kv) if attention_bias else 0
+        return n + (2 * d if qk_norm else 0)
+    if spec.kind is FfnKind.linear:
+        return h + h * h
+    return h + 3 * h * spec.intermediate_size
+
+
+def kv_cache_bytes(spec: SubblockSpec, shape: ParentShape, scenario: Scenario, tokens: int | None = None) -> float:
+    """2 · kv_heads · head_dim · bytes · batch · tokens; a window caps the tokens, no attention holds none."""
+    if not isinstance(spec, AttentionSpec) or spec.kind is not AttentionKind.attention:
+        return 0.0
+    tokens = scenario.prefill_length + scenario.decode_length if tokens is None else tokens
+    if spec.window is not None:
+        tokens = min(tokens, spec.window)
+    per_token = 2 * spec.num_key_value_heads * shape.head_dim * DTYPE_BYTES[scenario.kv_dtype]
+    return per_token * scenario.batch_size * tokens
+
+
+@dataclass(frozen=True)
+class Work:
+    flops: float
+    bytes: float
+
+
+def _matmul_params(spec: SubblockSpec, shape: ParentShape) -> int:
+    h, d = shape.hidden_size, shape.head_dim
+    if spec.kind.value == "noop":
+        return 0
+    if isinstance(spec, AttentionSpec):
+        if spec.kind is AttentionKind.linear:
+            return h * h
+        q, kv = shape.num_attention_heads * d, spec.num_key_value_heads * d
+        return h * q + 2 * h * kv + q * h
+    if spec.kind is FfnKind.linear:
+        return h * h
+    return 3 * h * spec.intermediate_size
+
+
+def _attended(spec: SubblockSpec, query: int, context: int) -> float:
+    """Mean number of keys a query attends to."""
+    if not isinstance(spec, AttentionSpec) or spec.kind is not AttentionKind.attention:
+        return 0.0
+    keys = context if query == 1 else (context + 1) / 2  # causal prefill: half the square on average
+    return min(keys, spec.window) if spec.window is not None else keys
+
+
+def prefill_work(spec: SubblockSpec, shape: ParentShape, s: Scenario) -> Work:
+    tokens = s.batch_size * s.prefill_length
+    weights = _matmul_params(spec, shape) * DTYPE_BYTES[s.weight_dtype]
+    attn = 4 * shape.num_attention_heads * shape.head_dim * _attended(spec, s.prefill_length, s.prefill_length)
+    flops = 2 * _matmul_params(spec, shape) * tokens + attn * tokens
+    kv_write = kv_cache_bytes(spec, shape, s, tokens=s.prefill_length)
+    activations = 2 * tokens * shape.hidden_size * DTYPE_BYTES[s.weight_dtype] if spec.kind.value != "noop" else 0
+    return Work(flops, weights + kv_write + activations)
+
+
+def decode_work(spec: SubblockSpec, shape: ParentShape, s: Scenario) -> Work:
+    """One decode step (one new token per sequence) at the average decode context."""
+    ctx = s.decode_context
+    weights = _matmul_params(spec, shape) * DTYPE_BYTES[s.weight_dtype]
+    attn = 4 * shape.num_attention_heads * shape.head_dim * _attended(spec, 1, ctx)
+    flops = (2 * _matmul_params(spec, shape) + attn) * s.batch_size
+    kv_read = kv_cache_bytes(spec, shape, s, tokens=ctx)
+    return Work(flops, weights + kv_read)

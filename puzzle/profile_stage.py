@@ -1,0 +1,239 @@
+"""`puzzle profile`: parameters, memory and time of every subblock candidate for a scenario."""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from blocks.costs import Scenario, parameters
+from blocks.errors import PuzzleError
+from blocks.init import init_attention, init_ffn
+from blocks.io import atomic_path
+from blocks.specs import AttentionSpec, FfnKind, SubblockSpec, spec_from_id
+from distill.library import Library
+from puzzle.config import ProfileSection, PuzzleConfig
+from puzzle.parents import load_parent
+from puzzle.progress import progress_bar
+from puzzle.rundir import RunDir, Stage, fingerprint
+from search.hardware import gpu
+from search.profile import CostRow, analytic_times, kv_bytes, measure, time_model, time_subblock, weight_bytes
+
+
+def scenario_of(section: ProfileSection) -> Scenario:
+    try:
+        return Scenario(
+            batch_size=section.batch_size, prefill_length=section.prefill_length, decode_length=section.decode_length,
+            weight_dtype=section.weight_dtype, kv_dtype=section.kv_dtype,
+        )
+    except ValueError as e:
+        raise PuzzleError(f"profile: {e}") from None
+
+
+def check_profile_section(section: ProfileSection) -> None:
+    scenario_of(section)
+    if section.device != "local":
+        gpu(section.device)
+    elif section.weight_dtype == "fp8":
+        raise PuzzleError("profile.weight_dtype: fp8 can only be profiled analytically; name a GPU in profile.device")
+
+
+def _torch_dtype(section: ProfileSection) -> torch.dtype:
+    """The dtype modules are timed in (fp8 weights exist only in the analytic model)."""
+    return torch.float32 if section.weight_dtype in ("float32", "fp8") else getattr(torch, section.weight_dtype)
+
+
+def _module(parent_layer, spec: SubblockSpec, attn_impl: str):
+    """A module with the spec's shapes; its weights do not matter for timing."""
+    if isinstance(spec, AttentionSpec):
+        return init_attention(spec, parent_layer, attn_impl)
+    if spec.kind is FfnKind.dense and spec.intermediate_size < parent_layer.shape.intermediate_size:
+        return init_ffn(spec, parent_layer, torch.rand(parent_layer.shape.intermediate_size))
+    return init_ffn(spec, parent_layer)
+
+
+@dataclass(frozen=True)
+class AdditiveCheck:
+    model: str
+    scenario: str
+    predicted_seconds: float
+    measured_seconds: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted_seconds / self.measured_seconds - 1
+
+
+@dataclass(frozen=True)
+class ProfileSummary:
+    table: Path
+    rows: list[CostRow]
+    checks: list[AdditiveCheck]
+    device: str
+    seconds: float
+
+
+def profile_stage(config: PuzzleConfig, check_models: int = 0) -> ProfileSummary:
+    started = time.time()
+    section = config.profile
+    check_profile_section(section)
+    scenario = scenario_of(section)
+    run = RunDir(config.run.dir)
+    lib_dir = run.stage_dir(Stage.library)
+    if not (lib_dir / "space.json").is_file():
+        raise PuzzleError(f"no library in {lib_dir}; run `puzzle distill` first")
+    key = fingerprint(config, ("parent", "profile"))
+    with run.stage(Stage.profile, key) as record:
+        parent = load_parent(config.parent)
+        library = Library(lib_dir, parent.adapter)
+        rows = _cost_rows(config, parent, library, scenario)
+        checks = []
+        if section.device == "local" and check_models:
+            checks = additive_checks(config, parent, library, rows, scenario, check_models)
+        table = run.stage_dir(Stage.profile) / "profile.csv"
+        with atomic_path(table) as tmp:
+            pd.DataFrame([asdict(r) for r in rows]).to_csv(tmp, index=False)
+        record.outputs = {"table": table.name, "device": rows[0].device, "method": rows[0].method}
+    return ProfileSummary(table, rows, checks, rows[0].device, time.time() - started)
+
+
+def _device_name(section: ProfileSection, device: torch.device) -> str:
+    if section.device != "local":
+        return gpu(section.device).name
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenario) -> list[CostRow]:
+    section = config.profile
+    adapter = parent.adapter
+    device = parent.model.device
+    dtype = _torch_dtype(section)
+    name = _device_name(section, device)
+    method = "measured" if section.device == "local" else "analytic"
+    cfg = parent.model.config
+    bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
+    qk_norm = cfg.model_type == "qwen3"
+    timings: dict[tuple, tuple[float, float, float, float]] = {}
+    specs = [(i, s) for i, layer in enumerate(library.layers) for s in (*layer.attention, *layer.ffn)]
+    rows = []
+    with progress_bar() as bar:
+        task = bar.add_task(f"profile ({method}, {name})", total=len(specs), status="")
+        for i, spec in specs:
+            shape = adapter.shape(i)
+            if (spec, shape) not in timings:
+                timings[(spec, shape)] = _times(config, parent, i, spec, scenario, dtype)
+            prefill, prefill_spread, decode, decode_spread = timings[(spec, shape)]
+            params = parameters(spec, shape, attention_bias=bias, qk_norm=qk_norm)
+            rows.append(
+                CostRow(
+                    layer=i, subblock="attention" if isinstance(spec, AttentionSpec) else "ffn", candidate=spec.id,
+                    params=params, weight_bytes=weight_bytes(params, scenario), kv_bytes=kv_bytes(spec, shape, scenario),
+                    prefill_seconds=prefill, decode_seconds=decode, prefill_spread=prefill_spread,
+                    decode_spread=decode_spread, method=method, device=name,
+                )
+            )
+            bar.update(task, advance=1, status=f"L{i} {spec.id}")
+    rows.append(_fixed_row(config, parent, scenario, dtype, method, name))
+    return rows
+
+
+def _times(config, parent, layer: int, spec: SubblockSpec, scenario: Scenario, dtype) -> tuple[float, float, float, float]:
+    section = config.profile
+    shape = parent.adapter.shape(layer)
+    if section.device != "local":
+        prefill, decode = analytic_times(spec, shape, scenario, gpu(section.device))
+        return prefill, 0.0, decode, 0.0
+    module = _module(parent.adapter.parent_layer(layer), spec, config.parent.attn_implementation)
+    module = module.to(device=parent.model.device, dtype=dtype).eval()
+    rotary = parent.model.model.rotary_emb
+    prefill, decode = time_subblock(
+        module, spec, rotary, scenario, shape.hidden_size, parent.model.device, dtype, section.warmup, section.repeats
+    )
+    return prefill.median, prefill.spread, decode.median, decode.spread
+
+
+def _fixed_row(config, parent, scenario: Scenario, dtype, method: str, name: str) -> CostRow:
+    """Embeddings, final norm and lm_head: paid by every child alike."""
+    cfg = parent.model.config
+    h, v = cfg.hidden_size, cfg.vocab_size
+    params = sum(p.numel() for p in parent.model.model.embed_tokens.parameters())
+    params += sum(p.numel() for p in parent.model.model.norm.parameters())
+    if not cfg.tie_word_embeddings:
+        params += sum(p.numel() for p in parent.model.lm_head.parameters())
+    if method == "analytic":
+        g = gpu(config.profile.device)
+        peak = g.peak_flops(scenario.weight_dtype)
+        head_bytes = h * v * weight_bytes(1, scenario)
+        prefill = max(2 * h * v * scenario.batch_size * scenario.prefill_length / peak, head_bytes / g.bandwidth)
+        decode = max(2 * h * v * scenario.batch_size / peak, head_bytes / g.bandwidth)
+        spreads = (0.0, 0.0)
+    else:
+        device = parent.model.device
+        embed, norm, head = _outer_modules(parent, dtype)
+        ids = torch.randint(0, v, (scenario.batch_size, scenario.prefill_length), device=device)
+        step = ids[:, :1]
+        w, r = config.profile.warmup, config.profile.repeats
+        p_t = measure(lambda: head(norm(embed(ids))), device, w, r)
+        d_t = measure(lambda: head(norm(embed(step))), device, w, r)
+        prefill, decode, spreads = p_t.median, d_t.median, (p_t.spread, d_t.spread)
+    return CostRow(
+        layer=-1, subblock="fixed", candidate="embeddings+norm+lm_head", params=params,
+        weight_bytes=weight_bytes(params, scenario), kv_bytes=0.0, prefill_seconds=prefill, decode_seconds=decode,
+        prefill_spread=spreads[0], decode_spread=spreads[1], method=method, device=name,
+    )
+
+
+def _outer_modules(parent, dtype):
+    """Copies of the embeddings, final norm and lm_head in the profiled dtype (the parent stays as loaded)."""
+    m = parent.model
+    return tuple(copy.deepcopy(x).to(dtype) for x in (m.model.embed_tokens, m.model.norm, m.lm_head))
+
+
+def predicted_latency(rows: list[CostRow], choice: list[tuple[str, str]], scenario: Scenario) -> float:
+    """Σ over layers of the chosen subblocks' latency, plus the fixed costs."""
+    by_key = {(r.layer, r.candidate): r for r in rows}
+    total = next(r for r in rows if r.layer == -1).latency(scenario)
+    for i, (attention, ffn) in enumerate(choice):
+        total += by_key[(i, attention)].latency(scenario) + by_key[(i, ffn)].latency(scenario)
+    return total
+
+
+def additive_checks(config, parent, library: Library, rows, scenario: Scenario, n_children: int) -> list[AdditiveCheck]:
+    """Predicted (sum of blocks + fixed) against measured whole-model latency: parent and random children."""
+    rng = random.Random(config.run.seed)
+    adapter = parent.adapter
+    choices = {"parent": [(s.attention.id, s.ffn.id) for s in (adapter.shape(i) for i in range(adapter.num_layers))]}
+    for k in range(n_children):
+        choices[f"random child {k + 1}"] = [
+            (rng.choice(layer.attention).id, rng.choice(layer.ffn).id) for layer in library.layers
+        ]
+    scenarios = {"profile scenario": scenario}
+    second = Scenario(scenario.batch_size * 4, max(1, scenario.prefill_length // 2), scenario.decode_length,
+                      scenario.weight_dtype, scenario.kv_dtype)
+    scenarios[f"batch {second.batch_size}, prefill {second.prefill_length}"] = second
+    out = []
+    section = config.profile
+    dtype = _torch_dtype(section)
+    device = parent.model.device
+    for scenario_name, sc in scenarios.items():
+        sc_rows = rows if sc == scenario else _cost_rows(config, parent, library, sc)
+        for model_name, choice in choices.items():
+            layers = []
+            for i, (a, f) in enumerate(choice):
+                attention = _module(adapter.parent_layer(i), spec_from_id(a), config.parent.attn_implementation)
+                ffn = _module(adapter.parent_layer(i), spec_from_id(f), config.parent.attn_implementation)
+                layers.append((attention.to(device, dtype).eval(), ffn.to(device, dtype).eval()))
+            embed, norm, head = _outer_modules(parent, dtype)
+            prefill, decode = time_model(
+                embed, parent.model.model.rotary_emb, layers, norm, head, sc, device, section.warmup, section.repeats
+            )
+            measured = prefill.median + sc.decode_length * decode.median
+            out.append(AdditiveCheck(model_name, scenario_name, predicted_latency(sc_rows, choice, sc), measured))
+    return out

@@ -1,0 +1,114 @@
+"""Cost model: exact counts, KV rules, roofline monotonicity, measured profile on the tiny library."""
+
+import pytest
+
+from blocks.costs import Scenario, decode_work, kv_cache_bytes, parameters, prefill_work
+from blocks.errors import PuzzleError
+from blocks.init import init_attention, init_ffn
+from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
+from puzzle.config import load_config
+from puzzle.distill_stage import distill_stage
+from puzzle.families import FamilyAdapter
+from puzzle.profile_stage import profile_stage
+from search.hardware import GPUS, gpu
+from search.profile import analytic_times
+from tests.test_bld import write_job
+from tests.tiny import tiny_model
+
+# hidden 48, 6 heads of 8, 2 KV heads, FFN 96 (tests/tiny.py)
+SHAPE = ParentShape(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8, intermediate_size=96)
+SCENARIO = Scenario(batch_size=2, prefill_length=100, decode_length=28)
+
+
+def test_parameter_counts_by_hand():
+    assert parameters(SHAPE.attention, SHAPE) == 48 + 48 * 48 + 2 * 48 * 16 + 48 * 48  # norm, q, k, v, o
+    assert parameters(AttentionSpec(AttentionKind.attention, 1), SHAPE) == 48 + 48 * 48 + 2 * 48 * 8 + 48 * 48
+    assert parameters(AttentionSpec(AttentionKind.linear), SHAPE) == 48 * 48 + 48
+    assert parameters(FfnSpec(FfnKind.dense, 32), SHAPE) == 48 + 3 * 48 * 32
+    assert parameters(FfnSpec(FfnKind.noop), SHAPE) == 0
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_parameter_counts_match_the_modules(model_type):
+    adapter = FamilyAdapter(tiny_model(model_type))
+    parent = adapter.parent_layer(0)
+    bias, qk = model_type == "qwen2", model_type == "qwen3"
+    for spec in (parent.shape.attention, AttentionSpec(AttentionKind.attention, 1), AttentionSpec(AttentionKind.linear)):
+        module = init_attention(spec, parent)
+        assert parameters(spec, parent.shape, attention_bias=bias, qk_norm=qk) == sum(p.numel() for p in module.parameters())
+    for spec in (parent.shape.ffn, FfnSpec(FfnKind.linear)):
+        module = init_ffn(spec, parent)
+        assert parameters(spec, parent.shape) == sum(p.numel() for p in module.parameters())
+
+
+def test_kv_bytes_by_hand_and_rules():
+    bf16 = kv_cache_bytes(SHAPE.attention, SHAPE, SCENARIO)
+    assert bf16 == 2 * 2 * 8 * 2 * 2 * 128  # K and V, 2 heads, dim 8, 2 bytes, batch 2, 128 tokens
+    fp8 = Scenario(2, 100, 28, kv_dtype="fp8")
+    assert kv_cache_bytes(SHAPE.attention, SHAPE, fp8) == bf16 / 2
+    window = AttentionSpec(AttentionKind.attention, 2, 32)
+    assert kv_cache_bytes(window, SHAPE, SCENARIO) == bf16 * 32 / 128
+    assert kv_cache_bytes(AttentionSpec(AttentionKind.linear), SHAPE, SCENARIO) == 0
+    assert kv_cache_bytes(AttentionSpec(AttentionKind.noop), SHAPE, SCENARIO) == 0
+    assert kv_cache_bytes(FfnSpec(FfnKind.dense, 96), SHAPE, SCENARIO) == 0
+
+
+def test_roofline_is_monotone_in_sizes():
+    big = ParentShape(4096, 32, 8, 128, 14336)
+    for g in GPUS.values():
+        sizes = [FfnSpec(FfnKind.dense, n) for n in (1024, 4096, 8192, 14336)]
+        times = [analytic_times(s, big, Scenario(8, 2048, 256), g) for s in sizes]
+        assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(times, times[1:]))
+        kv = [analytic_times(AttentionSpec(AttentionKind.attention, k), big, Scenario(8, 2048, 256), g) for k in (1, 2, 4, 8)]
+        assert all(a[1] <= b[1] for a, b in zip(kv, kv[1:]))
+    for batch in (1, 8, 64):
+        work = [decode_work(FfnSpec(FfnKind.dense, 14336), big, Scenario(b, 128, 128)) for b in (batch, batch * 2)]
+        assert work[0].flops < work[1].flops
+    assert prefill_work(AttentionSpec(AttentionKind.attention, 8, 256), big, Scenario(1, 4096, 1)).flops < prefill_work(
+        AttentionSpec(AttentionKind.attention, 8), big, Scenario(1, 4096, 1)).flops
+
+
+def test_unknown_device_and_fp8_on_a100():
+    with pytest.raises(PuzzleError, match="unknown device 'tpu'; known: local, h100"):
+        gpu("tpu")
+    with pytest.raises(PuzzleError, match="no FP8"):
+        gpu("a100").peak_flops("fp8")
+    with pytest.raises(ValueError):
+        Scenario(1, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_library(tmp_path_factory, tiny_parent_dir):
+    tmp = tmp_path_factory.mktemp("profile")
+    config = load_config(write_job(tmp, tiny_parent_dir), ["bld.tokens_per_candidate=64"])
+    distill_stage(config)
+    return config
+
+
+def test_measured_profile_rows(tiny_library):
+    config = load_config_with(tiny_library, ["profile.weight_dtype=float32", "profile.repeats=3", "profile.warmup=1",
+                                              "profile.prefill_length=16", "profile.decode_length=4"])
+    summary = profile_stage(config, check_models=1)
+    rows = {(r.layer, r.candidate): r for r in summary.rows}
+    assert rows[(-1, "embeddings+norm+lm_head")].subblock == "fixed"
+    assert rows[(0, "attention.noop")].prefill_seconds < rows[(0, "attention.kv2")].prefill_seconds
+    assert rows[(0, "attention.kv2")].kv_bytes == 2 * 2 * 8 * 2 * 1 * 20  # bf16 cache, 20 tokens
+    assert all(r.method == "measured" for r in summary.rows)
+    assert {c.model for c in summary.checks} == {"parent", "random child 1"} and len(summary.checks) == 4
+    assert (config.run.dir / "profile/profile.csv").is_file()
+
+
+def test_analytic_profile_for_an_absent_gpu(tiny_library):
+    config = load_config_with(tiny_library, ["profile.device=h100", "profile.weight_dtype=fp8", "profile.kv_dtype=fp8"])
+    summary = profile_stage(config)
+    assert {r.method for r in summary.rows} == {"analytic"} and summary.device == "h100"
+    rows = {(r.layer, r.candidate): r for r in summary.rows}
+    assert rows[(1, "ffn.i48")].decode_seconds < rows[(1, "ffn.i96")].decode_seconds
+
+
+def load_config_with(config, overrides):
+    import yaml
+
+    from puzzle.config import apply_overrides, validate
+
+    return validate(apply_overrides(yaml.safe_load(yaml.safe_dump(config.model_dump(mode="json"))), overrides))
