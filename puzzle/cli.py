@@ -113,14 +113,27 @@ def validate_command(config: ConfigArg, set_: SetOption = None) -> None:
 def run(config: ConfigArg, set_: SetOption = None) -> None:
     """Run the job's pipeline, reusing every stage already done in run.dir.
 
-    Stages so far: parent (load through the family adapter, measure validation perplexity).
+    Stages so far: parent (load, validation perplexity), library (BLD), scores, profile. Each is
+    also its own command; a killed run resumes where it stopped.
     """
+    from puzzle.distill_stage import distill_stage
+    from puzzle.profile_stage import check_profile_section, profile_stage
+    from puzzle.score_stage import score_stage
     from puzzle.stages import check_inputs, parent_stage
 
     job = load_job(config, set_)
     check_inputs(job)
+    check_profile_section(job.profile)
     RunDir(job.run.dir).write_config(job)
-    summary = parent_stage(job)
+    _print_parent(parent_stage(job))
+    _print_library(distill_stage(job))
+    summary = score_stage(job)
+    out.print(f"scores: {summary.table} ({len(summary.frame)} blocks, {summary.seconds:.0f} s)")
+    _print_profile(profile_stage(job))
+    out.print(f"run directory: {job.run.dir}")
+
+
+def _print_parent(summary) -> None:
     table = Table(title=f"parent {summary.source} ({summary.model_type}, {summary.parameters:,} parameters)")
     for column in ("layer", "attention", "heads", "kv heads", "intermediate"):
         table.add_column(column, justify="right")
@@ -134,7 +147,6 @@ def run(config: ConfigArg, set_: SetOption = None) -> None:
         f"validation loss {summary.validation_loss:.4f}, perplexity {summary.validation_perplexity:.2f} "
         f"on {summary.validation_tokens:,} tokens"
     )
-    out.print(f"run directory: {job.run.dir}")
 
 
 @app.command()

@@ -32,7 +32,9 @@ def job(tmp_path, parent, **changes) -> Path:
         "parent": {"path": str(parent)},
         "data": {"files": [SONNETS, LUCRECE], "sequence_length": 64, "validation_fraction": 0.1},
         "eval": {"validation_blocks": 4, "batch_size": 2},
-        "bld": {"sequence_length": 32},
+        "bld": {"sequence_length": 32, "tokens_per_candidate": 128, "batch_size": 2},
+        "scoring": {"validation_blocks": 2, "batch_size": 2},
+        "profile": {"weight_dtype": "float32", "prefill_length": 16, "decode_length": 4, "warmup": 1, "repeats": 2},
     }
     for section, values in changes.items():
         raw.setdefault(section, {}).update(values)
@@ -119,6 +121,8 @@ def test_run_writes_the_parent_stage_and_reuses_it(monkeypatch, capsys, tmp_path
     manifest = json.loads((run / "parent/manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["runs"] == 1
     assert set(manifest["versions"]) >= {"puzzle", "torch", "transformers"}
+    for stage in ("library", "scores", "profile"):
+        assert json.loads((run / stage / "manifest.json").read_text())["status"] == "done"
     summary = json.loads((run / "parent/summary.json").read_text())
     assert summary["model_type"] == "llama" and len(summary["layers"]) == 2
     assert yaml.safe_load((run / "config.yaml").read_text())["eval"]["validation_blocks"] == 4
