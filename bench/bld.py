@@ -58,7 +58,7 @@ def main() -> None:
     job = prepare_bld(config, parent, candidates)
     x = job.train[: config.bld.batch_size]
     params = [p for p in job.modules.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)
     n = len(candidates)
 
     with FlopCounterMode(display=False) as parent_count:

@@ -228,6 +228,7 @@ class CandidateResult:
     final_nmse: float
     train_loss_first: float
     train_loss_last: float
+    kept_initialization: bool  # training did not beat the init on held-out text, so the init is kept
 
 
 def train_candidates(
@@ -242,7 +243,9 @@ def train_candidates(
 ) -> list[CandidateResult]:
     """Train `candidates` together for `settings.steps` steps; resumes from `checkpoint_dir` if it can."""
     params = [p for p in modules.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0, fused=True)
+    # `modules` arrive initialized from the parent, so this is the init even when resuming.
+    initial_weights = {k: v.detach().clone() for k, v in modules.state_dict().items()}
     state = load_checkpoint(checkpoint_dir, modules, optimizer)
     if state is None:
         state = TrainingState(initial=evaluate(candidates, modules, adapter, eval_blocks, settings.batch_size))
@@ -261,14 +264,25 @@ def train_candidates(
             save_checkpoint(checkpoint_dir, modules, optimizer, state)
     modules.eval()
     final = evaluate(candidates, modules, adapter, eval_blocks, settings.batch_size)
-    return [
-        CandidateResult(
-            candidate=c,
-            module=modules[c.module_name],
-            initial_nmse=state.initial[c.key],
-            final_nmse=final[c.key],
-            train_loss_first=state.train_loss[c.key][0] if state.train_loss[c.key] else float("nan"),
-            train_loss_last=state.train_loss[c.key][-1] if state.train_loss[c.key] else float("nan"),
+    results = []
+    for c in candidates:
+        # Model selection on held-out text: a candidate that training made worse keeps its init.
+        kept = final[c.key] >= state.initial[c.key]
+        if kept:
+            prefix = c.module_name + "."
+            modules[c.module_name].load_state_dict(
+                {k[len(prefix):]: v for k, v in initial_weights.items() if k.startswith(prefix)}
+            )
+        losses = state.train_loss[c.key]
+        results.append(
+            CandidateResult(
+                candidate=c,
+                module=modules[c.module_name],
+                initial_nmse=state.initial[c.key],
+                final_nmse=state.initial[c.key] if kept else final[c.key],
+                train_loss_first=losses[0] if losses else float("nan"),
+                train_loss_last=losses[-1] if losses else float("nan"),
+                kept_initialization=kept,
+            )
         )
-        for c in candidates
-    ]
+    return results

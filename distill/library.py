@@ -48,6 +48,7 @@ def write_entry(directory: Path, result: CandidateResult, *, init: str, steps: i
         "final_nmse": result.final_nmse,
         "train_loss_first": result.train_loss_first,
         "train_loss_last": result.train_loss_last,
+        "kept_initialization": result.kept_initialization,
         "file": weights.name,
         "sha256": sha256_file(weights),
         "fingerprint": fingerprint,

@@ -192,12 +192,15 @@ def _print_library(summary) -> None:
     for row, following in zip(summary.rows, summary.rows[1:] + [None]):
         last_of_layer = following is not None and following.layer != row.layer
         table.add_row(
-            str(row.layer), row.subblocks, row.init, f"{row.initial_nmse:.4f}", f"{row.final_nmse:.4f}",
+            str(row.layer), row.subblocks, row.init, f"{row.initial_nmse:.4g}", f"{row.final_nmse:.4g}",
             end_section=last_of_layer,
         )
     out.print(table)
     improved = sum(r.final_nmse < r.initial_nmse for r in summary.rows)
+    kept = [r.key for r in summary.rows if r.kept_initialization]
     out.print(f"{improved}/{len(summary.rows)} candidates improved on their initialization; {summary.seconds:.0f} s")
+    if kept:
+        out.print(f"kept the initialization (training did not improve held-out nMSE): {', '.join(kept)}")
     out.print(f"library: {summary.directory}")
 
 
@@ -283,7 +286,7 @@ def _print_profile(summary) -> None:
             check_table.add_row(c.model, c.scenario, f"{c.predicted_seconds:.4f}", f"{c.measured_seconds:.4f}",
                                 f"{c.error:+.1%}")
         out.print(check_table)
-    out.print(f"profile: {summary.table} ({summary.seconds:.0f} s)")
+    out.print(f"profile: {summary.table} ({summary.seconds:.1f} s)")
 
 
 def main() -> None:

@@ -79,9 +79,13 @@ def bld_candidates(spaces: list[LayerSpace], shapes: list[ParentShape]) -> list[
     return list(dict.fromkeys(out))
 
 
+# Bumped whenever the code changes what a trained entry holds, so older entries are retrained.
+ENTRY_FORMAT = 2
+
+
 def entry_fingerprint(config: PuzzleConfig) -> str:
     # Not the library section: adding a candidate must not invalidate the ones already trained.
-    return fingerprint(config, ("run.seed", "parent", "data", "bld"))
+    return f"{fingerprint(config, ('run.seed', 'parent', 'data', 'bld'))}-v{ENTRY_FORMAT}"
 
 
 def recut(blocks: torch.Tensor, length: int) -> torch.Tensor:
@@ -103,6 +107,7 @@ class LibraryRow:
     init: str
     initial_nmse: float
     final_nmse: float
+    kept_initialization: bool
     trained_now: bool
 
 
@@ -156,7 +161,10 @@ def _distill(config: PuzzleConfig, w: Workers, lib_dir: Path, started: float) ->
         if row is None:
             raise PuzzleError(f"library entry {c.key} was not written; see the log of the process that trained it")
         rows.append(
-            LibraryRow(c.key, c.layer, c.subblocks, row["init"], row["initial_nmse"], row["final_nmse"], c in todo)
+            LibraryRow(
+                c.key, c.layer, c.subblocks, row["init"], row["initial_nmse"], row["final_nmse"],
+                row["kept_initialization"], c in todo,
+            )
         )
     if w.is_main:
         write_space(lib_dir, spaces, entry_key)

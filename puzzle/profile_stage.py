@@ -15,14 +15,14 @@ from blocks.costs import Scenario, parameters
 from blocks.errors import PuzzleError
 from blocks.init import init_attention, init_ffn
 from blocks.io import atomic_path
-from blocks.specs import AttentionSpec, FfnKind, SubblockSpec, spec_from_id
+from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, SubblockSpec, spec_from_id
 from distill.library import Library
 from puzzle.config import ProfileSection, PuzzleConfig
 from puzzle.parents import load_parent
 from puzzle.progress import progress_bar
 from puzzle.rundir import RunDir, Stage, fingerprint
 from search.hardware import gpu
-from search.profile import CostRow, analytic_times, kv_bytes, measure, time_model, time_subblock, weight_bytes
+from search.profile import CostRow, analytic_times, differential_times, kv_bytes, measure, time_model, weight_bytes
 
 
 def scenario_of(section: ProfileSection) -> Scenario:
@@ -146,17 +146,29 @@ def _cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenari
 
 def _times(config, parent, layer: int, spec: SubblockSpec, scenario: Scenario, dtype) -> tuple[float, float, float, float]:
     section = config.profile
-    shape = parent.adapter.shape(layer)
+    adapter = parent.adapter
+    shape = adapter.shape(layer)
     if section.device != "local":
         prefill, decode = analytic_times(spec, shape, scenario, gpu(section.device))
         return prefill, 0.0, decode, 0.0
-    module = _module(parent.adapter.parent_layer(layer), spec, config.parent.attn_implementation)
-    module = module.to(device=parent.model.device, dtype=dtype).eval()
-    rotary = parent.model.model.rotary_emb
-    prefill, decode = time_subblock(
-        module, spec, rotary, scenario, shape.hidden_size, parent.model.device, dtype, section.warmup, section.repeats
+    if spec.kind.value == "noop":
+        return 0.0, 0.0, 0.0, 0.0  # removed: no module, no residual add
+    device = parent.model.device
+    impl = config.parent.attn_implementation
+    is_attention = isinstance(spec, AttentionSpec)
+    n = adapter.num_layers
+
+    def modules(make):
+        return [make(adapter.parent_layer(layer)).to(device=device, dtype=dtype).eval() for _ in range(n)]
+
+    candidate = modules(lambda p: _module(p, spec, impl))
+    partner = modules(lambda p: _module(p, p.shape.ffn if is_attention else p.shape.attention, impl))
+    baseline = modules(lambda p: _module(p, AttentionSpec(AttentionKind.noop) if is_attention else FfnSpec(FfnKind.noop), impl))
+    prefill, decode = differential_times(
+        candidate, partner, baseline, is_attention, parent.model.model.rotary_emb, scenario, shape.hidden_size,
+        device, dtype, section.warmup, section.repeats,
     )
-    return prefill.median, prefill.spread, decode.median, decode.spread
+    return prefill.best, prefill.spread, decode.best, decode.spread
 
 
 def _fixed_row(config, parent, scenario: Scenario, dtype, method: str, name: str) -> CostRow:
@@ -179,10 +191,18 @@ def _fixed_row(config, parent, scenario: Scenario, dtype, method: str, name: str
         embed, norm, head = _outer_modules(parent, dtype)
         ids = torch.randint(0, v, (scenario.batch_size, scenario.prefill_length), device=device)
         step = ids[:, :1]
+        positions = torch.arange(scenario.prefill_length, device=device)[None]
+        rotary = parent.model.model.rotary_emb
         w, r = config.profile.warmup, config.profile.repeats
-        p_t = measure(lambda: head(norm(embed(ids))), device, w, r)
-        d_t = measure(lambda: head(norm(embed(step))), device, w, r)
-        prefill, decode, spreads = p_t.median, d_t.median, (p_t.spread, d_t.spread)
+
+        def outside_the_layers(x, pos):
+            h = embed(x)
+            rotary(h, pos)  # the rotary tables are computed once per forward, outside the layers
+            return head(norm(h))
+
+        p_t = measure(lambda: outside_the_layers(ids, positions), device, w, r)
+        d_t = measure(lambda: outside_the_layers(step, positions[:, -1:]), device, w, r)
+        prefill, decode, spreads = p_t.best, d_t.best, (p_t.spread, d_t.spread)
     return CostRow(
         layer=-1, subblock="fixed", candidate="embeddings+norm+lm_head", params=params,
         weight_bytes=weight_bytes(params, scenario), kv_bytes=0.0, prefill_seconds=prefill, decode_seconds=decode,
@@ -232,8 +252,9 @@ def additive_checks(config, parent, library: Library, rows, scenario: Scenario, 
                 layers.append((attention.to(device, dtype).eval(), ffn.to(device, dtype).eval()))
             embed, norm, head = _outer_modules(parent, dtype)
             prefill, decode = time_model(
-                embed, parent.model.model.rotary_emb, layers, norm, head, sc, device, section.warmup, section.repeats
+                embed, parent.model.model.rotary_emb, layers, norm, head, sc, device, dtype, section.warmup,
+                section.repeats,
             )
-            measured = prefill.median + sc.decode_length * decode.median
+            measured = prefill.best + sc.decode_length * decode.best
             out.append(AdditiveCheck(model_name, scenario_name, predicted_latency(sc_rows, choice, sc), measured))
     return out

@@ -18,12 +18,15 @@ from torch import nn
 
 from blocks.costs import DTYPE_BYTES, Scenario, decode_work, kv_cache_bytes, prefill_work
 from blocks.modeling_puzzle import KVCache
-from blocks.specs import AttentionSpec, ParentShape, SubblockSpec
+from blocks.specs import ParentShape, SubblockSpec
 from search.hardware import GpuSpec
 
 
 @dataclass(frozen=True)
 class Timing:
+    """`best` is the fastest repeat: on a shared machine, slower repeats measure the neighbours."""
+
+    best: float
     median: float
     spread: float  # interquartile range / median
 
@@ -66,44 +69,69 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [median, median, median]
-    return Timing(median, (q[2] - q[0]) / median if median > 0 else 0.0)
+    return Timing(min(times), median, (q[2] - q[0]) / median if median > 0 else 0.0)
 
 
-def time_subblock(
-    module: nn.Module, spec: SubblockSpec, rotary, scenario: Scenario, hidden_size: int, device, dtype, warmup, repeats
+class Stack:
+    """Decoder layers run as a model runs them, on hidden states: the unit every timing is taken on."""
+
+    def __init__(self, layers: list[tuple[nn.Module, nn.Module]], rotary, scenario: Scenario, hidden_size: int,
+                 device, dtype):
+        self.layers, self.rotary, self.device = layers, rotary, device
+        b, p, self.ctx = scenario.batch_size, scenario.prefill_length, scenario.decode_context
+        self.x = torch.randn(b, p, hidden_size, device=device, dtype=dtype)
+        self.step = torch.randn(b, 1, hidden_size, device=device, dtype=dtype)
+        self.cache = KVCache({})
+        for i, (attention, _) in enumerate(layers):
+            attention.layer_idx = i
+            self.cache.windows[i] = getattr(attention, "window", None)
+            if hasattr(attention, "num_key_value_heads"):
+                tokens = self.ctx if attention.window is None else min(self.ctx, attention.window - 1)
+                shape = (b, attention.num_key_value_heads, tokens, attention.head_dim)
+                self.cache.keys[i] = torch.randn(shape, device=device, dtype=dtype)
+                self.cache.values[i] = torch.randn(shape, device=device, dtype=dtype)
+
+    def run(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        pe = self.rotary(h, positions)
+        for attention, ffn in self.layers:
+            h = h + attention(h, pe, cache=cache)
+            h = h + ffn(h)
+        return h
+
+    def prefill(self) -> torch.Tensor:
+        return self.run(self.x, torch.arange(self.x.shape[1], device=self.device)[None], None)
+
+    def decode(self) -> torch.Tensor:
+        position = torch.tensor([[self.ctx]], device=self.device)
+        return _restoring(self.cache, lambda: self.run(self.step, position, self.cache))
+
+    def timings(self, warmup: int, repeats: int) -> tuple[Timing, Timing]:
+        return measure(self.prefill, self.device, warmup, repeats), measure(self.decode, self.device, warmup, repeats)
+
+
+def differential_times(
+    candidate: list[nn.Module], partner: list[nn.Module], baseline: list[nn.Module], is_attention: bool,
+    rotary, scenario: Scenario, hidden_size: int, device, dtype, warmup: int, repeats: int,
 ) -> tuple[Timing, Timing]:
-    """(prefill, decode step) timings of one subblock module."""
-    b, p, ctx = scenario.batch_size, scenario.prefill_length, scenario.decode_context
-    x = torch.randn(b, p, hidden_size, device=device, dtype=dtype)
-    step = torch.randn(b, 1, hidden_size, device=device, dtype=dtype)
-    is_attention = isinstance(spec, AttentionSpec)
-    pe_prefill = rotary(x, torch.arange(p, device=device)[None]) if is_attention else None
-    pe_step = rotary(step, torch.tensor([[ctx]], device=device)) if is_attention else None
+    """Per-layer time of a subblock, measured inside a model-sized stack.
 
-    def prefill():
-        return module(x, pe_prefill) if is_attention else module(x)
+    Every layer of a stack gets a copy of the candidate, beside the parent's other subblock
+    (`partner`); the same stack with the candidate removed (`baseline`, no-ops) is timed too. The
+    difference divided by the layer count is the candidate's cost with the cache pressure of a whole
+    model: timed alone, over and over, a small module would find its weights already in the
+    processor's caches and look faster than it is inside a model.
+    """
+    def stack(subblocks):
+        pairs = list(zip(subblocks, partner)) if is_attention else list(zip(partner, subblocks))
+        return Stack(pairs, rotary, scenario, hidden_size, device, dtype)
 
-    def decode():
-        if not is_attention:
-            return module(step)
-        return module(step, pe_step, cache=cache)
-
-    cache = None
-    if is_attention and spec.kind.value == "attention":
-        cache = _filled_cache(module, spec, b, ctx, device, dtype)
-        module.layer_idx = 0
-    prefill_t = measure(prefill, device, warmup, repeats)
-    decode_t = measure(lambda: _restoring(cache, decode), device, warmup, repeats)
-    return prefill_t, decode_t
-
-
-def _filled_cache(module, spec: AttentionSpec, batch: int, ctx: int, device, dtype) -> KVCache:
-    cache = KVCache({0: spec.window})
-    tokens = ctx if spec.window is None else min(ctx, spec.window - 1)
-    shape = (batch, spec.num_key_value_heads, tokens, module.head_dim)
-    cache.keys[0] = torch.randn(shape, device=device, dtype=dtype)
-    cache.values[0] = torch.randn(shape, device=device, dtype=dtype)
-    return cache
+    with_candidate = stack(candidate).timings(warmup, repeats)
+    without = stack(baseline).timings(warmup, repeats)
+    n = len(candidate)
+    return tuple(
+        Timing(max(0.0, (a.best - b.best) / n), max(0.0, (a.median - b.median) / n), a.spread)
+        for a, b in zip(with_candidate, without)
+    )
 
 
 def _restoring(cache: KVCache | None, fn):
@@ -135,30 +163,19 @@ def kv_bytes(spec: SubblockSpec, shape: ParentShape, scenario: Scenario) -> floa
 
 def time_model(
     embed: nn.Module, rotary, layers: list[tuple[nn.Module, nn.Module]], norm: nn.Module, head: nn.Module,
-    scenario: Scenario, device, warmup: int, repeats: int,
+    scenario: Scenario, device, dtype, warmup: int, repeats: int,
 ) -> tuple[Timing, Timing]:
     """(prefill, decode step) of a whole model made of `layers`, to check the additive cost model."""
-    b, p, ctx = scenario.batch_size, scenario.prefill_length, scenario.decode_context
+    stack = Stack(layers, rotary, scenario, embed.embedding_dim, device, dtype)
+    b, p = scenario.batch_size, scenario.prefill_length
     ids = torch.randint(0, embed.num_embeddings, (b, p), device=device)
     step_ids = torch.randint(0, embed.num_embeddings, (b, 1), device=device)
-    windows = {}
-    for i, (attention, _) in enumerate(layers):
-        attention.layer_idx = i
-        windows[i] = getattr(attention, "window", None)
+    position = torch.tensor([[stack.ctx]], device=device)
 
-    def run(x_ids, positions, cache):
-        h = embed(x_ids)
-        pe = rotary(h, positions)
-        for attention, ffn in layers:
-            h = h + attention(h, pe, cache=cache)
-            h = h + ffn(h)
-        return head(norm(h))
+    def prefill():
+        return head(norm(stack.run(embed(ids), torch.arange(p, device=device)[None], None)))
 
-    prefill = measure(lambda: run(ids, torch.arange(p, device=device)[None], None), device, warmup, repeats)
-    cache = KVCache(windows)
-    with torch.no_grad():
-        context_ids = torch.randint(0, embed.num_embeddings, (b, ctx), device=device)
-        run(context_ids, torch.arange(ctx, device=device)[None], cache)
-    position = torch.tensor([[ctx]], device=device)
-    decode = measure(lambda: _restoring(cache, lambda: run(step_ids, position, cache)), device, warmup, repeats)
-    return prefill, decode
+    def decode():
+        return _restoring(stack.cache, lambda: head(norm(stack.run(embed(step_ids), position, stack.cache))))
+
+    return measure(prefill, device, warmup, repeats), measure(decode, device, warmup, repeats)
