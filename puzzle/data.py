@@ -47,8 +47,10 @@ def resolve_files(patterns: list[str]) -> list[Path]:
     return files
 
 
-def read_files(patterns: list[str]) -> list[str]:
-    return [_read_text(f) for f in resolve_files(patterns)]
+def check_files(patterns: list[str]) -> None:
+    """Every pattern matches, and every file is readable UTF-8 text (for checks before any work)."""
+    for f in resolve_files(patterns):
+        _read_text(f)
 
 
 def _read_text(path: Path) -> str:
@@ -61,18 +63,27 @@ def _read_text(path: Path) -> str:
 
 
 def read_documents(section: DataSection) -> list[str]:
+    """One string per document, in a fixed order, through `datasets` (local files or a hub dataset)."""
     import datasets
 
     datasets.disable_progress_bars()
-    if section.hub is not None:
-        ds = datasets.load_dataset(section.hub.name, split=section.hub.split)
-        if section.hub.text_column not in ds.column_names:
-            raise PuzzleError(
-                f"data.hub.text_column: {section.hub.text_column!r} is not a column of {section.hub.name} "
-                f"(columns: {', '.join(ds.column_names)})"
-            )
-        return list(ds[section.hub.text_column])
-    return read_files(section.files)
+    datasets.logging.set_verbosity_error()
+    if section.hub is None:
+        files = resolve_files(section.files)
+        for f in files:
+            _read_text(f)  # a clear one-line error for undecodable files, before datasets sees them
+        # One row per file; keep_in_memory leaves no cache files behind for a few MB of text.
+        ds = datasets.load_dataset(
+            "text", data_files=[str(f) for f in files], sample_by="document", split="train", keep_in_memory=True
+        )
+        return list(ds["text"])
+    ds = datasets.load_dataset(section.hub.name, split=section.hub.split)
+    if section.hub.text_column not in ds.column_names:
+        raise PuzzleError(
+            f"data.hub.text_column: {section.hub.text_column!r} is not a column of {section.hub.name} "
+            f"(columns: {', '.join(ds.column_names)})"
+        )
+    return list(ds[section.hub.text_column])
 
 
 def tokenize_documents(docs: list[str], tokenizer) -> torch.Tensor:

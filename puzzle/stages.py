@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from puzzle.config import PuzzleConfig
-from puzzle.data import load_blocks, read_files
+from puzzle.data import check_files, load_blocks
 from puzzle.errors import PuzzleError
 from blocks.io import atomic_write_json
 from puzzle.parents import load_parent, parent_config
@@ -38,7 +38,7 @@ def preflight(config: PuzzleConfig) -> list[str]:
         problems.append(str(e))
     if config.data.files:
         try:
-            read_files(config.data.files)
+            check_files(config.data.files)
         except PuzzleError as e:
             problems.append(str(e))
     if config.data.tokenizer is not None and not Path(config.data.tokenizer).is_dir():

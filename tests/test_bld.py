@@ -187,3 +187,16 @@ def test_sigkill_at_any_moment_resumes_to_the_same_library(reference, tmp_path, 
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_library(tmp_path / "job", reference[0].run.dir)
+
+
+def test_coupled_pairs_are_trained_together(tmp_path, tiny_parent_dir):
+    config = load_config(
+        write_job(tmp_path, tiny_parent_dir, coupled_pairs=["attention.kv1+ffn.i48"], tokens_per_candidate=2 * 2 * 32)
+    )
+    summary = distill_stage(config)
+    coupled = [r for r in summary.rows if "+" in r.subblocks]
+    assert [r.key for r in coupled] == ["L00.attention.kv1+ffn.i48", "L01.attention.kv1+ffn.i48"]
+    weights = load_file(config.run.dir / "library/entries/L00.attention.kv1+ffn.i48.safetensors")
+    assert any(k.startswith("attention.") for k in weights) and any(k.startswith("ffn.") for k in weights)
+    with pytest.raises(Exception, match="not in the library"):
+        distill_stage(load_config(write_job(tmp_path, tiny_parent_dir, name="bad", coupled_pairs=["attention.kv1+ffn.i7"])))
