@@ -112,7 +112,7 @@ class BldSection(TrainingSchedule):
     )
     tokens_per_candidate: int = Field(131_072, ge=1, description="Training tokens each candidate sees.")
     sequence_length: int = Field(256, gt=1, description="Tokens per block; training blocks of data are cut to it.")
-    eval_blocks: int = Field(4, ge=1, description="Held-out blocks for each candidate's initial and final loss.")
+    eval_blocks: int = Field(16, ge=1, description="Held-out blocks for each candidate's initial and final loss.")
 
 
 class ScoringSection(Section):

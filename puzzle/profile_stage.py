@@ -22,7 +22,7 @@ from puzzle.parents import load_parent
 from puzzle.progress import progress_bar
 from puzzle.rundir import RunDir, Stage, fingerprint
 from search.hardware import gpu
-from search.profile import CostRow, analytic_times, differential_times, kv_bytes, measure, time_model, weight_bytes
+from search.profile import CostRow, Timing, analytic_times, differential_times, kv_bytes, measure, time_model, weight_bytes
 
 
 def scenario_of(section: ProfileSection) -> Scenario:
@@ -120,7 +120,7 @@ def _cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenari
     cfg = parent.model.config
     bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
     qk_norm = cfg.model_type == "qwen3"
-    timings: dict[tuple, tuple[float, float, float, float]] = {}
+    timings: dict[tuple, tuple[Timing, Timing]] = {}
     specs = [(i, s) for i, layer in enumerate(library.layers) for s in (*layer.attention, *layer.ffn)]
     rows = []
     with progress_bar() as bar:
@@ -129,14 +129,15 @@ def _cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenari
             shape = adapter.shape(i)
             if (spec, shape) not in timings:
                 timings[(spec, shape)] = _times(config, parent, i, spec, scenario, dtype)
-            prefill, prefill_spread, decode, decode_spread = timings[(spec, shape)]
+            prefill, decode = timings[(spec, shape)]
             params = parameters(spec, shape, attention_bias=bias, qk_norm=qk_norm)
             rows.append(
                 CostRow(
                     layer=i, subblock="attention" if isinstance(spec, AttentionSpec) else "ffn", candidate=spec.id,
                     params=params, weight_bytes=weight_bytes(params, scenario), kv_bytes=kv_bytes(spec, shape, scenario),
-                    prefill_seconds=prefill, decode_seconds=decode, prefill_spread=prefill_spread,
-                    decode_spread=decode_spread, method=method, device=name,
+                    prefill_seconds=prefill.best, decode_seconds=decode.best, prefill_median=prefill.median,
+                    decode_median=decode.median, prefill_spread=prefill.spread, decode_spread=decode.spread,
+                    method=method, device=name,
                 )
             )
             bar.update(task, advance=1, status=f"L{i} {spec.id}")
@@ -144,15 +145,15 @@ def _cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenari
     return rows
 
 
-def _times(config, parent, layer: int, spec: SubblockSpec, scenario: Scenario, dtype) -> tuple[float, float, float, float]:
+def _times(config, parent, layer: int, spec: SubblockSpec, scenario: Scenario, dtype) -> tuple[Timing, Timing]:
     section = config.profile
     adapter = parent.adapter
     shape = adapter.shape(layer)
     if section.device != "local":
         prefill, decode = analytic_times(spec, shape, scenario, gpu(section.device))
-        return prefill, 0.0, decode, 0.0
+        return Timing(prefill, prefill, 0.0), Timing(decode, decode, 0.0)
     if spec.kind.value == "noop":
-        return 0.0, 0.0, 0.0, 0.0  # removed: no module, no residual add
+        return Timing(0.0, 0.0, 0.0), Timing(0.0, 0.0, 0.0)  # removed: no module, no residual add
     device = parent.model.device
     impl = config.parent.attn_implementation
     is_attention = isinstance(spec, AttentionSpec)
@@ -164,11 +165,10 @@ def _times(config, parent, layer: int, spec: SubblockSpec, scenario: Scenario, d
     candidate = modules(lambda p: _module(p, spec, impl))
     partner = modules(lambda p: _module(p, p.shape.ffn if is_attention else p.shape.attention, impl))
     baseline = modules(lambda p: _module(p, AttentionSpec(AttentionKind.noop) if is_attention else FfnSpec(FfnKind.noop), impl))
-    prefill, decode = differential_times(
+    return differential_times(
         candidate, partner, baseline, is_attention, parent.model.model.rotary_emb, scenario, shape.hidden_size,
         device, dtype, section.warmup, section.repeats,
     )
-    return prefill.best, prefill.spread, decode.best, decode.spread
 
 
 def _fixed_row(config, parent, scenario: Scenario, dtype, method: str, name: str) -> CostRow:
@@ -185,7 +185,7 @@ def _fixed_row(config, parent, scenario: Scenario, dtype, method: str, name: str
         head_bytes = h * v * weight_bytes(1, scenario)
         prefill = max(2 * h * v * scenario.batch_size * scenario.prefill_length / peak, head_bytes / g.bandwidth)
         decode = max(2 * h * v * scenario.batch_size / peak, head_bytes / g.bandwidth)
-        spreads = (0.0, 0.0)
+        p_t, d_t = Timing(prefill, prefill, 0.0), Timing(decode, decode, 0.0)
     else:
         device = parent.model.device
         embed, norm, head = _outer_modules(parent, dtype)
@@ -202,11 +202,11 @@ def _fixed_row(config, parent, scenario: Scenario, dtype, method: str, name: str
 
         p_t = measure(lambda: outside_the_layers(ids, positions), device, w, r)
         d_t = measure(lambda: outside_the_layers(step, positions[:, -1:]), device, w, r)
-        prefill, decode, spreads = p_t.best, d_t.best, (p_t.spread, d_t.spread)
     return CostRow(
         layer=-1, subblock="fixed", candidate="embeddings+norm+lm_head", params=params,
-        weight_bytes=weight_bytes(params, scenario), kv_bytes=0.0, prefill_seconds=prefill, decode_seconds=decode,
-        prefill_spread=spreads[0], decode_spread=spreads[1], method=method, device=name,
+        weight_bytes=weight_bytes(params, scenario), kv_bytes=0.0, prefill_seconds=p_t.best, decode_seconds=d_t.best,
+        prefill_median=p_t.median, decode_median=d_t.median, prefill_spread=p_t.spread, decode_spread=d_t.spread,
+        method=method, device=name,
     )
 
 

@@ -39,9 +39,11 @@ class CostRow:
     params: int
     weight_bytes: float
     kv_bytes: float
-    prefill_seconds: float
-    decode_seconds: float  # per decode step (one token per sequence)
-    prefill_spread: float
+    prefill_seconds: float  # the fastest repeat: what the cost model uses
+    decode_seconds: float  # per decode step (one token per sequence), fastest repeat
+    prefill_median: float
+    decode_median: float
+    prefill_spread: float  # interquartile range / median
     decode_spread: float
     method: str  # "measured" | "analytic"
     device: str
