@@ -127,6 +127,24 @@ class Library:
             for layer in data["layers"]
         ]
 
+    def _trained(self, candidate: Candidate) -> dict:
+        row = read_entry(self.directory, candidate, self.fingerprint)
+        if row is None:
+            raise PuzzleError(
+                f"library entry {candidate.key} is missing or damaged in {self.directory}; "
+                "run `puzzle distill` again to retrain it"
+            )
+        return load_file(entry_paths(self.directory, candidate)[0])
+
+    def pair(self, layer: int, attention: AttentionSpec, ffn: FfnSpec) -> tuple[nn.Module, nn.Module]:
+        """The (attention, FFN) modules of a coupled pair, trained together."""
+        parent = self.adapter.parent_layer(layer)
+        state = self._trained(Candidate(layer, attention=attention, ffn=ffn))
+        a, f = init_attention(attention, parent), _empty_ffn(ffn, parent)
+        a.load_state_dict({k.removeprefix("attention."): v for k, v in state.items() if k.startswith("attention.")})
+        f.load_state_dict({k.removeprefix("ffn."): v for k, v in state.items() if k.startswith("ffn.")})
+        return a, f
+
     def module(self, layer: int, spec: SubblockSpec) -> nn.Module:
         parent = self.adapter.parent_layer(layer)
         attention = isinstance(spec, AttentionSpec)
@@ -134,14 +152,7 @@ class Library:
         if spec == parent_spec or spec.kind.value == "noop":
             return init_attention(spec, parent) if attention else init_ffn(spec, parent)
         candidate = Candidate(layer, attention=spec) if attention else Candidate(layer, ffn=spec)
-        row = read_entry(self.directory, candidate, self.fingerprint)
-        if row is None:
-            raise PuzzleError(
-                f"library entry {candidate.key} is missing or damaged in {self.directory}; "
-                "run `puzzle distill` again to retrain it"
-            )
-        weights, _ = entry_paths(self.directory, candidate)
-        state = load_file(weights)
+        state = self._trained(candidate)
         prefix = "attention." if attention else "ffn."
         # Build the right shapes without calibration data: the weights are overwritten right after.
         module = init_attention(spec, parent) if attention else _empty_ffn(spec, parent)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from blocks.errors import PuzzleError
 from blocks.io import atomic_path, atomic_write_json
+from blocks.specs import spec_from_id
 from distill.library import Library
 from distill.scoring import METRICS, ParentReference
 from puzzle.config import PuzzleConfig
@@ -33,10 +34,11 @@ class ScoreSummary:
     seconds: float
 
 
-def layer_blocks(library: Library, layer: int) -> list[tuple[str, str]]:
+def layer_blocks(library: Library, layer: int) -> list[tuple[str, str, bool]]:
+    """(attention id, FFN id, coupled) for every block of the layer: decoupled compositions, then coupled pairs."""
     space = library.layers[layer]
-    pairs = [(a, f) for a in space.attention for f in space.ffn]
-    return [(a.id, f.id) for a, f in pairs]
+    blocks = [(a.id, f.id, False) for a in space.attention for f in space.ffn]
+    return blocks + [(a.id, f.id, True) for a, f in space.coupled]
 
 
 def score_stage(config: PuzzleConfig) -> ScoreSummary:
@@ -83,10 +85,14 @@ def _score_layer(library: Library, reference: ParentReference, layer: int, score
     rows = []
     attention_modules = {s.id: library.module(layer, s) for s in library.layers[layer].attention}
     ffn_modules = {s.id: library.module(layer, s) for s in library.layers[layer].ffn}
-    for attention_id, ffn_id in layer_blocks(library, layer):
-        metrics = reference.score(layer, attention_modules[attention_id], ffn_modules[ffn_id])
-        rows.append({"layer": layer, "attention": attention_id, "ffn": ffn_id, **metrics.__dict__})
+    for attention_id, ffn_id, coupled in layer_blocks(library, layer):
+        if coupled:
+            attention, ffn = library.pair(layer, spec_from_id(attention_id), spec_from_id(ffn_id))
+        else:
+            attention, ffn = attention_modules[attention_id], ffn_modules[ffn_id]
+        metrics = reference.score(layer, attention, ffn)
+        rows.append({"layer": layer, "attention": attention_id, "ffn": ffn_id, "coupled": coupled, **metrics.__dict__})
         tick(f"L{layer} {attention_id} {ffn_id} kl {metrics.kl:.4f}")
     with atomic_path(_layer_file(score_dir, layer)) as tmp:
-        pd.DataFrame(rows, columns=["layer", "attention", "ffn", *METRICS]).to_csv(tmp, index=False)
+        pd.DataFrame(rows, columns=["layer", "attention", "ffn", "coupled", *METRICS]).to_csv(tmp, index=False)
     atomic_write_json(score_dir / "layers" / f"L{layer:02d}.json", {"fingerprint": key})

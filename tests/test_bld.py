@@ -189,14 +189,20 @@ def test_sigkill_at_any_moment_resumes_to_the_same_library(reference, tmp_path, 
     assert_same_library(tmp_path / "job", reference[0].run.dir)
 
 
-def test_coupled_pairs_are_trained_together(tmp_path, tiny_parent_dir):
-    config = load_config(
-        write_job(tmp_path, tiny_parent_dir, coupled_pairs=["attention.kv1+ffn.i48"], tokens_per_candidate=2 * 2 * 32)
-    )
+def test_coupled_pairs_are_trained_and_scored_together(tmp_path, tiny_parent_dir):
+    from puzzle.score_stage import score_stage
+
+    job = write_job(tmp_path, tiny_parent_dir, coupled_pairs=["attention.kv1+ffn.i48"], tokens_per_candidate=2 * 2 * 32)
+    config = load_config(job, ["scoring.validation_blocks=1"])
     summary = distill_stage(config)
     coupled = [r for r in summary.rows if "+" in r.subblocks]
     assert [r.key for r in coupled] == ["L00.attention.kv1+ffn.i48", "L01.attention.kv1+ffn.i48"]
     weights = load_file(config.run.dir / "library/entries/L00.attention.kv1+ffn.i48.safetensors")
     assert any(k.startswith("attention.") for k in weights) and any(k.startswith("ffn.") for k in weights)
+    scores = score_stage(config).frame
+    pairs = scores[scores.coupled]
+    assert len(pairs) == 2 and set(pairs.attention) == {"attention.kv1"} and set(pairs.ffn) == {"ffn.i48"}
+    # The same blocks composed from decoupled candidates are scored too, as separate rows.
+    assert len(scores[(scores.attention == "attention.kv1") & (scores.ffn == "ffn.i48")]) == 4
     with pytest.raises(Exception, match="not in the library"):
         distill_stage(load_config(write_job(tmp_path, tiny_parent_dir, name="bad", coupled_pairs=["attention.kv1+ffn.i7"])))
