@@ -16,7 +16,7 @@ import torch
 from distill.library import Library
 from distill.scoring import ParentReference
 from puzzle.config import load_config
-from puzzle.data import load_blocks
+from puzzle.data import job_blocks
 from puzzle.parents import load_parent
 from puzzle.rundir import RunDir, Stage
 
@@ -54,7 +54,7 @@ def main() -> None:
     parent = load_parent(config.parent)
     adapter = parent.adapter
     library = Library(RunDir(config.run.dir).stage_dir(Stage.library), adapter)
-    held_out = load_blocks(config.data, parent.tokenizer).validation[: config.scoring.validation_blocks]
+    held_out = job_blocks(config.data, parent.tokenizer).validation[: config.scoring.validation_blocks]
     all_blocks = [(i, a, f) for i, layer in enumerate(library.layers) for a in layer.attention for f in layer.ffn]
     step = max(1, len(all_blocks) // args.blocks)
     chosen = all_blocks[::step][: args.blocks]

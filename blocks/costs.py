@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape, SubblockSpec
+from blocks.specs import AttentionKind, AttentionSpec, FfnKind, ParentShape, SubblockSpec
 
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0}
 
@@ -33,7 +33,7 @@ class Scenario:
 
 def parameters(spec: SubblockSpec, shape: ParentShape, attention_bias: bool = False, qk_norm: bool = False) -> int:
     h, d = shape.hidden_size, shape.head_dim
-    if spec.kind.value == "noop":
+    if spec.removed:
         return 0
     if isinstance(spec, AttentionSpec):
         if spec.kind is AttentionKind.linear:
@@ -66,7 +66,7 @@ class Work:
 
 def _matmul_params(spec: SubblockSpec, shape: ParentShape) -> int:
     h, d = shape.hidden_size, shape.head_dim
-    if spec.kind.value == "noop":
+    if spec.removed:
         return 0
     if isinstance(spec, AttentionSpec):
         if spec.kind is AttentionKind.linear:
@@ -92,7 +92,7 @@ def prefill_work(spec: SubblockSpec, shape: ParentShape, s: Scenario) -> Work:
     attn = 4 * shape.num_attention_heads * shape.head_dim * _attended(spec, s.prefill_length, s.prefill_length)
     flops = 2 * _matmul_params(spec, shape) * tokens + attn * tokens
     kv_write = kv_cache_bytes(spec, shape, s, tokens=s.prefill_length)
-    activations = 2 * tokens * shape.hidden_size * DTYPE_BYTES[s.weight_dtype] if spec.kind.value != "noop" else 0
+    activations = 2 * tokens * shape.hidden_size * DTYPE_BYTES[s.weight_dtype] if not spec.removed else 0
     return Work(flops, weights + kv_write + activations)
 
 

@@ -47,6 +47,14 @@ class AttentionSpec:
     def holds_kv_cache(self) -> bool:
         return self.kind is AttentionKind.attention
 
+    @property
+    def removed(self) -> bool:
+        return self.kind is AttentionKind.noop
+
+    @property
+    def linear(self) -> bool:
+        return self.kind is AttentionKind.linear
+
 
 @dataclass(frozen=True, order=True)
 class FfnSpec:
@@ -65,6 +73,14 @@ class FfnSpec:
         if self.kind is FfnKind.dense:
             return f"ffn.i{self.intermediate_size}"
         return f"ffn.{self.kind.value}"
+
+    @property
+    def removed(self) -> bool:
+        return self.kind is FfnKind.noop
+
+    @property
+    def linear(self) -> bool:
+        return self.kind is FfnKind.linear
 
 
 SubblockSpec = AttentionSpec | FfnSpec
@@ -96,7 +112,7 @@ def is_parent(spec: SubblockSpec, shape: ParentShape) -> bool:
 
 def needs_training(spec: SubblockSpec, shape: ParentShape) -> bool:
     """The parent's own subblock and a removed one have nothing to learn."""
-    return not is_parent(spec, shape) and spec.kind.value != "noop"
+    return not is_parent(spec, shape) and not spec.removed
 
 
 def spec_from_id(text: str) -> SubblockSpec:

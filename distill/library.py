@@ -22,7 +22,7 @@ from torch import nn
 from blocks.errors import PuzzleError
 from blocks.init import init_attention, init_ffn
 from blocks.io import atomic_path, atomic_write_json, sha256_file
-from blocks.specs import AttentionSpec, FfnSpec, SubblockSpec, spec_from_id
+from blocks.specs import AttentionSpec, FfnKind, FfnSpec, SubblockSpec, spec_from_id
 from distill.bld import Candidate, CandidateResult
 
 
@@ -73,12 +73,12 @@ def read_entry(directory: Path, candidate: Candidate, fingerprint: str) -> dict 
 
 def init_name(spec: SubblockSpec, parent_spec: SubblockSpec) -> str:
     if isinstance(spec, AttentionSpec):
-        if spec.kind.value == "linear":
+        if spec.linear:
             return "W_O·W_V"
         if spec.num_key_value_heads != parent_spec.num_key_value_heads:
             return "mean-pooled KV heads"
         return "parent weights, window mask"
-    if spec.kind.value == "linear":
+    if spec.linear:
         return "W_down·W_up"
     return "channel contribution"
 
@@ -149,7 +149,7 @@ class Library:
         parent = self.adapter.parent_layer(layer)
         attention = isinstance(spec, AttentionSpec)
         parent_spec = parent.shape.attention if attention else parent.shape.ffn
-        if spec == parent_spec or spec.kind.value == "noop":
+        if spec == parent_spec or spec.removed:
             return init_attention(spec, parent) if attention else init_ffn(spec, parent)
         candidate = Candidate(layer, attention=spec) if attention else Candidate(layer, ffn=spec)
         state = self._trained(candidate)
@@ -163,6 +163,6 @@ class Library:
 def _empty_ffn(spec: FfnSpec, parent) -> nn.Module:
     import torch
 
-    if spec.kind.value == "dense" and spec.intermediate_size < parent.shape.intermediate_size:
+    if spec.kind is FfnKind.dense and spec.intermediate_size < parent.shape.intermediate_size:
         return init_ffn(spec, parent, torch.zeros(parent.shape.intermediate_size))
     return init_ffn(spec, parent)

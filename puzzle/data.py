@@ -121,3 +121,13 @@ def load_blocks(section: DataSection, tokenizer) -> TokenBlocks:
     h.update(stream.numpy().tobytes())
     h.update(f"{section.sequence_length}/{section.validation_fraction}/{section.split_seed}".encode())
     return TokenBlocks(train=train, validation=validation, fingerprint=h.hexdigest()[:16])
+
+
+def job_blocks(section: DataSection, parent_tokenizer) -> TokenBlocks:
+    """The job's token blocks, with `data.tokenizer` when set and the parent's tokenizer otherwise."""
+    tokenizer = parent_tokenizer
+    if section.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(section.tokenizer)
+    return load_blocks(section, tokenizer)

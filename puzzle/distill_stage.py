@@ -13,11 +13,11 @@ from torch import nn
 from blocks.errors import PuzzleError
 from blocks.io import atomic_path
 from blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates
-from blocks.specs import AttentionSpec, FfnSpec, ParentShape, needs_training, spec_from_id
+from blocks.specs import AttentionSpec, FfnKind, FfnSpec, ParentShape, needs_training, spec_from_id
 from distill.bld import BldSettings, Candidate, build_module, ffn_channel_scores, train_candidates
 from distill.library import LayerSpace, init_name, read_entry, write_entry, write_space
 from puzzle.config import PuzzleConfig
-from puzzle.data import load_blocks
+from puzzle.data import job_blocks
 from puzzle.distributed import Workers, workers
 from puzzle.parents import load_parent
 from puzzle.progress import progress_bar
@@ -187,14 +187,14 @@ def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate]) -> Bl
     bld = config.bld
     adapter = parent.adapter
     device = next(parent.model.parameters()).device
-    data = load_blocks(config.data, parent.tokenizer)
+    data = job_blocks(config.data, parent.tokenizer)
     steps = math.ceil(bld.tokens_per_candidate / (bld.batch_size * bld.sequence_length))
     settings = BldSettings(
         learning_rate=bld.learning_rate, schedule=bld.schedule, warmup_fraction=bld.warmup_fraction, steps=steps,
         batch_size=bld.batch_size, seed=config.run.seed, checkpoint_every=bld.checkpoint_every,
     )
     scores = None
-    if any(c.ffn is not None and c.ffn.kind.value == "dense" for c in candidates):
+    if any(c.ffn is not None and c.ffn.kind is FfnKind.dense for c in candidates):
         calibration = data.calibration(config.data.calibration_blocks).to(device)
         scores = ffn_channel_scores(adapter, calibration, config.eval.batch_size)
     modules = nn.ModuleDict(

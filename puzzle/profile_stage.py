@@ -152,7 +152,7 @@ def _times(config, parent, layer: int, spec: SubblockSpec, scenario: Scenario, d
     if section.device != "local":
         prefill, decode = analytic_times(spec, shape, scenario, gpu(section.device))
         return Timing(prefill, prefill, 0.0), Timing(decode, decode, 0.0)
-    if spec.kind.value == "noop":
+    if spec.removed:
         return Timing(0.0, 0.0, 0.0), Timing(0.0, 0.0, 0.0)  # removed: no module, no residual add
     device = parent.model.device
     impl = config.parent.attn_implementation

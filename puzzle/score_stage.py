@@ -20,7 +20,7 @@ from blocks.specs import spec_from_id
 from distill.library import Library
 from distill.scoring import METRICS, ParentReference
 from puzzle.config import PuzzleConfig
-from puzzle.data import load_blocks
+from puzzle.data import job_blocks
 from puzzle.parents import load_parent
 from puzzle.progress import progress_bar
 from puzzle.rundir import RunDir, Stage, fingerprint
@@ -53,7 +53,7 @@ def score_stage(config: PuzzleConfig) -> ScoreSummary:
     with run.stage(Stage.scores, key) as record:
         parent = load_parent(config.parent)
         library = Library(lib_dir, parent.adapter)
-        blocks = load_blocks(config.data, parent.tokenizer).validation[: config.scoring.validation_blocks]
+        blocks = job_blocks(config.data, parent.tokenizer).validation[: config.scoring.validation_blocks]
         todo = [i for i in range(len(library.layers)) if not _layer_done(score_dir, i, key)]
         total = sum(len(layer_blocks(library, i)) for i in todo)
         if todo:

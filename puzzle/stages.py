@@ -5,26 +5,25 @@ Input checks (`preflight`) run before anything is written, so bad input leaves n
 
 from __future__ import annotations
 
-import math
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from puzzle.config import PuzzleConfig
-from puzzle.data import check_files, load_blocks
-from puzzle.errors import PuzzleError
 from blocks.io import atomic_write_json
+from puzzle.config import PuzzleConfig
+from puzzle.data import check_files, job_blocks
+from puzzle.distill_stage import layer_spaces
+from puzzle.errors import PuzzleError
+from puzzle.families import parent_shapes
 from puzzle.parents import load_parent, parent_config
 from puzzle.rundir import RunDir, Stage, fingerprint
 
 
 def preflight(config: PuzzleConfig) -> list[str]:
     """Every problem with the job's inputs that can be seen without loading weights."""
-    from puzzle.distill_stage import layer_spaces
-    from puzzle.families import parent_shapes
-
     problems = []
     try:
         shapes = parent_shapes(parent_config(config.parent))
@@ -100,12 +99,7 @@ def parent_stage(config: PuzzleConfig) -> ParentSummary:
         return ParentSummary.from_json(json.loads(summary_file.read_text()))
     with run.stage(Stage.parent, key) as record:
         parent = load_parent(config.parent)
-        tokenizer = parent.tokenizer
-        if config.data.tokenizer is not None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
-        blocks = load_blocks(config.data, tokenizer)
+        blocks = job_blocks(config.data, parent.tokenizer)
         loss, tokens = validation_loss(
             parent.adapter, blocks.validation[: config.eval.validation_blocks], config.eval.batch_size
         )
