@@ -107,8 +107,30 @@ class Stack:
         position = torch.tensor([[self.ctx]], device=self.device)
         return _restoring(self.cache, lambda: self.run(self.step, position, self.cache))
 
-    def timings(self, warmup: int, repeats: int) -> tuple[Timing, Timing]:
-        return measure(self.prefill, self.device, warmup, repeats), measure(self.decode, self.device, warmup, repeats)
+
+def measure_pair(a: Callable[[], object], b: Callable[[], object], device, warmup: int, repeats: int):
+    """Time `a` and `b` alternately, so that slow phases of a shared machine hit both alike."""
+    ta, tb = [], []
+    with torch.no_grad():
+        for _ in range(warmup):
+            a(), b()
+        for _ in range(repeats):
+            for fn, times in ((a, ta), (b, tb)):
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                times.append(time.perf_counter() - start)
+    return ta, tb
+
+
+def _difference(ta: list[float], tb: list[float], n: int) -> Timing:
+    """Per-layer cost from paired stack timings: fastest minus fastest, and the median paired difference."""
+    diffs = [x - y for x, y in zip(ta, tb)]
+    median = statistics.median(diffs)
+    q = statistics.quantiles(diffs, n=4) if len(diffs) >= 2 else [median] * 3
+    spread = (q[2] - q[0]) / abs(median) if median else 0.0
+    return Timing(max(0.0, (min(ta) - min(tb)) / n), max(0.0, median / n), spread)
 
 
 def differential_times(
@@ -127,13 +149,11 @@ def differential_times(
         pairs = list(zip(subblocks, partner)) if is_attention else list(zip(partner, subblocks))
         return Stack(pairs, rotary, scenario, hidden_size, device, dtype)
 
-    with_candidate = stack(candidate).timings(warmup, repeats)
-    without = stack(baseline).timings(warmup, repeats)
+    with_candidate, without = stack(candidate), stack(baseline)
     n = len(candidate)
-    return tuple(
-        Timing(max(0.0, (a.best - b.best) / n), max(0.0, (a.median - b.median) / n), a.spread)
-        for a, b in zip(with_candidate, without)
-    )
+    prefill = _difference(*measure_pair(with_candidate.prefill, without.prefill, device, warmup, repeats), n)
+    decode = _difference(*measure_pair(with_candidate.decode, without.decode, device, warmup, repeats), n)
+    return prefill, decode
 
 
 def _restoring(cache: KVCache | None, fn):
