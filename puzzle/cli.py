@@ -289,6 +289,57 @@ def _print_profile(summary) -> None:
     out.print(f"profile: {summary.table} ({summary.seconds:.1f} s)")
 
 
+@app.command()
+def search(
+    config: ConfigArg,
+    set_: SetOption = None,
+    budget: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="A budget, repeatable: latency=0.5x, throughput=2x or 1200tok/s, memory=40GiB, params=2.5M, kv=1MiB. "
+            "'x' is a ratio of the parent; adds to search.budgets.",
+            show_default=False,
+        ),
+    ] = None,
+    solutions: Annotated[Optional[int], typer.Option(help="Number of diverse solutions (search.solutions).")] = None,
+    min_diff: Annotated[
+        Optional[int], typer.Option(help="Layers in which each solution differs from every earlier one (search.min_diff).")
+    ] = None,
+) -> None:
+    """Choose one block per layer: the best total score within the budgets (MIP, PuLP/CBC).
+
+    Reads RUN_DIR/scores and RUN_DIR/profile; writes RUN_DIR/search/solutions.json. The paper's greedy
+    search runs on the same inputs and is printed beside the MIP's result.
+    """
+    from puzzle.search_stage import search_stage
+
+    job = load_job(config, set_)
+    outcome = search_stage(job, budget or [], solutions, min_diff)
+    for note in outcome.notes:
+        out.print(note)
+    problem = outcome.problem
+    for n, sol in enumerate(outcome.solutions):
+        table = Table(title=f"solution {n}: objective {sol.objective:.4f} ({job.search.metric}, sum over layers)")
+        table.add_column("layer", justify="right")
+        table.add_column("block")
+        table.add_column("score", justify="right")
+        for i, c in enumerate(sol.choice):
+            block = problem.layers[i][c]
+            table.add_row(str(i), block.name, f"{block.score:.4f}")
+        out.print(table)
+        for k, u in sol.usage.items():
+            parent = problem.parent_totals[k]
+            out.print(f"  {k}: {u.used:.6g} of {u.limit:.6g} ({u.used / parent:.2f}x the parent)")
+    g = outcome.greedy
+    if g is None:
+        out.print("greedy search: found no architecture within the budgets")
+    else:
+        best = outcome.solutions[0].objective
+        out.print(f"greedy search: objective {g.objective:.4f} vs MIP {best:.4f} "
+                  f"({'MIP better' if best < g.objective - 1e-12 else 'equal'})")
+    out.print(f"solutions: {outcome.file} (MIP solve {outcome.solve_seconds:.2f} s, search {outcome.seconds:.1f} s)")
+
+
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

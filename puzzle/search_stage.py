@@ -1,0 +1,175 @@
+"""`puzzle search`: the best architecture under the user's budgets, from the scores and the profile."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from blocks.costs import Scenario
+from blocks.errors import PuzzleError
+from blocks.io import atomic_write_json
+from puzzle.config import PuzzleConfig
+from puzzle.profile_stage import scenario_of
+from puzzle.rundir import RunDir, Stage, fingerprint
+from search.budgets import Budget, BudgetKind, parse_budget
+from search.mip import Block, Solution, greedy, solve
+
+# Budgets become upper bounds on these summed quantities; throughput is bounded through latency.
+QUANTITY = {
+    BudgetKind.memory: "memory",
+    BudgetKind.latency: "latency",
+    BudgetKind.throughput: "latency",
+    BudgetKind.params: "params",
+    BudgetKind.kv: "kv",
+}
+
+
+@dataclass(frozen=True)
+class SearchProblem:
+    layers: list[list[Block]]
+    fixed: dict[str, float]
+    parent_choice: list[int]
+    parent_totals: dict[str, float]
+    scenario: Scenario
+
+
+def _read(path: Path, command: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise PuzzleError(f"{path} does not exist; run `puzzle {command}` first")
+    return pd.read_csv(path)
+
+
+def build_problem(config: PuzzleConfig) -> SearchProblem:
+    run = RunDir(config.run.dir)
+    scores = _read(run.stage_dir(Stage.scores) / "scores.csv", "score")
+    profile = _read(run.stage_dir(Stage.profile) / "profile.csv", "profile")
+    scenario = scenario_of(config.profile)
+    metric = config.search.metric
+    cost = {(int(r.layer), r.candidate): r for r in profile.itertuples()}
+    fixed_row = profile[profile.layer == -1].iloc[0]
+
+    def latency(row) -> float:
+        return row.prefill_seconds + scenario.decode_length * row.decode_seconds
+
+    layers, parent_choice = [], []
+    for layer, group in scores.groupby("layer"):
+        options = []
+        for r in group.itertuples():
+            a, f = cost.get((layer, r.attention)), cost.get((layer, r.ffn))
+            if a is None or f is None:
+                raise PuzzleError(
+                    f"the profile has no row for layer {layer} {r.attention if a is None else r.ffn}; "
+                    "run `puzzle profile` again after `puzzle distill`"
+                )
+            score = 1.0 - getattr(r, metric) if metric.startswith("top") else getattr(r, metric)
+            options.append(
+                Block(
+                    name=f"{r.attention}+{r.ffn}" + (" (coupled)" if r.coupled else ""),
+                    score=float(score),
+                    costs={
+                        "params": float(a.params + f.params),
+                        "memory": float(a.weight_bytes + f.weight_bytes + a.kv_bytes),
+                        "kv": float(a.kv_bytes),
+                        "latency": latency(a) + latency(f),
+                    },
+                )
+            )
+        layers.append(options)
+        # The parent's block is the first decoupled composition (the library lists the parent's specs first).
+        parent_choice.append(0)
+    fixed = {
+        "params": float(fixed_row.params),
+        "memory": float(fixed_row.weight_bytes),
+        "kv": 0.0,
+        "latency": latency(fixed_row),
+    }
+    totals = {k: fixed[k] + sum(layers[i][0].costs[k] for i in range(len(layers))) for k in fixed}
+    return SearchProblem(layers, fixed, parent_choice, totals, scenario)
+
+
+def budget_limits(budgets: list[Budget], problem: SearchProblem) -> tuple[dict[str, float], dict[str, str]]:
+    """Limits on the summed quantities, and the user's text for each (for messages)."""
+    limits, labels = {}, {}
+    tokens_per_batch = problem.scenario.batch_size * problem.scenario.decode_length
+    for b in budgets:
+        quantity = QUANTITY[b.kind]
+        parent = problem.parent_totals[quantity]
+        if b.kind is BudgetKind.throughput:
+            # throughput ≥ T  ⇔  latency ≤ tokens per batch / T; "2x" means twice the parent's throughput.
+            limit = parent / b.value if b.relative else tokens_per_batch / b.value
+        else:
+            limit = b.limit(parent)
+        if quantity in limits:
+            limit = min(limit, limits[quantity])
+        limits[quantity] = limit
+        labels[quantity] = b.text
+    return limits, labels
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    solutions: list[Solution]
+    greedy: Solution | None
+    problem: SearchProblem
+    limits: dict[str, float]
+    notes: list[str]
+    file: Path
+    solve_seconds: float
+    seconds: float
+
+
+def search_stage(config: PuzzleConfig, budget_texts: list[str], solutions: int | None = None,
+                 min_diff: int | None = None) -> SearchOutcome:
+    started = time.time()
+    texts = [f"{k}={v}" for k, v in config.search.budgets.items()] + list(budget_texts)
+    if not texts:
+        raise PuzzleError("no budget given: pass --budget KIND=VALUE (e.g. latency=0.5x) or set search.budgets")
+    budgets = [parse_budget(t) for t in texts]
+    problem = build_problem(config)
+    limits, labels = budget_limits(budgets, problem)
+    notes = [
+        f"budget {labels[k]}: the parent already meets it ({problem.parent_totals[k]:.6g} ≤ {limit:.6g})"
+        for k, limit in limits.items()
+        if problem.parent_totals[k] <= limit
+    ]
+    solve_started = time.time()
+    fixed = {k: problem.fixed[k] for k in limits}
+    found = solve(
+        layers=problem.layers, limits=limits, fixed=fixed, solutions=solutions or config.search.solutions,
+        min_diff=min_diff or config.search.min_diff, solver=config.search.solver, labels=labels,
+    )
+    solve_seconds = time.time() - solve_started
+    baseline = greedy(layers=problem.layers, limits=limits, fixed=fixed)
+    run = RunDir(config.run.dir)
+    key = fingerprint(config, ("search", "scoring", "profile")) + "-" + ",".join(texts)
+    with run.stage(Stage.search, key) as record:
+        file = run.stage_dir(Stage.search) / "solutions.json"
+        atomic_write_json(file, _solutions_json(problem, found, baseline, limits, labels, solve_seconds))
+        record.outputs = {"solutions": file.name, "count": len(found), "budgets": texts}
+    return SearchOutcome(found, baseline, problem, limits, notes, file, solve_seconds, time.time() - started)
+
+
+def _describe(problem: SearchProblem, solution: Solution, limits, labels) -> dict:
+    return {
+        "status": solution.status.value,
+        "objective": solution.objective,
+        "layers": [
+            {"layer": i, "block": problem.layers[i][c].name, "score": problem.layers[i][c].score}
+            for i, c in enumerate(solution.choice)
+        ],
+        "usage": {
+            labels.get(k, k): {"used": u.used, "limit": u.limit, "parent": problem.parent_totals[k]}
+            for k, u in solution.usage.items()
+        },
+    }
+
+
+def _solutions_json(problem, found, baseline, limits, labels, solve_seconds) -> dict:
+    return {
+        "solve_seconds": solve_seconds,
+        "solutions": [_describe(problem, s, limits, labels) for s in found],
+        "greedy": _describe(problem, baseline, limits, labels) if baseline else None,
+    }

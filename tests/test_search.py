@@ -1,0 +1,85 @@
+"""`puzzle search` on the tiny parent's library, scores and profile."""
+
+import json
+import sys
+
+import pytest
+
+from puzzle.cli import main
+from puzzle.config import load_config
+from puzzle.distill_stage import distill_stage
+from puzzle.profile_stage import profile_stage
+from puzzle.score_stage import score_stage
+from puzzle.search_stage import search_stage
+from search.mip import InfeasibleBudget
+from tests.test_bld import write_job
+
+FAST = ["bld.tokens_per_candidate=64", "scoring.validation_blocks=1", "profile.weight_dtype=float32",
+        "profile.prefill_length=16", "profile.decode_length=4", "profile.warmup=1", "profile.repeats=3"]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_parent_dir):
+    tmp = tmp_path_factory.mktemp("search")
+    path = write_job(tmp, tiny_parent_dir)
+    config = load_config(path, FAST)
+    distill_stage(config)
+    score_stage(config)
+    profile_stage(config)
+    return path, config
+
+
+def test_search_meets_the_budget_and_writes_solutions(job):
+    _, config = job
+    outcome = search_stage(config, ["params=0.6x"], solutions=2, min_diff=1)
+    assert len(outcome.solutions) == 2
+    for sol in outcome.solutions:
+        assert sol.usage["params"].used <= sol.usage["params"].limit
+    data = json.loads((config.run.dir / "search/solutions.json").read_text())
+    assert len(data["solutions"]) == 2 and len(data["solutions"][0]["layers"]) == 2
+    assert data["solutions"][0]["usage"]["params=0.6x"]["limit"] == pytest.approx(
+        0.6 * outcome.problem.parent_totals["params"])
+    if outcome.greedy is not None:
+        assert outcome.solutions[0].objective <= outcome.greedy.objective + 1e-12
+
+
+def test_parent_budget_returns_the_parent_and_says_so(job):
+    _, config = job
+    outcome = search_stage(config, ["params=1x"])
+    assert outcome.solutions[0].choice == outcome.problem.parent_choice
+    assert outcome.solutions[0].objective == pytest.approx(0.0, abs=1e-6)
+    assert any("the parent already meets it" in n for n in outcome.notes)
+
+
+def test_infeasible_budget_names_the_smallest_reachable_value(job):
+    _, config = job
+    with pytest.raises(InfeasibleBudget, match=r"budget params=10 cannot be met: the smallest params any child"):
+        search_stage(config, ["params=10"])
+
+
+def cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["puzzle", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [("latency=fast", "is not a number"), ("latency=3furlongs", "unknown unit 'furlongs'"),
+     ("speed=2x", "unknown budget 'speed'"), ("params=1", "cannot be met")],
+)
+def test_search_bad_budgets_exit_2(job, monkeypatch, capsys, budget, message):
+    path, _ = job
+    code, out = cli(monkeypatch, capsys, "search", path, *[a for f in FAST for a in ("--set", f)], "--budget", budget)
+    assert code == 2 and message in out.err and "Traceback" not in out.err
+
+
+def test_search_prints_the_solution_and_greedy(job, monkeypatch, capsys):
+    path, _ = job
+    code, out = cli(monkeypatch, capsys, "search", path, *[a for f in FAST for a in ("--set", f)], "--budget", "latency=0.7x")
+    assert code == 0, out.err
+    assert "solution 0" in out.out and "greedy search" in out.out and "MIP solve" in out.out
