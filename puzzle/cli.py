@@ -305,15 +305,31 @@ def search(
     min_diff: Annotated[
         Optional[int], typer.Option(help="Layers in which each solution differs from every earlier one (search.min_diff).")
     ] = None,
+    sweep: Annotated[
+        Optional[str],
+        typer.Option(help="Frontier instead of one search: KIND=LOW:HIGH:STEPS, e.g. latency=0.3x:1.0x:8 (other budgets "
+                     "held). Writes search/frontier.csv and frontier.png."),
+    ] = None,
 ) -> None:
     """Choose one block per layer: the best total score within the budgets (MIP, PuLP/CBC).
 
     Reads RUN_DIR/scores and RUN_DIR/profile; writes RUN_DIR/search/solutions.json. The paper's greedy
     search runs on the same inputs and is printed beside the MIP's result.
     """
-    from puzzle.search_stage import search_stage
+    from puzzle.search_stage import frontier, search_stage
 
     job = load_job(config, set_)
+    if sweep is not None:
+        points, table_file, plot_file = frontier(job, sweep, budget or [])
+        table = Table(title=f"frontier {sweep} ({job.search.metric}, lower is better)")
+        for column in ("budget", "limit", "MIP objective", "used", "greedy objective"):
+            table.add_column(column, justify="right")
+        for p in points:
+            fmt = lambda v: "infeasible" if v is None else f"{v:.6g}"  # noqa: E731
+            table.add_row(p.budget, f"{p.limit:.6g}", fmt(p.objective), fmt(p.used), fmt(p.greedy_objective))
+        out.print(table)
+        out.print(f"frontier: {table_file}, plot: {plot_file}")
+        return
     outcome = search_stage(job, budget or [], solutions, min_diff)
     for note in outcome.notes:
         out.print(note)

@@ -10,12 +10,12 @@ import pandas as pd
 
 from blocks.costs import Scenario
 from blocks.errors import PuzzleError
-from blocks.io import atomic_write_json
+from blocks.io import atomic_path, atomic_write_json
 from puzzle.config import PuzzleConfig
 from puzzle.profile_stage import scenario_of
 from puzzle.rundir import RunDir, Stage, fingerprint
 from search.budgets import Budget, BudgetKind, parse_budget
-from search.mip import Block, Solution, greedy, solve
+from search.mip import Block, InfeasibleBudget, Solution, greedy, solve
 
 # Budgets become upper bounds on these summed quantities; throughput is bounded through latency.
 QUANTITY = {
@@ -173,3 +173,84 @@ def _solutions_json(problem, found, baseline, limits, labels, solve_seconds) -> 
         "solutions": [_describe(problem, s, limits, labels) for s in found],
         "greedy": _describe(problem, baseline, limits, labels) if baseline else None,
     }
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    budget: str
+    limit: float
+    objective: float | None  # None: infeasible at this budget
+    used: float | None
+    greedy_objective: float | None
+
+
+def parse_sweep(text: str) -> list[str]:
+    """'latency=0.3x:1.0x:8' -> eight budget strings from 0.3x to 1.0x."""
+    kind, sep, spec = text.partition("=")
+    parts = spec.split(":")
+    if not sep or len(parts) != 3:
+        raise PuzzleError(f"--sweep {text!r}: expected KIND=LOW:HIGH:STEPS, for example latency=0.3x:1.0x:8")
+    low, high = parse_budget(f"{kind}={parts[0]}"), parse_budget(f"{kind}={parts[1]}")
+    if low.relative != high.relative:
+        raise PuzzleError(f"--sweep {text!r}: give both ends as ratios (x) or both with units")
+    try:
+        steps = int(parts[2])
+    except ValueError:
+        steps = 0
+    if steps < 2:
+        raise PuzzleError(f"--sweep {text!r}: STEPS must be an integer of at least 2")
+    values = [low.value + (high.value - low.value) * i / (steps - 1) for i in range(steps)]
+    unit = "x" if low.relative else ""
+    return [f"{kind}={v:.6g}{unit}" for v in values]
+
+
+def frontier(config: PuzzleConfig, sweep_text: str, budget_texts: list[str]) -> tuple[list[FrontierPoint], Path, Path]:
+    """Best predicted quality at each budget of the sweep (other budgets held), as a table and a plot."""
+    problem = build_problem(config)
+    others = [parse_budget(t) for t in [f"{k}={v}" for k, v in config.search.budgets.items()] + list(budget_texts)]
+    points = []
+    for text in parse_sweep(sweep_text):
+        swept = parse_budget(text)
+        limits, labels = budget_limits([*others, swept], problem)
+        fixed = {k: problem.fixed[k] for k in limits}
+        quantity = QUANTITY[swept.kind]
+        try:
+            [best] = solve(layers=problem.layers, limits=limits, fixed=fixed, solver=config.search.solver, labels=labels)
+            objective, used = best.objective, best.usage[quantity].used
+        except InfeasibleBudget:
+            objective = used = None
+        g = greedy(layers=problem.layers, limits=limits, fixed=fixed)
+        points.append(FrontierPoint(text, limits[quantity], objective, used, g.objective if g else None))
+    run = RunDir(config.run.dir)
+    directory = run.stage_dir(Stage.search)
+    table, plot = directory / "frontier.csv", directory / "frontier.png"
+    with atomic_path(table) as tmp:
+        pd.DataFrame([p.__dict__ for p in points]).to_csv(tmp, index=False)
+    _plot(points, problem.parent_totals[QUANTITY[parse_budget(parse_sweep(sweep_text)[0]).kind]], sweep_text,
+          config.search.metric, plot)
+    return points, table, plot
+
+
+def _plot(points: list[FrontierPoint], parent_cost: float, title: str, metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    mip = [(p.used / parent_cost, p.objective) for p in points if p.objective is not None]
+    grd = [(p.limit / parent_cost, p.greedy_objective) for p in points if p.greedy_objective is not None]
+    if mip:
+        ax.plot(*zip(*mip), "o-", label="MIP (puzzle)")
+    if grd:
+        ax.plot(*zip(*grd), "s--", alpha=0.7, label="greedy (budget limit)")
+    ax.plot([1.0], [0.0], "k*", markersize=12, label="parent")
+    ax.set_xlabel("cost (ratio of the parent)")
+    ax.set_ylabel(f"predicted damage (sum of block {metric})")
+    ax.set_title(f"frontier: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

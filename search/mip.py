@@ -133,7 +133,7 @@ def solve(
 
 def _solver(name: str):
     if name == "highs":
-        solver = pulp.HiGHS(msg=False)
+        solver = pulp.HiGHS(msg=False, gapRel=1e-12, gapAbs=1e-12)
         if not solver.available():
             raise PuzzleError("search.solver: highs is not installed (pip install highspy); use cbc")
         return solver
@@ -141,7 +141,7 @@ def _solver(name: str):
         # PuLP 3.x deprecates the bundled CBC in favour of a separate install; it is still the one
         # solver every install has, so it stays the default until PuLP 4 removes it.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return pulp.PULP_CBC_CMD(msg=False)
+        return pulp.PULP_CBC_CMD(msg=False, gapRel=1e-12, gapAbs=1e-12)
 
 
 def _solve_once(layers, limits, fixed, earlier: list[Solution], min_diff: int, solver: str) -> list[int] | None:
@@ -149,11 +149,18 @@ def _solve_once(layers, limits, fixed, earlier: list[Solution], min_diff: int, s
     x = {
         (i, b): problem.add_variable(f"x_{i}_{b}", cat="Binary") for i, options in enumerate(layers) for b in range(len(options))
     }
-    problem += pulp.lpSum(layers[i][b].score * v for (i, b), v in x.items())
+    # CBC treats objective differences below ~1e-6 as ties; scores of near-parent blocks differ by less
+    # (KL ~1e-7). Rescaling so the worst block scores 1000 keeps the argmin and makes them count.
+    worst = max(abs(block.score) for options in layers for block in options)
+    scale = 1e3 / worst if worst > 0 else 1.0
+    problem += pulp.lpSum(scale * layers[i][b].score * v for (i, b), v in x.items())
     for i, options in enumerate(layers):
         problem += pulp.lpSum(x[i, b] for b in range(len(options))) == 1
     for k, limit in limits.items():
-        problem += pulp.lpSum(layers[i][b].costs[k] * v for (i, b), v in x.items()) <= limit - fixed.get(k, 0.0)
+        # A hair of slack: a child that meets a budget exactly (the parent at 1x) must not be lost to the
+        # rounding of the coefficients in the solver's input file.
+        room = limit * (1 + 1e-9) - fixed.get(k, 0.0)
+        problem += pulp.lpSum(layers[i][b].costs[k] * v for (i, b), v in x.items()) <= room
     for sol in earlier:
         problem += pulp.lpSum(x[i, c] for i, c in enumerate(sol.choice)) <= len(layers) - min_diff
     status = problem.solve(_solver(solver))

@@ -83,3 +83,25 @@ def test_search_prints_the_solution_and_greedy(job, monkeypatch, capsys):
     code, out = cli(monkeypatch, capsys, "search", path, *[a for f in FAST for a in ("--set", f)], "--budget", "latency=0.7x")
     assert code == 0, out.err
     assert "solution 0" in out.out and "greedy search" in out.out and "MIP solve" in out.out
+
+
+def test_frontier_sweep_writes_a_table_and_a_plot(job, monkeypatch, capsys):
+    path, config = job
+    code, out = cli(monkeypatch, capsys, "search", path, *[a for f in FAST for a in ("--set", f)],
+                    "--sweep", "params=0.4x:1.0x:4")
+    assert code == 0, out.err
+    import pandas as pd
+
+    table = pd.read_csv(config.run.dir / "search/frontier.csv")
+    assert list(table.budget) == ["params=0.4x", "params=0.6x", "params=0.8x", "params=1x"]
+    feasible = table.dropna(subset=["objective"])
+    assert (feasible.used <= feasible.limit * (1 + 1e-6)).all()
+    assert feasible.objective.is_monotonic_decreasing  # more budget never predicts worse quality
+    assert (config.run.dir / "search/frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("sweep", ["latency=0.3x:1.0x", "latency=0.3x:1ms:4", "latency=0.3x:1.0x:one"])
+def test_malformed_sweep(job, monkeypatch, capsys, sweep):
+    path, _ = job
+    code, out = cli(monkeypatch, capsys, "search", path, *[a for f in FAST for a in ("--set", f)], "--sweep", sweep)
+    assert code == 2 and "--sweep" in out.err
