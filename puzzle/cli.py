@@ -113,12 +113,13 @@ def validate_command(config: ConfigArg, set_: SetOption = None) -> None:
 def run(config: ConfigArg, set_: SetOption = None) -> None:
     """Run the job's pipeline, reusing every stage already done in run.dir.
 
-    Stages so far: parent (load, validation perplexity), library (BLD), scores, profile. Each is
-    also its own command; a killed run resumes where it stopped.
+    Stages so far: parent (load, validation perplexity), library (BLD), scores, profile, and search
+    when search.budgets is set. Each is also its own command; a killed run resumes where it stopped.
     """
     from puzzle.distill_stage import distill_stage
     from puzzle.profile_stage import check_profile_section, profile_stage
     from puzzle.score_stage import score_stage
+    from puzzle.search_stage import search_stage
     from puzzle.stages import check_inputs, parent_stage
 
     job = load_job(config, set_)
@@ -130,6 +131,8 @@ def run(config: ConfigArg, set_: SetOption = None) -> None:
     summary = score_stage(job)
     out.print(f"scores: {summary.table} ({len(summary.frame)} blocks, {summary.seconds:.0f} s)")
     _print_profile(profile_stage(job))
+    if job.search.budgets:
+        _print_search(job, search_stage(job, []))
     out.print(f"run directory: {job.run.dir}")
 
 
@@ -330,7 +333,10 @@ def search(
         out.print(table)
         out.print(f"frontier: {table_file}, plot: {plot_file}")
         return
-    outcome = search_stage(job, budget or [], solutions, min_diff)
+    _print_search(job, search_stage(job, budget or [], solutions, min_diff))
+
+
+def _print_search(job, outcome) -> None:
     for note in outcome.notes:
         out.print(note)
     problem = outcome.problem
@@ -354,6 +360,7 @@ def search(
         out.print(f"greedy search: objective {g.objective:.4f} vs MIP {best:.4f} "
                   f"({'MIP better' if best < g.objective - 1e-12 else 'equal'})")
     out.print(f"solutions: {outcome.file} (MIP solve {outcome.solve_seconds:.2f} s, search {outcome.seconds:.1f} s)")
+
 
 
 def main() -> None:
