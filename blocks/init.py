@@ -92,7 +92,7 @@ def _linear_attention(parent: ParentLayer) -> LinearAttention:
     bias = src.v_proj.bias is not None or src.o_proj.bias is not None
     module = LinearAttention(shape.hidden_size, parent.rms_norm_eps, bias=bias)
     _copy(module.input_layernorm, parent.input_norm)
-    module.linear.weight.data.copy_(w_o @ w_v)
+    module.linear_attn.weight.data.copy_(w_o @ w_v)
     if bias:
         b = torch.zeros(shape.hidden_size, dtype=w_o.dtype)
         if src.v_proj.bias is not None:
@@ -100,7 +100,7 @@ def _linear_attention(parent: ParentLayer) -> LinearAttention:
             b = b + w_o @ b_v
         if src.o_proj.bias is not None:
             b = b + src.o_proj.bias.data
-        module.linear.bias.data.copy_(b)
+        module.linear_attn.bias.data.copy_(b)
     return module
 
 
@@ -116,7 +116,7 @@ def init_ffn(spec: FfnSpec, parent: ParentLayer, channel_scores: torch.Tensor | 
     if spec.kind is FfnKind.linear:
         module = LinearMLP(shape.hidden_size, parent.rms_norm_eps)
         _copy(module.post_attention_layernorm, parent.post_attention_norm)
-        module.linear.weight.data.copy_(src.down_proj.weight.data @ src.up_proj.weight.data)
+        module.linear_mlp.weight.data.copy_(src.down_proj.weight.data @ src.up_proj.weight.data)
         return module
     size = spec.intermediate_size
     if size > shape.intermediate_size:

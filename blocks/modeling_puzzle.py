@@ -12,6 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -66,6 +70,7 @@ class Attention(nn.Module):
         output_bias: bool = False,
         qk_norm: bool = False,
         attn_implementation: str = "sdpa",
+        norm: bool = True,
     ):
         super().__init__()
         if num_attention_heads % num_key_value_heads:
@@ -76,7 +81,8 @@ class Attention(nn.Module):
         self.window = window
         self.attn_implementation = attn_implementation
         self.layer_idx: int | None = None  # set by the model that owns it, for the KV cache
-        self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps)
+        # Library entries carry their pre-norm; in the child model the decoder layer owns it (parent's names).
+        self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps) if norm else None
         self.q_proj = nn.Linear(hidden_size, num_attention_heads * head_dim, bias=attention_bias)
         self.k_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=attention_bias)
         self.v_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=attention_bias)
@@ -86,7 +92,7 @@ class Attention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, position_embeddings, cache=None, padding_mask=None) -> torch.Tensor:
         b, s, _ = hidden.shape
-        x = self.input_layernorm(hidden)
+        x = self.input_layernorm(hidden) if self.input_layernorm is not None else hidden
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
         k = self.k_proj(x).view(b, s, -1, self.head_dim)
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
@@ -118,42 +124,45 @@ class Attention(nn.Module):
 class LinearAttention(nn.Module):
     """Attention replaced by one Linear: every token attends only to itself, W = W_O · W_V."""
 
-    def __init__(self, hidden_size: int, rms_norm_eps: float, bias: bool = False):
+    def __init__(self, hidden_size: int, rms_norm_eps: float, bias: bool = False, norm: bool = True):
         super().__init__()
-        self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps)
-        self.linear = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps) if norm else None
+        self.linear_attn = nn.Linear(hidden_size, hidden_size, bias=bias)  # DeciLM's name
 
     def forward(self, hidden: torch.Tensor, position_embeddings=None, cache=None, padding_mask=None) -> torch.Tensor:
-        return self.linear(self.input_layernorm(hidden))
+        return self.linear_attn(self.input_layernorm(hidden) if self.input_layernorm is not None else hidden)
 
 
 class MLP(nn.Module):
     """Gated (SwiGLU) FFN of any intermediate size."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, rms_norm_eps: float, hidden_act: str = "silu"):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, rms_norm_eps: float, hidden_act: str = "silu", norm: bool = True
+    ):
         super().__init__()
         if hidden_act != "silu":
             raise ValueError(f"hidden_act {hidden_act!r} is not supported (silu only)")
-        self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps) if norm else None
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = self.post_attention_layernorm(hidden)
+        x = self.post_attention_layernorm(hidden) if self.post_attention_layernorm is not None else hidden
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LinearMLP(nn.Module):
     """FFN replaced by one Linear, W = W_down · W_up."""
 
-    def __init__(self, hidden_size: int, rms_norm_eps: float):
+    def __init__(self, hidden_size: int, rms_norm_eps: float, norm: bool = True):
         super().__init__()
-        self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps)
-        self.linear = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps) if norm else None
+        self.linear_mlp = nn.Linear(hidden_size, hidden_size, bias=False)  # DeciLM's name
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.post_attention_layernorm(hidden))
+        x = self.post_attention_layernorm(hidden) if self.post_attention_layernorm is not None else hidden
+        return self.linear_mlp(x)
 
 
 class NoOp(nn.Module):
@@ -183,3 +192,165 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+
+
+# --- the child model (Nemotron-NAS / DeciLM layout) -------------------------------------------------
+
+class DeciLMConfig(PretrainedConfig):
+    """A heterogeneous decoder: `block_configs` says, per layer, what its attention and FFN are.
+
+    Keys the serving engines read: attention `no_op`, `replace_with_linear`, `n_heads_in_group`
+    (query heads per KV head), `window_length`; FFN `no_op`, `replace_with_linear`, `ffn_mult`
+    (intermediate = round_up(int(2·ffn_mult·hidden/3), 256)). Exact sizes are also recorded as
+    `num_key_value_heads` and `intermediate_size`, which this model reads.
+    """
+
+    model_type = "nemotron-nas"
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    block_configs: list | None = None
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.block_configs is None:
+            self.block_configs = [
+                {"attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": 1},
+                 "ffn": {"no_op": False, "replace_with_linear": False, "intermediate_size": self.intermediate_size}}
+                for _ in range(self.num_hidden_layers)
+            ]
+        super().__post_init__(**kwargs)
+
+
+def _attention_of(config: DeciLMConfig, block: dict, attn_implementation: str) -> nn.Module | None:
+    a = block["attention"]
+    if a.get("no_op"):
+        return None
+    if a.get("replace_with_linear"):
+        return LinearAttention(config.hidden_size, config.rms_norm_eps, bias=config.attention_bias, norm=False)
+    kv = a.get("num_key_value_heads") or config.num_attention_heads // a["n_heads_in_group"]
+    return Attention(
+        config.hidden_size, config.num_attention_heads, kv, config.head_dim, a.get("window_length"),
+        config.rms_norm_eps, attention_bias=config.attention_bias, output_bias=False, qk_norm=config.qk_norm,
+        attn_implementation=attn_implementation, norm=False,
+    )
+
+
+def _ffn_of(config: DeciLMConfig, block: dict) -> nn.Module | None:
+    f = block["ffn"]
+    if f.get("no_op"):
+        return None
+    if f.get("replace_with_linear"):
+        return LinearMLP(config.hidden_size, config.rms_norm_eps, norm=False)
+    size = f.get("intermediate_size")
+    if size is None:
+        size = int(2 * f["ffn_mult"] * config.hidden_size / 3)
+        size = size + (-size) % 256
+    return MLP(config.hidden_size, size, config.rms_norm_eps, config.hidden_act, norm=False)
+
+
+class DeciLMDecoderLayer(nn.Module):
+    """Pre-norm residual layer whose attention and FFN may each be softmax, linear, or absent."""
+
+    def __init__(self, config: DeciLMConfig, layer_idx: int, attn_implementation: str = "sdpa"):
+        super().__init__()
+        block = config.block_configs[layer_idx]
+        self.self_attn = _attention_of(config, block, attn_implementation)
+        self.mlp = _ffn_of(config, block)
+        if self.self_attn is not None:
+            self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.mlp is not None:
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden, position_embeddings, cache=None, padding_mask=None):
+        if self.self_attn is not None:
+            hidden = hidden + self.self_attn(self.input_layernorm(hidden), position_embeddings, cache, padding_mask)
+        if self.mlp is not None:
+            hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return hidden
+
+
+class DeciLMPreTrainedModel(PreTrainedModel):
+    config_class = DeciLMConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DeciLMDecoderLayer"]
+    _supports_sdpa = True
+    # transformers' default _init_weights covers Linear, Embedding, *RMSNorm and the rotary buffers.
+
+
+class DeciLMModel(DeciLMPreTrainedModel):
+    def __init__(self, config: DeciLMConfig):
+        super().__init__(config)
+        impl = "eager" if getattr(config, "_attn_implementation", None) == "eager" else "sdpa"
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DeciLMDecoderLayer(config, i, impl) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        # Only softmax-attention layers hold a KV cache; they get consecutive cache slots.
+        self.cache_windows: list[int | None] = []
+        for layer in self.layers:
+            if isinstance(layer.self_attn, Attention):
+                layer.self_attn.layer_idx = len(self.cache_windows)
+                self.cache_windows.append(layer.self_attn.window)
+        self.post_init()
+
+    def new_cache(self) -> Cache:
+        """A cache with one slot per softmax-attention layer; a windowed slot keeps at most its window."""
+        layers = [DynamicSlidingWindowLayer(sliding_window=w) if w else DynamicLayer() for w in self.cache_windows]
+        return Cache(layers=layers or [DynamicLayer()])
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                inputs_embeds=None, **kwargs):
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = self.new_cache()
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None and self.cache_windows else 0
+            position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, position_embeddings, cache if use_cache else None, attention_mask)
+        return self.norm(hidden), (cache if use_cache else None)
+
+
+class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeciLMConfig):
+        super().__init__(config)
+        self.model = DeciLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            model_kwargs["cache"] = self.model.new_cache()
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                inputs_embeds=None, labels=None, logits_to_keep=0, **kwargs):
+        hidden, cache = self.model(input_ids, attention_mask, position_ids, cache, use_cache, inputs_embeds)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
+        logits = self.lm_head(hidden[:, keep])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)

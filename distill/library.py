@@ -26,6 +26,11 @@ from blocks.specs import AttentionSpec, FfnKind, FfnSpec, SubblockSpec, spec_fro
 from distill.bld import Candidate, CandidateResult
 
 
+# Bumped whenever the code changes what a trained entry holds (module layout, weight names), so that
+# entries of an older format are retrained by `puzzle distill` and refused by every reader.
+ENTRY_FORMAT = 3
+
+
 def entry_paths(directory: Path, candidate: Candidate) -> tuple[Path, Path]:
     base = directory / "entries" / candidate.key
     return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
@@ -117,6 +122,11 @@ class Library:
             raise PuzzleError(f"no library at {self.directory}; run `puzzle distill` first")
         data = json.loads(space_file.read_text())
         self.fingerprint = data["fingerprint"]
+        if not self.fingerprint.endswith(f"-v{ENTRY_FORMAT}"):
+            raise PuzzleError(
+                f"the library in {self.directory} was built by an older puzzle (entry format "
+                f"{self.fingerprint.rpartition('-v')[2]}, now {ENTRY_FORMAT}); run `puzzle distill` again"
+            )
         self.adapter = adapter
         self.layers = [
             LayerSpace(

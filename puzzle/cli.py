@@ -119,6 +119,7 @@ def run(config: ConfigArg, set_: SetOption = None) -> None:
     from puzzle.distill_stage import distill_stage
     from puzzle.profile_stage import check_profile_section, profile_stage
     from puzzle.score_stage import score_stage
+    from puzzle.realize_stage import realize_stage
     from puzzle.search_stage import search_stage
     from puzzle.stages import check_inputs, parent_stage
 
@@ -133,6 +134,7 @@ def run(config: ConfigArg, set_: SetOption = None) -> None:
     _print_profile(profile_stage(job))
     if job.search.budgets:
         _print_search(job, search_stage(job, []))
+        _print_child(realize_stage(job))
     out.print(f"run directory: {job.run.dir}")
 
 
@@ -334,6 +336,38 @@ def search(
         out.print(f"frontier: {table_file}, plot: {plot_file}")
         return
     _print_search(job, search_stage(job, budget or [], solutions, min_diff))
+
+
+@app.command()
+def realize(
+    config: ConfigArg,
+    set_: SetOption = None,
+    solution: Annotated[Optional[int], typer.Option(help="Index of the solution to build (realize.solution).")] = None,
+) -> None:
+    """Build the chosen child from the library and save it as a Hugging Face checkpoint.
+
+    Nemotron-NAS / DeciLM `block_configs` layout, the parent's weight names, the tokenizer and generation
+    config, and the project's modeling file via auto_map: load it with
+    AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True). Prints which engines can serve it.
+    """
+    from puzzle.realize_stage import realize_stage
+
+    job = load_job(config, set_)
+    _print_child(realize_stage(job, solution))
+
+
+def _print_child(summary) -> None:
+    table = Table(title=f"child: {summary.parameters:,} parameters ({summary.parameters / summary.parent_parameters:.2f}x the parent)")
+    for column in ("layer", "attention", "ffn"):
+        table.add_column(column)
+    for i, c in enumerate(summary.choices):
+        table.add_row(str(i), c.attention.id, c.ffn.id + (" (coupled)" if c.coupled else ""))
+    out.print(table)
+    for verdict in summary.engines:
+        out.print(f"{verdict.engine}: {'can serve it' if verdict.servable else 'cannot serve it'}")
+        for reason in verdict.reasons:
+            out.print(f"  - {reason}")
+    out.print(f"child checkpoint: {summary.directory} ({summary.seconds:.1f} s)")
 
 
 def _print_search(job, outcome) -> None:

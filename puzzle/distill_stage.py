@@ -15,7 +15,7 @@ from blocks.io import atomic_path
 from blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates
 from blocks.specs import AttentionSpec, FfnKind, FfnSpec, ParentShape, needs_training, spec_from_id
 from distill.bld import BldSettings, Candidate, build_module, ffn_channel_scores, train_candidates
-from distill.library import LayerSpace, init_name, read_entry, write_entry, write_space
+from distill.library import ENTRY_FORMAT, LayerSpace, init_name, read_entry, write_entry, write_space
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.distributed import Workers, workers
@@ -77,10 +77,6 @@ def bld_candidates(spaces: list[LayerSpace], shapes: list[ParentShape]) -> list[
             if needs_training(a, shape) or needs_training(f, shape)
         ]
     return list(dict.fromkeys(out))
-
-
-# Bumped whenever the code changes what a trained entry holds, so older entries are retrained.
-ENTRY_FORMAT = 2
 
 
 def entry_fingerprint(config: PuzzleConfig) -> str:

@@ -122,7 +122,7 @@ def test_run_writes_the_parent_stage_and_reuses_it(monkeypatch, capsys, tmp_path
     manifest = json.loads((run / "parent/manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["runs"] == 1
     assert set(manifest["versions"]) >= {"puzzle", "torch", "transformers"}
-    for stage in ("library", "scores", "profile", "search"):
+    for stage in ("library", "scores", "profile", "search", "child"):
         assert json.loads((run / stage / "manifest.json").read_text())["status"] == "done"
     summary = json.loads((run / "parent/summary.json").read_text())
     assert summary["model_type"] == "llama" and len(summary["layers"]) == 2

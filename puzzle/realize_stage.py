@@ -1,0 +1,164 @@
+"""`puzzle realize`: assemble a chosen architecture from the library and save it as a Hugging Face checkpoint.
+
+The checkpoint follows the Nemotron-NAS / DeciLM layout (`model_type: nemotron-nas`, per-layer
+`block_configs`) with weight names of the parent (`model.layers.N.…`), and ships the project's own
+self-contained modeling file (`modeling_puzzle.py`, torch and transformers only) through `auto_map`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import blocks.modeling_puzzle as modeling
+from blocks.errors import PuzzleError
+from blocks.io import atomic_dir
+from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, spec_from_id
+from distill.library import Library
+from puzzle.config import PuzzleConfig
+from puzzle.engines import EngineVerdict, servability
+from puzzle.parents import load_parent
+from puzzle.rundir import RunDir, Stage, fingerprint
+
+@dataclass(frozen=True)
+class LayerChoice:
+    attention: AttentionSpec
+    ffn: FfnSpec
+    coupled: bool
+
+
+def parse_block(name: str) -> LayerChoice:
+    coupled = name.endswith(" (coupled)")
+    attention, ffn = name.removesuffix(" (coupled)").split("+")
+    return LayerChoice(spec_from_id(attention), spec_from_id(ffn), coupled)
+
+
+def ffn_mult(intermediate_size: int, hidden_size: int) -> float:
+    """The DeciLM multiplier whose engine formula, round_up(int(2·m·hidden/3), 256), gives this size back."""
+    return round(3 * intermediate_size / (2 * hidden_size), 6)
+
+
+def block_config(choice: LayerChoice, num_attention_heads: int, hidden_size: int) -> dict:
+    a, f = choice.attention, choice.ffn
+    if a.kind is AttentionKind.attention:
+        attention = {"no_op": False, "replace_with_linear": False,
+                     "n_heads_in_group": num_attention_heads // a.num_key_value_heads, "window_length": a.window,
+                     "num_key_value_heads": a.num_key_value_heads}
+    else:
+        attention = {"no_op": a.removed, "replace_with_linear": a.linear, "n_heads_in_group": None,
+                     "window_length": None}
+    if f.kind is FfnKind.dense:
+        ffn = {"no_op": False, "replace_with_linear": False, "ffn_mult": ffn_mult(f.intermediate_size, hidden_size),
+               "intermediate_size": f.intermediate_size}
+    else:
+        ffn = {"no_op": f.removed, "replace_with_linear": f.linear, "ffn_mult": None}
+    return {"attention": attention, "ffn": ffn}
+
+
+def child_config(parent_config, choices: list[LayerChoice]) -> modeling.DeciLMConfig:
+    p = parent_config
+    config = modeling.DeciLMConfig(
+        vocab_size=p.vocab_size, hidden_size=p.hidden_size, num_hidden_layers=len(choices),
+        num_attention_heads=p.num_attention_heads, num_key_value_heads=p.num_key_value_heads,
+        head_dim=getattr(p, "head_dim", None) or p.hidden_size // p.num_attention_heads,
+        intermediate_size=p.intermediate_size, hidden_act=p.hidden_act,
+        max_position_embeddings=p.max_position_embeddings, rms_norm_eps=p.rms_norm_eps,
+        rope_parameters=dict(p.rope_parameters), tie_word_embeddings=p.tie_word_embeddings,
+        attention_bias=bool(getattr(p, "attention_bias", False)) or p.model_type == "qwen2",
+        qk_norm=p.model_type == "qwen3",
+        block_configs=[block_config(c, p.num_attention_heads, p.hidden_size) for c in choices],
+        bos_token_id=p.bos_token_id, eos_token_id=p.eos_token_id, pad_token_id=p.pad_token_id,
+    )
+    config.architectures = ["DeciLMForCausalLM"]
+    config.auto_map = {
+        "AutoConfig": "modeling_puzzle.DeciLMConfig",
+        "AutoModelForCausalLM": "modeling_puzzle.DeciLMForCausalLM",
+    }
+    return config
+
+
+def child_state_dict(parent, library: Library, choices: list[LayerChoice]) -> dict[str, torch.Tensor]:
+    """Parent's embeddings, final norm and head; each layer's subblocks from the library, under the parent's names."""
+    state = {
+        "model.embed_tokens.weight": parent.model.model.embed_tokens.weight,
+        "model.norm.weight": parent.model.model.norm.weight,
+        "lm_head.weight": parent.model.lm_head.weight,
+    }
+    for i, c in enumerate(choices):
+        if c.coupled:
+            attention, ffn = library.pair(i, c.attention, c.ffn)
+        else:
+            attention, ffn = library.module(i, c.attention), library.module(i, c.ffn)
+        for name, value in attention.state_dict().items():
+            key = f"model.layers.{i}.input_layernorm.weight" if name == "input_layernorm.weight" else f"model.layers.{i}.self_attn.{name}"
+            state[key] = value
+        for name, value in ffn.state_dict().items():
+            key = (f"model.layers.{i}.post_attention_layernorm.weight" if name == "post_attention_layernorm.weight"
+                   else f"model.layers.{i}.mlp.{name}")
+            state[key] = value
+    return state
+
+
+def build_child(parent, library: Library, choices: list[LayerChoice]) -> modeling.DeciLMForCausalLM:
+    config = child_config(parent.model.config, choices)
+    config._attn_implementation = parent.model.config._attn_implementation
+    child = modeling.DeciLMForCausalLM(config)
+    state = child_state_dict(parent, library, choices)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    missing, unexpected = child.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"child weights do not match its config (missing {missing}, unexpected {unexpected})")
+    return child.to(next(parent.model.parameters()).dtype).eval()
+
+
+@dataclass(frozen=True)
+class RealizeSummary:
+    directory: Path
+    choices: list[LayerChoice]
+    parameters: int
+    parent_parameters: int
+    engines: list[EngineVerdict]
+    seconds: float
+
+
+def realize_stage(config: PuzzleConfig, solution: int | None = None) -> RealizeSummary:
+    started = time.time()
+    run = RunDir(config.run.dir)
+    index = config.realize.solution if solution is None else solution
+    solutions_file = run.stage_dir(Stage.search) / "solutions.json"
+    if not solutions_file.is_file():
+        raise PuzzleError(f"{solutions_file} does not exist; run `puzzle search --budget …` first")
+    found = json.loads(solutions_file.read_text())["solutions"]
+    if not 0 <= index < len(found):
+        raise PuzzleError(f"solution {index} does not exist: the search found {len(found)} (indices 0..{len(found) - 1})")
+    choices = [parse_block(layer["block"]) for layer in found[index]["layers"]]
+    key = fingerprint(config, ("parent", "search")) + f"-solution{index}-" + str(solutions_file.stat().st_mtime_ns)
+    with run.stage(Stage.child, key) as record:
+        parent = load_parent(config.parent)
+        library = Library(run.stage_dir(Stage.library), parent.adapter)
+        child = build_child(parent, library, choices)
+        engines = servability(child.config)
+        directory = run.stage_dir(Stage.child) / "checkpoint"
+        with atomic_dir(directory) as tmp:
+            child.save_pretrained(tmp)
+            parent.tokenizer.save_pretrained(tmp)
+            if parent.model.generation_config is not None:
+                parent.model.generation_config.save_pretrained(tmp)
+            shutil.copyfile(modeling.__file__, tmp / "modeling_puzzle.py")
+            (tmp / "puzzle_child.json").write_text(json.dumps({
+                "solution": index,
+                "layers": [{"attention": c.attention.id, "ffn": c.ffn.id, "coupled": c.coupled} for c in choices],
+                "engines": [e.__dict__ for e in engines],
+            }, indent=2) + "\n")
+        record.outputs = {"checkpoint": "checkpoint", "solution": index}
+    return RealizeSummary(
+        directory, choices, sum(p.numel() for p in child.parameters()),
+        sum(p.numel() for p in parent.model.parameters()), engines, time.time() - started,
+    )

@@ -1,0 +1,148 @@
+"""`puzzle realize`: the child checkpoint loads in a fresh process, matches in memory, generates with and without cache."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from blocks.modeling_puzzle import DeciLMConfig
+from distill.library import Library
+from puzzle.cli import main
+from puzzle.config import load_config
+from puzzle.distill_stage import distill_stage
+from puzzle.engines import servability
+from puzzle.parents import load_parent
+from puzzle.profile_stage import profile_stage
+from puzzle.realize_stage import build_child, parse_block, realize_stage
+from puzzle.score_stage import score_stage
+from puzzle.search_stage import search_stage
+from tests.test_bld import write_job
+from tests.test_search import FAST
+
+ATOL = 1e-5  # float32; the child runs the same math as the parent, partly in another order
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_parent_dir):
+    tmp = tmp_path_factory.mktemp("realize")
+    config = load_config(write_job(tmp, tiny_parent_dir), FAST)
+    distill_stage(config)
+    score_stage(config)
+    profile_stage(config)
+    return config
+
+
+def with_solution(config, blocks: list[str]):
+    """Write a solutions file by hand, as a search would, to realize chosen architectures."""
+    file = config.run.dir / "search/solutions.json"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({"solutions": [{"layers": [{"layer": i, "block": b} for i, b in enumerate(blocks)]}]}))
+    return realize_stage(config, 0)
+
+
+def test_child_with_every_layer_kept_equals_the_parent(job):
+    summary = with_solution(job, ["attention.kv2+ffn.i96", "attention.kv2+ffn.i96"])
+    parent = load_parent(job.parent)
+    from transformers import AutoModelForCausalLM
+
+    child = AutoModelForCausalLM.from_pretrained(summary.directory, trust_remote_code=True).eval()
+    ids = torch.randint(0, parent.model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(child(input_ids=ids).logits, parent.model(input_ids=ids).logits, atol=ATOL, rtol=0)
+    assert summary.parameters == summary.parent_parameters
+
+
+MIXED = [
+    ["attention.kv2.window8+ffn.linear", "attention.linear+ffn.i48"],
+    ["attention.noop+ffn.i96", "attention.kv1+ffn.noop"],
+]
+
+
+@pytest.mark.parametrize("blocks", MIXED, ids=["window-linear", "noop-kv1"])
+def test_fresh_process_loads_the_child_with_the_same_logits(job, blocks, tmp_path):
+    summary = with_solution(job, blocks)
+    parent = load_parent(job.parent)
+    in_memory = build_child(parent, Library(job.run.dir / "library", parent.adapter), [parse_block(b) for b in blocks])
+    ids = torch.randint(0, parent.model.config.vocab_size, (1, 20))
+    torch.save(ids, tmp_path / "ids.pt")
+    script = f"""
+import sys, torch, transformers
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(summary.directory)!r}, trust_remote_code=True).eval()
+ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, {str(tmp_path / 'logits.pt')!r})
+assert not any(m.split('.')[0] in ('puzzle', 'blocks', 'distill', 'search') for m in sys.modules), 'puzzle was imported'
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = in_memory(input_ids=ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("blocks", MIXED, ids=["window-linear", "noop-kv1"])
+def test_generate_with_and_without_cache_gives_the_same_tokens(job, blocks):
+    summary = with_solution(job, blocks)
+    from transformers import AutoModelForCausalLM
+
+    child = AutoModelForCausalLM.from_pretrained(summary.directory, trust_remote_code=True).eval()
+    prompt = torch.randint(3, child.config.vocab_size, (2, 6))
+    cached = child.generate(prompt, max_new_tokens=14, do_sample=False, use_cache=True)
+    uncached = child.generate(prompt, max_new_tokens=14, do_sample=False, use_cache=False)
+    assert cached.shape[1] > 6 and torch.equal(cached, uncached)
+
+
+def test_block_configs_round_trip_and_engine_formula(job):
+    summary = with_solution(job, ["attention.kv1+ffn.i48", "attention.linear+ffn.noop"])
+    written = json.loads((summary.directory / "config.json").read_text())
+    assert written["model_type"] == "nemotron-nas" and written["architectures"] == ["DeciLMForCausalLM"]
+    assert written["auto_map"]["AutoModelForCausalLM"] == "modeling_puzzle.DeciLMForCausalLM"
+    loaded = DeciLMConfig.from_pretrained(summary.directory)
+    assert loaded.block_configs == written["block_configs"]
+    a0, f0 = written["block_configs"][0]["attention"], written["block_configs"][0]["ffn"]
+    assert a0["n_heads_in_group"] == 6 and a0["num_key_value_heads"] == 1
+    assert f0["intermediate_size"] == 48 and f0["ffn_mult"] == pytest.approx(1.5)
+    a1, f1 = written["block_configs"][1]["attention"], written["block_configs"][1]["ffn"]
+    assert a1 == {"no_op": False, "replace_with_linear": True, "n_heads_in_group": None, "window_length": None}
+    assert f1["no_op"] and f1["ffn_mult"] is None
+    assert (summary.directory / "modeling_puzzle.py").is_file() and (summary.directory / "tokenizer.json").is_file()
+
+
+def test_engine_verdicts():
+    def config(blocks):
+        return DeciLMConfig(hidden_size=1536, num_attention_heads=12, num_hidden_layers=len(blocks), block_configs=blocks,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+
+    dense = {"attention": {"n_heads_in_group": 4}, "ffn": {"ffn_mult": 1.5, "intermediate_size": 1536}}
+    on_grid = servability(config([dense]))
+    assert all(v.servable for v in on_grid)
+    # Engines' formula gives the size back on the grid: round_up(int(2·1.5·1536/3), 256) = 1536.
+    size = int(2 * 1.5 * 1536 / 3)
+    assert size + (-size) % 256 == 1536
+    removed_ffn = {"attention": {"n_heads_in_group": 4}, "ffn": {"no_op": True, "ffn_mult": None}}
+    verdicts = {v.engine: v for v in servability(config([removed_ffn]))}
+    assert verdicts["vLLM"].servable and not verdicts["llama.cpp"].servable
+    assert "skips the whole layer" in verdicts["llama.cpp"].reasons[0]
+    linear = {"attention": {"replace_with_linear": True, "n_heads_in_group": None}, "ffn": dense["ffn"]}
+    verdicts = {v.engine: v for v in servability(config([linear]))}
+    assert not verdicts["vLLM"].servable and verdicts["llama.cpp"].servable
+    off_grid = {"attention": {"n_heads_in_group": 4}, "ffn": {"ffn_mult": 1.0, "intermediate_size": 1000}}
+    assert not any(v.servable for v in servability(config([off_grid])) if v.engine != "transformers (trust_remote_code)")
+
+
+def test_bad_solution_index_exit_2(job, monkeypatch, capsys, tmp_path):
+    import yaml
+
+    search_stage(job, ["params=1x"])
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    monkeypatch.setattr(sys, "argv", ["puzzle", "realize", str(path), "--solution", "7"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    assert "solution 7 does not exist: the search found 1" in capsys.readouterr().err
