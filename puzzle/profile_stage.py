@@ -91,7 +91,7 @@ def profile_stage(config: PuzzleConfig, check_models: int = 0) -> ProfileSummary
     with run.stage(Stage.profile, key) as record:
         parent = load_parent(config.parent)
         library = Library(lib_dir, parent.adapter)
-        rows = _cost_rows(config, parent, library, scenario)
+        rows = cost_rows(config, parent, library, scenario)
         checks = []
         if section.device == "local" and check_models:
             checks = additive_checks(config, parent, library, rows, scenario, check_models)
@@ -110,7 +110,7 @@ def _device_name(section: ProfileSection, device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def _cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenario) -> list[CostRow]:
+def cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenario) -> list[CostRow]:
     section = config.profile
     adapter = parent.adapter
     device = parent.model.device
@@ -243,7 +243,7 @@ def additive_checks(config, parent, library: Library, rows, scenario: Scenario, 
     dtype = _torch_dtype(section)
     device = parent.model.device
     for scenario_name, sc in scenarios.items():
-        sc_rows = rows if sc == scenario else _cost_rows(config, parent, library, sc)
+        sc_rows = rows if sc == scenario else cost_rows(config, parent, library, sc)
         for model_name, choice in choices.items():
             layers = []
             for i, (a, f) in enumerate(choice):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -11,8 +11,10 @@ import pandas as pd
 from blocks.costs import Scenario
 from blocks.errors import PuzzleError
 from blocks.io import atomic_path, atomic_write_json
+from distill.library import Library
 from puzzle.config import PuzzleConfig
-from puzzle.profile_stage import scenario_of
+from puzzle.parents import load_parent
+from puzzle.profile_stage import check_profile_section, cost_rows, scenario_of
 from puzzle.rundir import RunDir, Stage, fingerprint
 from search.budgets import Budget, BudgetKind, parse_budget
 from search.mip import Block, InfeasibleBudget, Solution, greedy, solve
@@ -42,11 +44,14 @@ def _read(path: Path, command: str) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def build_problem(config: PuzzleConfig) -> SearchProblem:
+def build_problem(config: PuzzleConfig, profile: pd.DataFrame | None = None,
+                  scenario: Scenario | None = None) -> SearchProblem:
+    """Blocks with scores and costs; the profile and scenario default to the run's profile stage."""
     run = RunDir(config.run.dir)
     scores = _read(run.stage_dir(Stage.scores) / "scores.csv", "score")
-    profile = _read(run.stage_dir(Stage.profile) / "profile.csv", "profile")
-    scenario = scenario_of(config.profile)
+    if profile is None:
+        profile = _read(run.stage_dir(Stage.profile) / "profile.csv", "profile")
+    scenario = scenario or scenario_of(config.profile)
     metric = config.search.metric
     cost = {(int(r.layer), r.candidate): r for r in profile.itertuples()}
     fixed_row = profile[profile.layer == -1].iloc[0]
@@ -121,6 +126,28 @@ class SearchOutcome:
     seconds: float
 
 
+@dataclass(frozen=True)
+class BatchResult:
+    batch_size: int
+    objective: float | None  # None: no child meets the budgets at this batch size
+
+
+def _problems(config: PuzzleConfig) -> list[tuple[int, SearchProblem]]:
+    """One problem per batch size of search.batch_sizes (each profiled here), or the profile stage's own."""
+    if not config.search.batch_sizes:
+        problem = build_problem(config)
+        return [(problem.scenario.batch_size, problem)]
+    check_profile_section(config.profile)
+    parent = load_parent(config.parent)
+    library = Library(RunDir(config.run.dir).stage_dir(Stage.library), parent.adapter)
+    out = []
+    for batch in config.search.batch_sizes:
+        scenario = replace(scenario_of(config.profile), batch_size=batch)
+        rows = pd.DataFrame([asdict(r) for r in cost_rows(config, parent, library, scenario)])
+        out.append((batch, build_problem(config, rows, scenario)))
+    return out
+
+
 def search_stage(config: PuzzleConfig, budget_texts: list[str], solutions: int | None = None,
                  min_diff: int | None = None) -> SearchOutcome:
     started = time.time()
@@ -128,27 +155,51 @@ def search_stage(config: PuzzleConfig, budget_texts: list[str], solutions: int |
     if not texts:
         raise PuzzleError("no budget given: pass --budget KIND=VALUE (e.g. latency=0.5x) or set search.budgets")
     budgets = [parse_budget(t) for t in texts]
-    problem = build_problem(config)
-    limits, labels = budget_limits(budgets, problem)
+    solve_seconds, batches, best = 0.0, [], None
+    for batch, problem in _problems(config):
+        limits, labels = budget_limits(budgets, problem)
+        fixed = {k: problem.fixed[k] for k in limits}
+        solve_started = time.time()
+        try:
+            found = solve(
+                layers=problem.layers, limits=limits, fixed=fixed, solutions=solutions or config.search.solutions,
+                min_diff=min_diff or config.search.min_diff, solver=config.search.solver, labels=labels,
+            )
+        except InfeasibleBudget:
+            if not config.search.batch_sizes:
+                raise
+            batches.append(BatchResult(batch, None))
+            continue
+        finally:
+            solve_seconds += time.time() - solve_started
+        batches.append(BatchResult(batch, found[0].objective))
+        if best is None or found[0].objective < best[1][0].objective:
+            best = (problem, found, limits, labels, batch)
+    if best is None:
+        raise InfeasibleBudget(
+            f"no batch size in {config.search.batch_sizes} has a child within {', '.join(texts)}; relax a budget"
+        )
+    problem, found, limits, labels, batch = best
+    fixed = {k: problem.fixed[k] for k in limits}
+    baseline = greedy(layers=problem.layers, limits=limits, fixed=fixed)
     notes = [
         f"budget {labels[k]}: the parent already meets it ({problem.parent_totals[k]:.6g} ≤ {limit:.6g})"
         for k, limit in limits.items()
         if problem.parent_totals[k] <= limit
     ]
-    solve_started = time.time()
-    fixed = {k: problem.fixed[k] for k in limits}
-    found = solve(
-        layers=problem.layers, limits=limits, fixed=fixed, solutions=solutions or config.search.solutions,
-        min_diff=min_diff or config.search.min_diff, solver=config.search.solver, labels=labels,
-    )
-    solve_seconds = time.time() - solve_started
-    baseline = greedy(layers=problem.layers, limits=limits, fixed=fixed)
+    if config.search.batch_sizes:
+        notes.append("batch sizes: " + ", ".join(
+            f"{b.batch_size}: {'infeasible' if b.objective is None else f'{b.objective:.4g}'}" for b in batches
+        ) + f"; best at batch size {batch}")
     run = RunDir(config.run.dir)
     key = fingerprint(config, ("search", "scoring", "profile")) + "-" + ",".join(texts)
     with run.stage(Stage.search, key) as record:
         file = run.stage_dir(Stage.search) / "solutions.json"
-        atomic_write_json(file, _solutions_json(problem, found, baseline, limits, labels, solve_seconds))
-        record.outputs = {"solutions": file.name, "count": len(found), "budgets": texts}
+        data = _solutions_json(problem, found, baseline, limits, labels, solve_seconds)
+        data["batch_size"] = batch
+        data["batch_sweep"] = [b.__dict__ for b in batches]
+        atomic_write_json(file, data)
+        record.outputs = {"solutions": file.name, "count": len(found), "budgets": texts, "batch_size": batch}
     return SearchOutcome(found, baseline, problem, limits, notes, file, solve_seconds, time.time() - started)
 
 

@@ -80,7 +80,7 @@ def test_search_bad_budgets_exit_2(job, monkeypatch, capsys, budget, message):
 
 def test_search_prints_the_solution_and_greedy(job, monkeypatch, capsys):
     path, _ = job
-    code, out = cli(monkeypatch, capsys, "search", path, *[a for f in FAST for a in ("--set", f)], "--budget", "latency=0.7x")
+    code, out = cli(monkeypatch, capsys, "search", path, *[a for f in FAST for a in ("--set", f)], "--budget", "params=0.8x")
     assert code == 0, out.err
     assert "solution 0" in out.out and "greedy search" in out.out and "MIP solve" in out.out
 
@@ -105,3 +105,19 @@ def test_malformed_sweep(job, monkeypatch, capsys, sweep):
     path, _ = job
     code, out = cli(monkeypatch, capsys, "search", path, *[a for f in FAST for a in ("--set", f)], "--sweep", sweep)
     assert code == 2 and "--sweep" in out.err
+
+
+def test_batch_size_sweep_keeps_the_best(job):
+    _, config = job
+    from puzzle.config import apply_overrides, validate
+
+    raw = apply_overrides(config.model_dump(mode="json"), ["search.batch_sizes=[1, 4]"])
+    swept = validate(raw)
+    # An absolute throughput that batch 1 cannot reach but batch 4 can.
+    outcome = search_stage(swept, ["throughput=1tok/s"])
+    data = json.loads((config.run.dir / "search/solutions.json").read_text())
+    assert [b["batch_size"] for b in data["batch_sweep"]] == [1, 4]
+    assert data["batch_size"] in (1, 4)
+    best = min(b["objective"] for b in data["batch_sweep"] if b["objective"] is not None)
+    assert outcome.solutions[0].objective == pytest.approx(best)
+    assert any("best at batch size" in n for n in outcome.notes)
