@@ -172,26 +172,10 @@ class NoOp(nn.Module):
         return torch.zeros_like(hidden)
 
 
-class KVCache:
-    """Per-layer KV cache for decoding. A windowed layer keeps only what its next queries can see."""
-
-    def __init__(self, windows: dict[int, int | None]):
-        self.windows = windows
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
-        if layer_idx in self.keys:
-            k = torch.cat([self.keys[layer_idx], k], dim=2)
-            v = torch.cat([self.values[layer_idx], v], dim=2)
-        window = self.windows.get(layer_idx)
-        # The next query sees its own key plus the window - 1 before it.
-        keep = k.shape[2] if window is None else min(k.shape[2], window - 1)
-        self.keys[layer_idx], self.values[layer_idx] = k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :]
-        return k, v
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+def new_kv_cache(windows: list[int | None]) -> Cache:
+    """One cache slot per softmax-attention layer (in order); a windowed slot keeps at most its window."""
+    layers = [DynamicSlidingWindowLayer(sliding_window=w) if w else DynamicLayer() for w in windows]
+    return Cache(layers=layers or [DynamicLayer()])
 
 
 # --- the child model (Nemotron-NAS / DeciLM layout) -------------------------------------------------
@@ -312,9 +296,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
         self.post_init()
 
     def new_cache(self) -> Cache:
-        """A cache with one slot per softmax-attention layer; a windowed slot keeps at most its window."""
-        layers = [DynamicSlidingWindowLayer(sliding_window=w) if w else DynamicLayer() for w in self.cache_windows]
-        return Cache(layers=layers or [DynamicLayer()])
+        return new_kv_cache(self.cache_windows)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
                 inputs_embeds=None, **kwargs):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from blocks.costs import DTYPE_BYTES, Scenario, decode_work, kv_cache_bytes, prefill_work
-from blocks.modeling_puzzle import KVCache
+from blocks.modeling_puzzle import new_kv_cache
 from blocks.specs import ParentShape, SubblockSpec
 from search.hardware import GpuSpec
 
@@ -83,17 +83,15 @@ class Stack:
         b, p, self.ctx = scenario.batch_size, scenario.prefill_length, scenario.decode_context
         self.x = torch.randn(b, p, hidden_size, device=device, dtype=dtype)
         self.step = torch.randn(b, 1, hidden_size, device=device, dtype=dtype)
-        self.cache = KVCache({})
-        for i, (attention, _) in enumerate(layers):
-            attention.layer_idx = i
-            self.cache.windows[i] = getattr(attention, "window", None)
-            if hasattr(attention, "num_key_value_heads"):
-                tokens = self.ctx if attention.window is None else min(self.ctx, attention.window - 1)
-                shape = (b, attention.num_key_value_heads, tokens, attention.head_dim)
-                self.cache.keys[i] = torch.randn(shape, device=device, dtype=dtype)
-                self.cache.values[i] = torch.randn(shape, device=device, dtype=dtype)
+        # The child's own cache, filled with the decode context as a prefill would leave it.
+        softmax = [a for a, _ in layers if hasattr(a, "num_key_value_heads")]
+        self.cache = new_kv_cache([a.window for a in softmax])
+        for slot, attention in enumerate(softmax):
+            attention.layer_idx = slot
+            kv = torch.randn(b, attention.num_key_value_heads, self.ctx, attention.head_dim, device=device, dtype=dtype)
+            self.cache.update(kv, kv.clone(), slot)
 
-    def run(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def run(self, h: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         pe = self.rotary(h, positions)
         for attention, ffn in self.layers:
             h = h + attention(h, pe, cache=cache)
@@ -156,13 +154,14 @@ def differential_times(
     return prefill, decode
 
 
-def _restoring(cache: KVCache | None, fn):
+def _restoring(cache, fn):
     """Run a decode step, then put the cache back, so every timed step sees the same context."""
-    if cache is None:
-        return fn()
-    keys, values = dict(cache.keys), dict(cache.values)
+    saved = [(layer.keys, layer.values, getattr(layer, "cumulative_length", None)) for layer in cache.layers]
     out = fn()
-    cache.keys, cache.values = keys, values
+    for layer, (keys, values, length) in zip(cache.layers, saved):
+        layer.keys, layer.values = keys, values
+        if length is not None:
+            layer.cumulative_length = length
     return out
 
 

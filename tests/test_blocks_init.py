@@ -115,8 +115,8 @@ def test_noop_adds_nothing():
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_candidate_attention_decodes_with_its_kv_cache(window):
-    """Token-by-token decoding through KVCache (a windowed layer keeps only its window) equals one full pass."""
-    from blocks.modeling_puzzle import KVCache
+    """Token-by-token decoding through the child's cache (a windowed slot keeps only its window) equals one full pass."""
+    from blocks.modeling_puzzle import new_kv_cache
 
     adapter, h, ctx = setup("llama", seq=12)
     parent = adapter.parent_layer(0)
@@ -125,10 +125,10 @@ def test_candidate_attention_decodes_with_its_kv_cache(window):
     cos, sin = ctx.position_embeddings
     with torch.no_grad():
         full = module(h, (cos, sin))
-        cache = KVCache({0: window})
+        cache = new_kv_cache([window])
         steps = [module(h[:, :7], (cos[:, :7], sin[:, :7]), cache=cache)]
         for t in range(7, 12):
             steps.append(module(h[:, t : t + 1], (cos[:, t : t + 1], sin[:, t : t + 1]), cache=cache))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
     if window is not None:
-        assert cache.keys[0].shape[2] == window - 1
+        assert cache.layers[0].keys.shape[2] == window - 1
