@@ -16,7 +16,7 @@ from blocks.io import atomic_write_json
 from puzzle.config import PuzzleConfig
 from puzzle.data import check_files, job_blocks
 from puzzle.distill_stage import layer_spaces
-from puzzle.errors import PuzzleError
+from puzzle.errors import ConfigError, PuzzleError
 from puzzle.families import parent_shapes
 from puzzle.parents import load_parent, parent_config
 from puzzle.rundir import RunDir, Stage, fingerprint
@@ -48,7 +48,7 @@ def preflight(config: PuzzleConfig) -> list[str]:
 def check_inputs(config: PuzzleConfig) -> None:
     problems = preflight(config)
     if problems:
-        raise PuzzleError("; ".join(problems))
+        raise ConfigError(problems, "inputs")
 
 
 @dataclass(frozen=True)
