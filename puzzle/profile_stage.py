@@ -22,7 +22,7 @@ from puzzle.parents import load_parent
 from puzzle.progress import progress_bar
 from puzzle.rundir import RunDir, Stage, fingerprint
 from search.hardware import gpu
-from search.profile import CostRow, Timing, analytic_times, differential_times, kv_bytes, measure, time_model, weight_bytes
+from search.profile import CostRow, Timing, analytic_times, differential_times, kv_bytes, outside_times, time_model, weight_bytes
 
 
 def scenario_of(section: ProfileSection) -> Scenario:
@@ -187,21 +187,16 @@ def _fixed_row(config, parent, scenario: Scenario, dtype, method: str, name: str
         decode = max(2 * h * v * scenario.batch_size / peak, head_bytes / g.bandwidth)
         p_t, d_t = Timing(prefill, prefill, 0.0), Timing(decode, decode, 0.0)
     else:
-        device = parent.model.device
+        impl = config.parent.attn_implementation
+        layers = [
+            tuple(_module(p, s, impl).to(parent.model.device, dtype).eval() for s in (p.shape.attention, p.shape.ffn))
+            for p in (parent.adapter.parent_layer(i) for i in range(parent.adapter.num_layers))
+        ]
         embed, norm, head = _outer_modules(parent, dtype)
-        ids = torch.randint(0, v, (scenario.batch_size, scenario.prefill_length), device=device)
-        step = ids[:, :1]
-        positions = torch.arange(scenario.prefill_length, device=device)[None]
-        rotary = parent.model.model.rotary_emb
-        w, r = config.profile.warmup, config.profile.repeats
-
-        def outside_the_layers(x, pos):
-            h = embed(x)
-            rotary(h, pos)  # the rotary tables are computed once per forward, outside the layers
-            return head(norm(h))
-
-        p_t = measure(lambda: outside_the_layers(ids, positions), device, w, r)
-        d_t = measure(lambda: outside_the_layers(step, positions[:, -1:]), device, w, r)
+        p_t, d_t = outside_times(
+            embed, parent.model.model.rotary_emb, layers, norm, head, scenario, parent.model.device, dtype,
+            config.profile.warmup, config.profile.repeats,
+        )
     return CostRow(
         layer=-1, subblock="fixed", candidate="embeddings+norm+lm_head", params=params,
         weight_bytes=weight_bytes(params, scenario), kv_bytes=0.0, prefill_seconds=p_t.best, decode_seconds=d_t.best,

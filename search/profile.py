@@ -200,3 +200,30 @@ def time_model(
         return _restoring(stack.cache, lambda: head(norm(stack.run(embed(step_ids), position, stack.cache))))
 
     return measure(prefill, device, warmup, repeats), measure(decode, device, warmup, repeats)
+
+
+def outside_times(
+    embed: nn.Module, rotary, layers: list[tuple[nn.Module, nn.Module]], norm: nn.Module, head: nn.Module,
+    scenario: Scenario, device, dtype, warmup: int, repeats: int,
+) -> tuple[Timing, Timing]:
+    """Time of the embeddings, final norm and lm_head inside a whole model: the model minus its layers.
+
+    Timed alone, the 4096-way head would find its weights in the caches; inside a model the layers
+    have pushed them out.
+    """
+    stack = Stack(layers, rotary, scenario, embed.embedding_dim, device, dtype)
+    b, p = scenario.batch_size, scenario.prefill_length
+    ids = torch.randint(0, embed.num_embeddings, (b, p), device=device)
+    step_ids = ids[:, :1]
+    positions = torch.arange(p, device=device)[None]
+    position = torch.tensor([[stack.ctx]], device=device)
+
+    def model_prefill():
+        return head(norm(stack.run(embed(ids), positions, None)))
+
+    def model_decode():
+        return _restoring(stack.cache, lambda: head(norm(stack.run(embed(step_ids), position, stack.cache))))
+
+    prefill = _difference(*measure_pair(model_prefill, stack.prefill, device, warmup, repeats), 1)
+    decode = _difference(*measure_pair(model_decode, stack.decode, device, warmup, repeats), 1)
+    return prefill, decode
