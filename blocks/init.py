@@ -134,3 +134,15 @@ def init_ffn(spec: FfnSpec, parent: ParentLayer, channel_scores: torch.Tensor | 
     module.up_proj.weight.data.copy_(src.up_proj.weight.data[keep])
     module.down_proj.weight.data.copy_(src.down_proj.weight.data[:, keep])
     return module
+
+
+def shaped_module(spec: AttentionSpec | FfnSpec, parent: ParentLayer, attn_implementation: str = "sdpa") -> nn.Module:
+    """A module with the spec's shapes, for callers that load trained weights into it or only time it.
+
+    A pruned FFN keeps the parent's first channels: no calibration is needed for a shape.
+    """
+    if isinstance(spec, AttentionSpec):
+        return init_attention(spec, parent, attn_implementation)
+    size = parent.shape.intermediate_size
+    first_channels_first = torch.arange(size, 0, -1, dtype=torch.float32)
+    return init_ffn(spec, parent, first_channels_first)

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blocks.errors import PuzzleError
-from blocks.init import init_attention, init_ffn
+from blocks.init import shaped_module
 from blocks.io import atomic_path, atomic_write_json, sha256_file
-from blocks.specs import AttentionSpec, FfnKind, FfnSpec, SubblockSpec, spec_from_id
+from blocks.specs import AttentionSpec, FfnSpec, SubblockSpec, spec_from_id
 from distill.bld import Candidate, CandidateResult
 
 
@@ -150,7 +150,7 @@ class Library:
         """The (attention, FFN) modules of a coupled pair, trained together."""
         parent = self.adapter.parent_layer(layer)
         state = self._trained(Candidate(layer, attention=attention, ffn=ffn))
-        a, f = init_attention(attention, parent), _empty_ffn(ffn, parent)
+        a, f = shaped_module(attention, parent), shaped_module(ffn, parent)
         a.load_state_dict({k.removeprefix("attention."): v for k, v in state.items() if k.startswith("attention.")})
         f.load_state_dict({k.removeprefix("ffn."): v for k, v in state.items() if k.startswith("ffn.")})
         return a, f
@@ -160,19 +160,10 @@ class Library:
         attention = isinstance(spec, AttentionSpec)
         parent_spec = parent.shape.attention if attention else parent.shape.ffn
         if spec == parent_spec or spec.removed:
-            return init_attention(spec, parent) if attention else init_ffn(spec, parent)
+            return shaped_module(spec, parent)  # the parent's own subblock, or nothing
         candidate = Candidate(layer, attention=spec) if attention else Candidate(layer, ffn=spec)
         state = self._trained(candidate)
         prefix = "attention." if attention else "ffn."
-        # Build the right shapes without calibration data: the weights are overwritten right after.
-        module = init_attention(spec, parent) if attention else _empty_ffn(spec, parent)
+        module = shaped_module(spec, parent)
         module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()})
         return module
-
-
-def _empty_ffn(spec: FfnSpec, parent) -> nn.Module:
-    import torch
-
-    if spec.kind is FfnKind.dense and spec.intermediate_size < parent.shape.intermediate_size:
-        return init_ffn(spec, parent, torch.zeros(parent.shape.intermediate_size))
-    return init_ffn(spec, parent)

@@ -13,7 +13,7 @@ import torch
 
 from blocks.costs import Scenario, parameters
 from blocks.errors import PuzzleError
-from blocks.init import init_attention, init_ffn
+from blocks.init import shaped_module
 from blocks.io import atomic_path
 from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, SubblockSpec, spec_from_id
 from distill.library import Library
@@ -22,7 +22,17 @@ from puzzle.parents import load_parent
 from puzzle.progress import progress_bar
 from puzzle.rundir import RunDir, Stage, fingerprint
 from search.hardware import gpu
-from search.profile import CostRow, Timing, analytic_times, differential_times, kv_bytes, outside_times, time_model, weight_bytes
+from search.profile import (
+    CostRow,
+    Timing,
+    WholeModel,
+    analytic_times,
+    differential_times,
+    kv_bytes,
+    outside_times,
+    time_model,
+    weight_bytes,
+)
 
 
 def scenario_of(section: ProfileSection) -> Scenario:
@@ -46,15 +56,6 @@ def check_profile_section(section: ProfileSection) -> None:
 def _torch_dtype(section: ProfileSection) -> torch.dtype:
     """The dtype modules are timed in (fp8 weights exist only in the analytic model)."""
     return torch.float32 if section.weight_dtype in ("float32", "fp8") else getattr(torch, section.weight_dtype)
-
-
-def _module(parent_layer, spec: SubblockSpec, attn_impl: str):
-    """A module with the spec's shapes; its weights do not matter for timing."""
-    if isinstance(spec, AttentionSpec):
-        return init_attention(spec, parent_layer, attn_impl)
-    if spec.kind is FfnKind.dense and spec.intermediate_size < parent_layer.shape.intermediate_size:
-        return init_ffn(spec, parent_layer, torch.rand(parent_layer.shape.intermediate_size))
-    return init_ffn(spec, parent_layer)
 
 
 @dataclass(frozen=True)
@@ -162,9 +163,9 @@ def _times(config, parent, layer: int, spec: SubblockSpec, scenario: Scenario, d
     def modules(make):
         return [make(adapter.parent_layer(layer)).to(device=device, dtype=dtype).eval() for _ in range(n)]
 
-    candidate = modules(lambda p: _module(p, spec, impl))
-    partner = modules(lambda p: _module(p, p.shape.ffn if is_attention else p.shape.attention, impl))
-    baseline = modules(lambda p: _module(p, AttentionSpec(AttentionKind.noop) if is_attention else FfnSpec(FfnKind.noop), impl))
+    candidate = modules(lambda p: shaped_module(spec, p, impl))
+    partner = modules(lambda p: shaped_module(p.shape.ffn if is_attention else p.shape.attention, p, impl))
+    baseline = modules(lambda p: shaped_module(AttentionSpec(AttentionKind.noop) if is_attention else FfnSpec(FfnKind.noop), p, impl))
     return differential_times(
         candidate, partner, baseline, is_attention, parent.model.model.rotary_emb, scenario, shape.hidden_size,
         device, dtype, section.warmup, section.repeats,
@@ -189,14 +190,12 @@ def _fixed_row(config, parent, scenario: Scenario, dtype, method: str, name: str
     else:
         impl = config.parent.attn_implementation
         layers = [
-            tuple(_module(p, s, impl).to(parent.model.device, dtype).eval() for s in (p.shape.attention, p.shape.ffn))
+            tuple(shaped_module(s, p, impl).to(parent.model.device, dtype).eval() for s in (p.shape.attention, p.shape.ffn))
             for p in (parent.adapter.parent_layer(i) for i in range(parent.adapter.num_layers))
         ]
         embed, norm, head = _outer_modules(parent, dtype)
-        p_t, d_t = outside_times(
-            embed, parent.model.model.rotary_emb, layers, norm, head, scenario, parent.model.device, dtype,
-            config.profile.warmup, config.profile.repeats,
-        )
+        model = WholeModel(embed, parent.model.model.rotary_emb, layers, norm, head, scenario, parent.model.device, dtype)
+        p_t, d_t = outside_times(model, parent.model.device, config.profile.warmup, config.profile.repeats)
     return CostRow(
         layer=-1, subblock="fixed", candidate="embeddings+norm+lm_head", params=params,
         weight_bytes=weight_bytes(params, scenario), kv_bytes=0.0, prefill_seconds=p_t.best, decode_seconds=d_t.best,
@@ -242,14 +241,12 @@ def additive_checks(config, parent, library: Library, rows, scenario: Scenario, 
         for model_name, choice in choices.items():
             layers = []
             for i, (a, f) in enumerate(choice):
-                attention = _module(adapter.parent_layer(i), spec_from_id(a), config.parent.attn_implementation)
-                ffn = _module(adapter.parent_layer(i), spec_from_id(f), config.parent.attn_implementation)
+                attention = shaped_module(spec_from_id(a), adapter.parent_layer(i), config.parent.attn_implementation)
+                ffn = shaped_module(spec_from_id(f), adapter.parent_layer(i), config.parent.attn_implementation)
                 layers.append((attention.to(device, dtype).eval(), ffn.to(device, dtype).eval()))
             embed, norm, head = _outer_modules(parent, dtype)
-            prefill, decode = time_model(
-                embed, parent.model.model.rotary_emb, layers, norm, head, sc, device, dtype, section.warmup,
-                section.repeats,
-            )
+            model = WholeModel(embed, parent.model.model.rotary_emb, layers, norm, head, sc, device, dtype)
+            prefill, decode = time_model(model, device, section.warmup, section.repeats)
             measured = prefill.best + sc.decode_length * decode.best
             out.append(AdditiveCheck(model_name, scenario_name, predicted_latency(sc_rows, choice, sc), measured))
     return out

@@ -76,18 +76,22 @@ class ParentSummary:
 
 
 @torch.no_grad()
-def validation_loss(adapter, blocks: torch.Tensor, batch_size: int) -> tuple[float, int]:
-    """Mean next-token cross-entropy of the model behind `adapter`, run layer by layer."""
-    device = next(adapter.model.parameters()).device
+def next_token_loss(logits_of, blocks: torch.Tensor, batch_size: int, device=None) -> tuple[float, int]:
+    """Mean next-token cross-entropy over every predicted position of `blocks`, and the count of them."""
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        x = blocks[i : i + batch_size].to(device)
-        logits = adapter.logits(x)[:, :-1].float()
+        x = blocks[i : i + batch_size].to(device or blocks.device)
+        logits = logits_of(x)[:, :-1].float()
         total += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
         ).item()
         count += x[:, 1:].numel()
     return total / count, count
+
+
+def validation_loss(adapter, blocks: torch.Tensor, batch_size: int) -> tuple[float, int]:
+    """`next_token_loss` of the model behind `adapter`, run layer by layer."""
+    return next_token_loss(adapter.logits, blocks, batch_size, next(adapter.model.parameters()).device)
 
 
 def parent_stage(config: PuzzleConfig) -> ParentSummary:

@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from blocks.io import atomic_dir, atomic_write_text
 from distill.schedule import batch_indices, warmup_cosine
 from puzzle.config import ParentTrainingConfig, dump_config
 from puzzle.data import TokenBlocks, load_blocks, read_documents
-from blocks.io import atomic_dir, atomic_write_text
 from puzzle.progress import progress_bar
+from puzzle.stages import next_token_loss
 from puzzle.tokenizer import train_tokenizer
 
 SAMPLE_PROMPTS = ["ROMEO.\n", "To be, or not to be", "KING.\nMy lords,"]
@@ -60,19 +61,11 @@ def llama_config(cfg: ParentTrainingConfig, tokenizer: PreTrainedTokenizerFast) 
     )
 
 
-@torch.no_grad()
 def mean_loss(model: LlamaForCausalLM, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy over all predicted positions of `blocks`."""
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        x = blocks[i : i + batch_size]
-        logits = model(input_ids=x).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum")
-        total += loss.item()
-        count += x[:, 1:].numel()
+    loss, _ = next_token_loss(lambda x: model(input_ids=x).logits, blocks, batch_size)
     model.train()
-    return total / count
+    return loss
 
 
 def _save_checkpoint(work: Path, model, optimizer, step: int, log: list[dict]) -> None:

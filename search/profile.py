@@ -182,48 +182,36 @@ def kv_bytes(spec: SubblockSpec, shape: ParentShape, scenario: Scenario) -> floa
     return kv_cache_bytes(spec, shape, scenario)
 
 
-def time_model(
-    embed: nn.Module, rotary, layers: list[tuple[nn.Module, nn.Module]], norm: nn.Module, head: nn.Module,
-    scenario: Scenario, device, dtype, warmup: int, repeats: int,
-) -> tuple[Timing, Timing]:
-    """(prefill, decode step) of a whole model made of `layers`, to check the additive cost model."""
-    stack = Stack(layers, rotary, scenario, embed.embedding_dim, device, dtype)
-    b, p = scenario.batch_size, scenario.prefill_length
-    ids = torch.randint(0, embed.num_embeddings, (b, p), device=device)
-    step_ids = torch.randint(0, embed.num_embeddings, (b, 1), device=device)
-    position = torch.tensor([[stack.ctx]], device=device)
+class WholeModel:
+    """A Stack with embeddings, final norm and lm_head: the whole-model side of the additive cost model."""
 
-    def prefill():
-        return head(norm(stack.run(embed(ids), torch.arange(p, device=device)[None], None)))
+    def __init__(self, embed: nn.Module, rotary, layers: list[tuple[nn.Module, nn.Module]], norm: nn.Module,
+                 head: nn.Module, scenario: Scenario, device, dtype):
+        self.stack = Stack(layers, rotary, scenario, embed.embedding_dim, device, dtype)
+        self.embed, self.norm, self.head = embed, norm, head
+        self.ids = torch.randint(0, embed.num_embeddings, (scenario.batch_size, scenario.prefill_length), device=device)
+        self.positions = torch.arange(scenario.prefill_length, device=device)[None]
+        self.position = torch.tensor([[self.stack.ctx]], device=device)
 
-    def decode():
-        return _restoring(stack.cache, lambda: head(norm(stack.run(embed(step_ids), position, stack.cache))))
+    def prefill(self) -> torch.Tensor:
+        return self.head(self.norm(self.stack.run(self.embed(self.ids), self.positions, None)))
 
-    return measure(prefill, device, warmup, repeats), measure(decode, device, warmup, repeats)
+    def decode(self) -> torch.Tensor:
+        cache = self.stack.cache
+        return _restoring(cache, lambda: self.head(self.norm(self.stack.run(self.embed(self.ids[:, :1]), self.position, cache))))
 
 
-def outside_times(
-    embed: nn.Module, rotary, layers: list[tuple[nn.Module, nn.Module]], norm: nn.Module, head: nn.Module,
-    scenario: Scenario, device, dtype, warmup: int, repeats: int,
-) -> tuple[Timing, Timing]:
+def time_model(model: WholeModel, device, warmup: int, repeats: int) -> tuple[Timing, Timing]:
+    """(prefill, decode step) of a whole model, to check the additive cost model."""
+    return measure(model.prefill, device, warmup, repeats), measure(model.decode, device, warmup, repeats)
+
+
+def outside_times(model: WholeModel, device, warmup: int, repeats: int) -> tuple[Timing, Timing]:
     """Time of the embeddings, final norm and lm_head inside a whole model: the model minus its layers.
 
     Timed alone, the 4096-way head would find its weights in the caches; inside a model the layers
     have pushed them out.
     """
-    stack = Stack(layers, rotary, scenario, embed.embedding_dim, device, dtype)
-    b, p = scenario.batch_size, scenario.prefill_length
-    ids = torch.randint(0, embed.num_embeddings, (b, p), device=device)
-    step_ids = ids[:, :1]
-    positions = torch.arange(p, device=device)[None]
-    position = torch.tensor([[stack.ctx]], device=device)
-
-    def model_prefill():
-        return head(norm(stack.run(embed(ids), positions, None)))
-
-    def model_decode():
-        return _restoring(stack.cache, lambda: head(norm(stack.run(embed(step_ids), position, stack.cache))))
-
-    prefill = _difference(*measure_pair(model_prefill, stack.prefill, device, warmup, repeats), 1)
-    decode = _difference(*measure_pair(model_decode, stack.decode, device, warmup, repeats), 1)
+    prefill = _difference(*measure_pair(model.prefill, model.stack.prefill, device, warmup, repeats), 1)
+    decode = _difference(*measure_pair(model.decode, model.stack.decode, device, warmup, repeats), 1)
     return prefill, decode
