@@ -53,7 +53,7 @@ def main() -> None:
     config = load_config(args.config)
     parent = load_parent(config.parent)
     adapter = parent.adapter
-    library = Library(RunDir(config.run.dir).stage_dir(Stage.library), adapter)
+    library = Library(RunDir.of(config).stage_dir(Stage.library), adapter)
     held_out = job_blocks(config.data, parent.tokenizer).validation[: config.scoring.validation_blocks]
     all_blocks = [(i, a, f) for i, layer in enumerate(library.layers) for a in layer.attention for f in layer.ffn]
     step = max(1, len(all_blocks) // args.blocks)

@@ -299,7 +299,8 @@ class DeciLMModel(DeciLMPreTrainedModel):
         return new_kv_cache(self.cache_windows)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
-                inputs_embeds=None, **kwargs):
+                inputs_embeds=None, output_hidden_states=False, **kwargs):
+        """(final normed hidden states, cache, residual stream entering each layer and leaving the last, or None)."""
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
@@ -308,9 +309,12 @@ class DeciLMModel(DeciLMPreTrainedModel):
             past = cache.get_seq_length() if cache is not None and self.cache_windows else 0
             position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
         position_embeddings = self.rotary_emb(hidden, position_ids)
+        states = [hidden] if output_hidden_states else None
         for layer in self.layers:
             hidden = layer(hidden, position_embeddings, cache if use_cache else None, attention_mask)
-        return self.norm(hidden), (cache if use_cache else None)
+            if states is not None:
+                states.append(hidden)
+        return self.norm(hidden), (cache if use_cache else None), (tuple(states) if states is not None else None)
 
 
 class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
@@ -328,11 +332,13 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
-                inputs_embeds=None, labels=None, logits_to_keep=0, **kwargs):
-        hidden, cache = self.model(input_ids, attention_mask, position_ids, cache, use_cache, inputs_embeds)
+                inputs_embeds=None, labels=None, logits_to_keep=0, output_hidden_states=False, **kwargs):
+        # Hidden states are the residual stream before the final norm (a no-op layer passes its input on).
+        hidden, cache, states = self.model(input_ids, attention_mask, position_ids, cache, use_cache, inputs_embeds,
+                                           output_hidden_states)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
         logits = self.lm_head(hidden[:, keep])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache, hidden_states=states)

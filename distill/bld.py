@@ -14,18 +14,16 @@ parameters, so one AdamW over all of them is the same as one optimizer each.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blocks.init import init_attention, init_ffn
-from blocks.io import atomic_dir
 from blocks.specs import AttentionSpec, FfnSpec
+from distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from distill.schedule import batch_indices, warmup_cosine
 
 
@@ -176,50 +174,6 @@ def train_step(candidates, modules: nn.ModuleDict, adapter, input_ids: torch.Ten
     return losses
 
 
-@dataclass
-class TrainingState:
-    step: int = 0
-    initial: dict[str, float] = field(default_factory=dict)
-    train_loss: dict[str, list[float]] = field(default_factory=dict)
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> dict[str, torch.Tensor]:
-    out = {}
-    for param, state in optimizer.state.items():
-        for k, v in state.items():
-            out[f"{names[param]}::{k}"] = v.detach().clone().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
-    return out
-
-
-def save_checkpoint(directory: Path, modules: nn.ModuleDict, optimizer, state: TrainingState) -> None:
-    names = {p: n for n, p in modules.named_parameters()}
-    with atomic_dir(directory) as tmp:
-        save_file({k: v.contiguous() for k, v in modules.state_dict().items()}, tmp / "weights.safetensors")
-        save_file(_optimizer_tensors(optimizer, names), tmp / "optimizer.safetensors")
-        (tmp / "state.json").write_text(
-            json.dumps({"step": state.step, "keys": list(modules.keys()), "initial": state.initial,
-                        "train_loss": state.train_loss})
-        )
-
-
-def load_checkpoint(directory: Path, modules: nn.ModuleDict, optimizer) -> TrainingState | None:
-    """The saved state if it belongs to exactly these candidates; None otherwise (training starts over)."""
-    state_file = directory / "state.json"
-    if not state_file.is_file():
-        return None
-    saved = json.loads(state_file.read_text())
-    if saved["keys"] != list(modules.keys()):
-        return None
-    modules.load_state_dict(load_file(directory / "weights.safetensors"))
-    tensors = load_file(directory / "optimizer.safetensors")
-    for name, param in modules.named_parameters():
-        entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
-        if entries:
-            entries["step"] = entries["step"].reshape(())
-            optimizer.state[param] = entries
-    return TrainingState(saved["step"], saved["initial"], saved["train_loss"])
-
-
 @dataclass(frozen=True)
 class CandidateResult:
     candidate: Candidate
@@ -246,7 +200,7 @@ def train_candidates(
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0, fused=True)
     # `modules` arrive initialized from the parent, so this is the init even when resuming.
     initial_weights = {k: v.detach().clone() for k, v in modules.state_dict().items()}
-    state = load_checkpoint(checkpoint_dir, modules, optimizer)
+    state = load_checkpoint(checkpoint_dir, modules, optimizer, tag=repr(settings))
     if state is None:
         state = TrainingState(initial=evaluate(candidates, modules, adapter, eval_blocks, settings.batch_size))
         state.train_loss = {c.key: [] for c in candidates}
@@ -261,7 +215,7 @@ def train_candidates(
         state.step += 1
         on_step(state.step, losses)
         if state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
-            save_checkpoint(checkpoint_dir, modules, optimizer, state)
+            save_checkpoint(checkpoint_dir, modules, optimizer, state, tag=repr(settings))
     modules.eval()
     final = evaluate(candidates, modules, adapter, eval_blocks, settings.batch_size)
     results = []

@@ -24,8 +24,8 @@ from puzzle.config import (
     validate,
 )
 from puzzle.errors import ConfigError, PuzzleError
-from puzzle.progress import out
-from puzzle.rundir import RunDir
+from puzzle.progress import console, out
+from puzzle.rundir import RunDir, Stage
 
 app = typer.Typer(
     name="puzzle",
@@ -60,9 +60,29 @@ def _is_training_config(raw: dict) -> bool:
     return "training" in raw or "model" in raw or "output" in raw
 
 
+JobOption = Annotated[
+    Optional[str],
+    typer.Option("--job", help="In a file with several jobs, only this one (default: every job in turn).", show_default=False),
+]
+
+
+def load_jobs(path: Path, overrides: list[str] | None, job: str | None = None) -> list[PuzzleConfig]:
+    """The file's jobs (one unless it has a `jobs:` mapping), or only `job`."""
+    from puzzle.config import load_jobs as load
+
+    configs = load(path, overrides)
+    if job is None:
+        return configs
+    chosen = [c for c in configs if c.run.job == job]
+    if not chosen:
+        names = ", ".join(str(c.run.job) for c in configs if c.run.job) or "none (the file has no jobs: mapping)"
+        raise ConfigError([f"--job: got {job!r}; the jobs of this file are {names}"], str(path))
+    return chosen
+
+
 def load_job(path: Path, overrides: list[str] | None) -> PuzzleConfig:
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    return validate(raw, PuzzleConfig, str(path))
+    """For the stages the jobs of a file share (parent, library, scores, profile): the first job's config."""
+    return load_jobs(path, overrides)[0]
 
 
 @app.command("train-parent")
@@ -101,41 +121,69 @@ def validate_command(config: ConfigArg, set_: SetOption = None) -> None:
         validate(raw, ParentTrainingConfig, str(config))
         out.print(f"{config}: valid parent-training config")
         return
-    job = validate(raw, PuzzleConfig, str(config))
-    problems = preflight(job)
+    jobs = load_jobs(config, set_)
+    problems = list(dict.fromkeys(p for job in jobs for p in preflight(job)))
     if problems:
         raise ConfigError(problems, str(config))
-    out.print(f"{config}: valid job config")
+    names = [job.run.job for job in jobs if job.run.job]
+    out.print(f"{config}: valid job config" + (f" with {len(names)} jobs: {', '.join(names)}" if names else ""))
 
 
 
 @app.command()
-def run(config: ConfigArg, set_: SetOption = None) -> None:
-    """Run the job's pipeline, reusing every stage already done in run.dir.
+def run(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None) -> None:
+    """Run the whole pipeline: parent, library (BLD), scores, profile, then per job search, realize, KD, eval
+    and report.
 
-    Stages so far: parent (load, validation perplexity), library (BLD), scores, profile, and search
-    when search.budgets is set. Each is also its own command; a killed run resumes where it stopped.
+    Every stage already done in run.dir is reused, and a killed run resumes where it stopped. A file with
+    a `jobs:` mapping (e.g. three budgets) runs each job on the shared library, scores and profile.
     """
+    import time
+
     from puzzle.distill_stage import distill_stage
+    from puzzle.eval_stage import eval_stage
+    from puzzle.kd_stage import kd_stage
     from puzzle.profile_stage import check_profile_section, profile_stage
-    from puzzle.score_stage import score_stage
     from puzzle.realize_stage import realize_stage
+    from puzzle.report import report_stage
+    from puzzle.score_stage import score_stage
     from puzzle.search_stage import search_stage
     from puzzle.stages import check_inputs, parent_stage
 
-    job = load_job(config, set_)
-    check_inputs(job)
-    check_profile_section(job.profile)
-    RunDir(job.run.dir).write_config(job)
-    _print_parent(parent_stage(job))
-    _print_library(distill_stage(job))
-    summary = score_stage(job)
-    out.print(f"scores: {summary.table} ({len(summary.frame)} blocks, {summary.seconds:.0f} s)")
-    _print_profile(profile_stage(job))
-    if job.search.budgets:
-        _print_search(job, search_stage(job, []))
-        _print_child(realize_stage(job))
-    out.print(f"run directory: {job.run.dir}")
+    jobs = load_jobs(config, set_, job_name)
+    for j in jobs:
+        check_inputs(j)
+        check_profile_section(j.profile)
+        if not j.search.budgets:
+            raise ConfigError([f"search.budgets: {_job_label(j)}has none; `puzzle run` needs a budget, "
+                               "e.g. search.budgets: {latency: 0.5x}"], str(config))
+    shared = jobs[0]
+    steps = [("parent", lambda: _print_parent(parent_stage(shared))),
+             ("library (BLD)", lambda: _print_library(distill_stage(shared))),
+             ("scores", lambda: _print_scores(shared, score_stage(shared))),
+             ("profile", lambda: _print_profile(profile_stage(shared)))]
+    for j in jobs:
+        label = _job_label(j)
+        steps += [(f"{label}search", lambda j=j: _print_search(j, search_stage(j, []))),
+                  (f"{label}realize", lambda j=j: _print_child(realize_stage(j))),
+                  (f"{label}global KD", lambda j=j: _print_kd(kd_stage(j))),
+                  (f"{label}eval", lambda j=j: _print_eval(eval_stage(j))),
+                  (f"{label}report", lambda j=j: _print_report(report_stage(j)))]
+    for j in jobs:
+        RunDir.of(j).write_config(j)
+    started = time.time()
+    for n, (name, step) in enumerate(steps, 1):
+        console.rule(f"[bold]stage {n}/{len(steps)}: {name}[/bold] ({time.time() - started:.0f} s so far)")
+        step()
+    for j in jobs:
+        run = RunDir.of(j)
+        out.print(f"{_job_label(j)}child: {run.stage_dir(Stage.kd) / 'checkpoint'}")
+        out.print(f"{_job_label(j)}report: {run.stage_dir(Stage.report) / 'report.html'}")
+    out.print(f"run directory: {shared.run.dir} ({time.time() - started:.0f} s)")
+
+
+def _job_label(job: PuzzleConfig) -> str:
+    return f"job {job.run.job}: " if job.run.job else ""
 
 
 def _print_parent(summary) -> None:
@@ -184,7 +232,7 @@ def distill(
         if code:
             raise PuzzleError(f"distributed distill failed (exit code {code}); see the messages above")
         return
-    RunDir(job.run.dir).write_config(job)
+    RunDir.of(job).write_config(job)
     summary = distill_stage(job)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_library(summary)
@@ -221,8 +269,11 @@ def score(config: ConfigArg, set_: SetOption = None) -> None:
 
     job = load_job(config, set_)
     check_inputs(job)
-    RunDir(job.run.dir).write_config(job)
-    summary = score_stage(job)
+    RunDir.of(job).write_config(job)
+    _print_scores(job, score_stage(job))
+
+
+def _print_scores(job: PuzzleConfig, summary) -> None:
     frame = summary.frame
     table = Table(title=f"best blocks per layer by {job.scoring.metric} ({len(frame)} blocks scored)")
     for column in ("layer", "attention", "ffn", "kl", "lm_loss", "top1"):
@@ -265,7 +316,7 @@ def profile(
     job = load_job(config, overrides)
     check_inputs(job)
     check_profile_section(job.profile)
-    RunDir(job.run.dir).write_config(job)
+    RunDir.of(job).write_config(job)
     summary = profile_stage(job, check_models=check)
     _print_profile(summary)
 
@@ -315,15 +366,20 @@ def search(
         typer.Option(help="Frontier instead of one search: KIND=LOW:HIGH:STEPS, e.g. latency=0.3x:1.0x:8 (other budgets "
                      "held). Writes search/frontier.csv and frontier.png."),
     ] = None,
+    job_name: JobOption = None,
 ) -> None:
     """Choose one block per layer: the best total score within the budgets (MIP, PuLP/CBC).
 
     Reads RUN_DIR/scores and RUN_DIR/profile; writes RUN_DIR/search/solutions.json. The paper's greedy
     search runs on the same inputs and is printed beside the MIP's result.
     """
+    for job in load_jobs(config, set_, job_name):
+        _search_job(job, budget, solutions, min_diff, sweep)
+
+
+def _search_job(job: PuzzleConfig, budget, solutions, min_diff, sweep) -> None:
     from puzzle.search_stage import frontier, search_stage
 
-    job = load_job(config, set_)
     if sweep is not None:
         points, table_file, plot_file = frontier(job, sweep, budget or [])
         table = Table(title=f"frontier {sweep} ({job.search.metric}, lower is better)")
@@ -343,6 +399,7 @@ def realize(
     config: ConfigArg,
     set_: SetOption = None,
     solution: Annotated[Optional[int], typer.Option(help="Index of the solution to build (realize.solution).")] = None,
+    job_name: JobOption = None,
 ) -> None:
     """Build the chosen child from the library and save it as a Hugging Face checkpoint.
 
@@ -352,8 +409,107 @@ def realize(
     """
     from puzzle.realize_stage import realize_stage
 
-    job = load_job(config, set_)
-    _print_child(realize_stage(job, solution))
+    for job in load_jobs(config, set_, job_name):
+        _print_child(realize_stage(job, solution))
+
+
+@app.command()
+def kd(
+    config: ConfigArg,
+    set_: SetOption = None,
+    job_name: JobOption = None,
+    num_processes: Annotated[
+        int,
+        typer.Option("--num-processes", help="Train on N processes (torch.distributed; each takes an equal share of "
+                     "every batch). Under torchrun or `accelerate launch` leave it at 1."),
+    ] = 1,
+) -> None:
+    """Global knowledge distillation of the realized child against the parent.
+
+    Loss: kd.kl_weight · KL(parent ‖ child) + kd.cosine_weight · Σ layers (1 − cos) of hidden states
+    (+ kd.lm_weight · LM loss). Writes RUN_DIR/kd/checkpoint in the child's format; resumable after a kill.
+    """
+    from puzzle.distributed import relaunch
+    from puzzle.kd_stage import kd_stage
+    from puzzle.stages import check_inputs
+
+    jobs = load_jobs(config, set_, job_name)
+    for j in jobs:
+        check_inputs(j)
+    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        argv = ["kd", str(config)] + [arg for s in (set_ or []) for arg in ("--set", s)] + (["--job", job_name] if job_name else [])
+        code = relaunch(num_processes, argv)
+        if code:
+            raise PuzzleError(f"distributed KD failed (exit code {code}); see the messages above")
+        return
+    for j in jobs:
+        summary = kd_stage(j)
+        if int(os.environ.get("RANK", "0")) == 0:
+            _print_kd(summary, _job_label(j))
+
+
+def _print_kd(summary, label: str = "") -> None:
+    table = Table(title=f"{label}global KD: {summary.steps} steps, {summary.tokens:,} tokens (held-out losses)")
+    for column in ("loss", "before", "after"):
+        table.add_column(column, justify="right")
+    for k in ("kl", "cosine", "lm", "total"):
+        table.add_row(k, f"{summary.before[k]:.4f}", f"{summary.after[k]:.4f}")
+    out.print(table)
+    out.print(f"distilled child: {summary.directory} ({summary.seconds:.0f} s)")
+
+
+@app.command("eval")
+def eval_command(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None) -> None:
+    """Parent, child and distilled child side by side: KL to the parent, perplexity, top-1 agreement, size,
+    and prefill/decode speed measured here next to the cost model's prediction.
+
+    lm-evaluation-harness tasks (eval.tasks) run on every model when it is installed. Writes
+    RUN_DIR/eval/results.json and results.csv.
+    """
+    from puzzle.eval_stage import eval_stage
+    from puzzle.stages import check_inputs
+
+    for j in load_jobs(config, set_, job_name):
+        check_inputs(j)
+        _print_eval(eval_stage(j), _job_label(j))
+
+
+def _print_eval(summary, label: str = "") -> None:
+    s = summary.scenario
+    table = Table(title=f"{label}evaluation: {summary.validation_tokens:,} held-out tokens; speed on {summary.device} at "
+                        f"batch {s.batch_size}, prefill {s.prefill_length}, decode {s.decode_length}")
+    for column in ("model", "params", "KL", "perplexity", "top-1", "prefill tok/s", "decode tok/s",
+                   "speedup measured", "speedup predicted"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for m in summary.models:
+        predicted = summary.speedup(m.name, "predicted")
+        table.add_row(
+            m.name, f"{m.parameters:,}", f"{m.kl:.4f}", f"{m.perplexity:.2f}", f"{m.top1:.1%}",
+            f"{m.prefill_tokens_per_second:,.0f}", f"{m.decode_tokens_per_second:,.0f}",
+            f"{summary.speedup(m.name, 'measured'):.2f}x", "n/a" if predicted is None else f"{predicted:.2f}x",
+        )
+    out.print(table)
+    for m in summary.models:
+        for task, metrics in m.tasks.items():
+            out.print(f"{m.name} {task}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    out.print(f"results: {summary.file} ({summary.seconds:.0f} s)")
+
+
+@app.command()
+def report(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None) -> None:
+    """Write the run's report: RUN_DIR/report/report.html (self-contained) and report.md with its plots.
+
+    The child's architecture per layer, the quality/cost frontier with the child marked, the KD curve,
+    and the parent-vs-child table (quality, parameters, memory, predicted and measured speed).
+    """
+    from puzzle.report import report_stage
+
+    for j in load_jobs(config, set_, job_name):
+        _print_report(report_stage(j))
+
+
+def _print_report(summary) -> None:
+    out.print(f"report: {summary.html} (markdown: {summary.markdown}; {len(summary.plots)} plots)")
 
 
 def _print_child(summary) -> None:
@@ -399,6 +555,11 @@ def _print_search(job, outcome) -> None:
 
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # The stages draw their own progress bars; transformers' per-file loading bars would interleave.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         app()
     except ConfigError as e:

@@ -32,6 +32,11 @@ class Section(BaseModel):
 class RunSection(Section):
     dir: Path = Field(Path("runs/default"), description="Run directory: one folder per stage, see docs/run-directory.md.")
     seed: int = Field(0, description="Seed for every random choice of the run (data order, initializations).")
+    job: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Name of this job: its search, child, kd, eval and report go to run.dir/jobs/NAME, sharing "
+        "the run's library, scores and profile with other jobs. Set for each entry of a file's `jobs:` mapping.",
+    )
 
 
 class ParentSection(Section):
@@ -148,18 +153,32 @@ class RealizeSection(Section):
 
 
 class KdSection(TrainingSchedule):
-    tokens: int = Field(1_048_576, ge=1, description="Training tokens of global distillation.")
+    child: str | None = Field(
+        None, description="Child checkpoint to distill; defaults to the one this job realized (RUN_DIR/child/checkpoint)."
+    )
+    tokens: int = Field(1_048_576, ge=1, description="Training tokens of global distillation (data.sequence_length per block).")
     learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW, no weight decay).")
     kl_weight: float = Field(1.0, ge=0, description="Weight of KL(parent ‖ child) on logits.")
     cosine_weight: float = Field(1.0, ge=0, description="Weight of Σ (1 − cos) over layer hidden states.")
     lm_weight: float = Field(0.0, ge=0, description="Weight of the LM loss (off by default: it hurt in the paper).")
+    eval_blocks: int = Field(8, ge=1, description="Held-out blocks for the loss before and after distillation.")
+
+    @pydantic.model_validator(mode="after")
+    def _some_loss(self) -> KdSection:
+        if self.kl_weight == self.cosine_weight == self.lm_weight == 0:
+            raise ValueError("kd.kl_weight, kd.cosine_weight and kd.lm_weight are all 0: nothing to train on")
+        return self
 
 
 class EvalSection(Section):
     validation_blocks: int = Field(32, ge=1, description="Held-out blocks for KL, perplexity and agreement.")
     batch_size: int = Field(4, ge=1, description="Blocks per forward pass.")
-    tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks, when it is installed.")
-    kv_dtype: Literal["model", "fp8"] = Field("model", description="Simulate an FP8 KV cache during eval.")
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks run on parent and child (needs `pip install lm-eval`)."
+    )
+    task_limit: int | None = Field(None, ge=1, description="Examples per lm-evaluation-harness task (all when unset).")
+    speed_warmup: int = Field(1, ge=0, description="Untimed generations before the speed is measured.")
+    speed_repeats: int = Field(5, ge=1, description="Timed generations; the medians are reported.")
 
 
 class PuzzleConfig(Section):
@@ -283,6 +302,68 @@ def load_config(
 ) -> Section:
     raw = apply_overrides(read_yaml(path), overrides or [])
     return validate(raw, model, str(path))
+
+
+# What each job of a multi-job file may set; the other sections are shared by all jobs of the run.
+JOB_SECTIONS = ("search", "realize", "kd", "eval")
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _job_raws(raw: dict[str, Any]) -> tuple[list[tuple[str | None, dict[str, Any]]], list[str]]:
+    """The file's jobs, each as the shared sections merged with its own, and problems with the `jobs` key."""
+    if "jobs" not in raw:
+        return [(None, raw)], []
+    jobs, base = raw["jobs"], {k: v for k, v in raw.items() if k != "jobs"}
+    example = "e.g. jobs: {half: {search: {budgets: {latency: 0.5x}}}}"
+    if not isinstance(jobs, dict) or not jobs:
+        return [], [f"jobs: got {jobs!r}; expected a mapping of job names to the sections they set, {example}"]
+    out, problems = [], []
+    for name, body in jobs.items():
+        body = {} if body is None else body
+        if not isinstance(body, dict):
+            problems.append(f"jobs.{name}: got {body!r}; expected a mapping of sections, {example}")
+            continue
+        for key in body:
+            if key not in JOB_SECTIONS:
+                problems.append(
+                    f"jobs.{name}.{key}: a job can set only {', '.join(JOB_SECTIONS)}; '{key}' is shared by every "
+                    "job of the run, set it once at the top level"
+                )
+        merged = _merge(base, body)
+        merged["run"] = {**(merged.get("run") or {}), "job": str(name)}
+        out.append((str(name), merged))
+    return out, problems
+
+
+def load_jobs(path: str | Path, overrides: list[str] | None = None) -> list[PuzzleConfig]:
+    """Every job of a job file: one, or one per entry of its `jobs:` mapping (all validated together)."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    jobs, problems = _job_raws(raw)
+    per_job: list[list[str]] = []
+    configs = []
+    for _, job_raw in jobs:
+        try:
+            configs.append(validate(job_raw, PuzzleConfig, str(path)))
+            per_job.append([])
+        except ConfigError as e:
+            per_job.append(e.problems)
+    # A problem in the shared sections shows up in every job: report it once, without a job name.
+    shared = set.intersection(*(set(p) for p in per_job)) if per_job else set()
+    problems += sorted(shared, key=per_job[0].index) if shared else []
+    for (name, _), found in zip(jobs, per_job):
+        problems += [f"jobs.{name}: {p}" for p in found if p not in shared]
+    if problems:
+        raise ConfigError(problems, str(path))
+    return configs
 
 
 def dump_config(config: Section) -> str:

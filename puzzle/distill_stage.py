@@ -120,7 +120,7 @@ def distill_stage(config: PuzzleConfig) -> LibrarySummary:
 
     started = time.time()
     w = workers()
-    run = RunDir(config.run.dir)
+    run = RunDir.of(config)
     lib_dir = run.stage_dir(Stage.library)
     stage_key = fingerprint(config, ("run.seed", "parent", "data", "library", "bld"))
     lock = run.stage(Stage.library, stage_key) if w.is_main else run.lock(Stage.library, suffix=f"rank{w.rank}")
@@ -209,7 +209,7 @@ def _train_shard(config, parent, shard, lib_dir, entry_key, w: Workers, total: i
     adapter = parent.adapter
     job = prepare_bld(config, parent, shard)
     steps = job.settings.steps
-    checkpoint = lib_dir / ".bld" / f"rank{w.rank}-of{w.world}"
+    checkpoint = lib_dir / ".bld" / f"{entry_key}-rank{w.rank}-of{w.world}"
     with progress_bar() as bar:
         # Rank 0 draws the bar for everyone: ranks step in lockstep, each over its shard.
         task = bar.add_task(f"BLD {total} candidates", total=steps * total, status="", visible=w.is_main)

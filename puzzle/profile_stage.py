@@ -84,7 +84,7 @@ def profile_stage(config: PuzzleConfig, check_models: int = 0) -> ProfileSummary
     section = config.profile
     check_profile_section(section)
     scenario = scenario_of(section)
-    run = RunDir(config.run.dir)
+    run = RunDir.of(config)
     lib_dir = run.stage_dir(Stage.library)
     if not (lib_dir / "space.json").is_file():
         raise PuzzleError(f"no library in {lib_dir}; run `puzzle distill` first")

@@ -7,7 +7,9 @@ self-contained modeling file (`modeling_puzzle.py`, torch and transformers only)
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -118,6 +120,44 @@ def build_child(parent, library: Library, choices: list[LayerChoice]) -> modelin
     return child.to(next(parent.model.parameters()).dtype).eval()
 
 
+def write_checkpoint(directory: Path, model: modeling.DeciLMForCausalLM, parent, info: dict) -> None:
+    """A child checkpoint, whole or not at all: weights, config, tokenizer, generation config, modeling file."""
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp)
+        parent.tokenizer.save_pretrained(tmp)
+        if parent.model.generation_config is not None:
+            parent.model.generation_config.save_pretrained(tmp)
+        shutil.copyfile(modeling.__file__, tmp / "modeling_puzzle.py")
+        (tmp / "puzzle_child.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_child(directory: Path, dtype: torch.dtype | None = None, device="cpu") -> modeling.DeciLMForCausalLM:
+    """A child checkpoint through the project's own modeling code (no remote code is run)."""
+    if not (directory / "config.json").is_file():
+        raise PuzzleError(f"{directory} is not a child checkpoint (no config.json)")
+    model = modeling.DeciLMForCausalLM.from_pretrained(directory, dtype=dtype)
+    return model.to(device).eval()
+
+
+def checkpoint_parameters(directory: Path) -> int:
+    """Parameter count from the safetensors headers, without loading the weights."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+def parent_parameters(config: PuzzleConfig) -> int:
+    local = Path(config.parent.path)
+    if local.is_dir():
+        return checkpoint_parameters(local)
+    return sum(p.numel() for p in load_parent(config.parent).model.parameters())
+
+
 @dataclass(frozen=True)
 class RealizeSummary:
     directory: Path
@@ -128,9 +168,16 @@ class RealizeSummary:
     seconds: float
 
 
+def _summary(directory: Path, parent_parameters: int, seconds: float) -> RealizeSummary:
+    info = json.loads((directory / "puzzle_child.json").read_text())
+    choices = [LayerChoice(spec_from_id(x["attention"]), spec_from_id(x["ffn"]), x["coupled"]) for x in info["layers"]]
+    engines = [EngineVerdict(**e) for e in info["engines"]]
+    return RealizeSummary(directory, choices, checkpoint_parameters(directory), parent_parameters, engines, seconds)
+
+
 def realize_stage(config: PuzzleConfig, solution: int | None = None) -> RealizeSummary:
     started = time.time()
-    run = RunDir(config.run.dir)
+    run = RunDir.of(config)
     index = config.realize.solution if solution is None else solution
     solutions_file = run.stage_dir(Stage.search) / "solutions.json"
     if not solutions_file.is_file():
@@ -139,26 +186,21 @@ def realize_stage(config: PuzzleConfig, solution: int | None = None) -> RealizeS
     if not 0 <= index < len(found):
         raise PuzzleError(f"solution {index} does not exist: the search found {len(found)} (indices 0..{len(found) - 1})")
     choices = [parse_block(layer["block"]) for layer in found[index]["layers"]]
-    key = fingerprint(config, ("parent", "search")) + f"-solution{index}-" + str(solutions_file.stat().st_mtime_ns)
+    # The solution's content, not the file's time: an identical re-search leaves the child (and KD) valid.
+    key = fingerprint(config, ("parent", "library")) + f"-{run.done_fingerprint(Stage.library)}-" + hashlib.sha256(
+        json.dumps(found[index]["layers"]).encode()).hexdigest()[:16]
+    directory = run.stage_dir(Stage.child) / "checkpoint"
+    if run.is_done(Stage.child, key) and directory.is_dir():
+        return _summary(directory, parent_parameters(config), time.time() - started)
     with run.stage(Stage.child, key) as record:
         parent = load_parent(config.parent)
         library = Library(run.stage_dir(Stage.library), parent.adapter)
         child = build_child(parent, library, choices)
         engines = servability(child.config)
-        directory = run.stage_dir(Stage.child) / "checkpoint"
-        with atomic_dir(directory) as tmp:
-            child.save_pretrained(tmp)
-            parent.tokenizer.save_pretrained(tmp)
-            if parent.model.generation_config is not None:
-                parent.model.generation_config.save_pretrained(tmp)
-            shutil.copyfile(modeling.__file__, tmp / "modeling_puzzle.py")
-            (tmp / "puzzle_child.json").write_text(json.dumps({
-                "solution": index,
-                "layers": [{"attention": c.attention.id, "ffn": c.ffn.id, "coupled": c.coupled} for c in choices],
-                "engines": [e.__dict__ for e in engines],
-            }, indent=2) + "\n")
+        write_checkpoint(directory, child, parent, {
+            "solution": index,
+            "layers": [{"attention": c.attention.id, "ffn": c.ffn.id, "coupled": c.coupled} for c in choices],
+            "engines": [e.__dict__ for e in engines],
+        })
         record.outputs = {"checkpoint": "checkpoint", "solution": index}
-    return RealizeSummary(
-        directory, choices, sum(p.numel() for p in child.parameters()),
-        sum(p.numel() for p in parent.model.parameters()), engines, time.time() - started,
-    )
+    return _summary(directory, sum(p.numel() for p in parent.model.parameters()), time.time() - started)

@@ -3,6 +3,8 @@
     RUN_DIR/
       config.yaml              the resolved config of the latest command (all defaults filled in)
       <stage>/                 parent, library, scores, profile, search, child, kd, eval, report
+      jobs/<name>/<stage>/     search, child, kd, eval, report of a named job (run.job); the jobs of
+                               one run share its parent, library, scores and profile
         manifest.json          status (running | done | failed), timestamps, versions, config
                                fingerprint of the sections the stage depends on, outputs
         .lock                  held (flock) while a process writes the stage
@@ -41,6 +43,10 @@ class Stage(str, enum.Enum):
     kd = "kd"
     eval = "eval"
     report = "report"
+
+
+# The stages a job owns; the others are shared by every job of a run directory.
+JOB_STAGES = frozenset({Stage.search, Stage.child, Stage.kd, Stage.eval, Stage.report})
 
 
 class Status(str, enum.Enum):
@@ -93,11 +99,23 @@ class StageRecord:
 
 
 class RunDir:
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, job: str | None = None):
         self.path = Path(path)
+        self.job = job
+
+    @classmethod
+    def of(cls, config: PuzzleConfig) -> RunDir:
+        return cls(config.run.dir, config.run.job)
 
     def stage_dir(self, stage: Stage) -> Path:
+        if self.job is not None and stage in JOB_STAGES:
+            return self.path / "jobs" / self.job / stage.value
         return self.path / stage.value
+
+    def done_fingerprint(self, stage: Stage) -> str | None:
+        """The fingerprint a finished stage was made with: downstream stages include it in their own."""
+        m = self.manifest(stage)
+        return m["fingerprint"] if m is not None and m["status"] == Status.done.value else None
 
     def manifest(self, stage: Stage) -> dict[str, Any] | None:
         file = self.stage_dir(stage) / "manifest.json"
@@ -114,7 +132,8 @@ class RunDir:
         return m is not None and m["status"] == Status.done.value and m["fingerprint"] == config_fingerprint
 
     def write_config(self, config: PuzzleConfig) -> None:
-        atomic_write_text(self.path / "config.yaml", dump_config(config))
+        folder = self.path if self.job is None else self.path / "jobs" / self.job
+        atomic_write_text(folder / "config.yaml", dump_config(config))
 
     @contextlib.contextmanager
     def lock(self, stage: Stage, suffix: str | None = None) -> Iterator[None]:

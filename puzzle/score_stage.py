@@ -43,7 +43,7 @@ def layer_blocks(library: Library, layer: int) -> list[tuple[str, str, bool]]:
 
 def score_stage(config: PuzzleConfig) -> ScoreSummary:
     started = time.time()
-    run = RunDir(config.run.dir)
+    run = RunDir.of(config)
     lib_dir = run.stage_dir(Stage.library)
     if not (lib_dir / "space.json").is_file():
         raise PuzzleError(f"no library in {lib_dir}; run `puzzle distill` first")

@@ -47,7 +47,7 @@ def _read(path: Path, command: str) -> pd.DataFrame:
 def build_problem(config: PuzzleConfig, profile: pd.DataFrame | None = None,
                   scenario: Scenario | None = None) -> SearchProblem:
     """Blocks with scores and costs; the profile and scenario default to the run's profile stage."""
-    run = RunDir(config.run.dir)
+    run = RunDir.of(config)
     scores = _read(run.stage_dir(Stage.scores) / "scores.csv", "score")
     if profile is None:
         profile = _read(run.stage_dir(Stage.profile) / "profile.csv", "profile")
@@ -139,7 +139,7 @@ def _problems(config: PuzzleConfig) -> list[tuple[int, SearchProblem]]:
         return [(problem.scenario.batch_size, problem)]
     check_profile_section(config.profile)
     parent = load_parent(config.parent)
-    library = Library(RunDir(config.run.dir).stage_dir(Stage.library), parent.adapter)
+    library = Library(RunDir.of(config).stage_dir(Stage.library), parent.adapter)
     out = []
     for batch in config.search.batch_sizes:
         scenario = replace(scenario_of(config.profile), batch_size=batch)
@@ -191,7 +191,7 @@ def search_stage(config: PuzzleConfig, budget_texts: list[str], solutions: int |
         notes.append("batch sizes: " + ", ".join(
             f"{b.batch_size}: {'infeasible' if b.objective is None else f'{b.objective:.4g}'}" for b in batches
         ) + f"; best at batch size {batch}")
-    run = RunDir(config.run.dir)
+    run = RunDir.of(config)
     key = fingerprint(config, ("search", "scoring", "profile")) + "-" + ",".join(texts)
     with run.stage(Stage.search, key) as record:
         file = run.stage_dir(Stage.search) / "solutions.json"
@@ -255,8 +255,8 @@ def parse_sweep(text: str) -> list[str]:
     return [f"{kind}={v:.6g}{unit}" for v in values]
 
 
-def frontier(config: PuzzleConfig, sweep_text: str, budget_texts: list[str]) -> tuple[list[FrontierPoint], Path, Path]:
-    """Best predicted quality at each budget of the sweep (other budgets held), as a table and a plot."""
+def frontier_points(config: PuzzleConfig, sweep_text: str, budget_texts: list[str]) -> tuple[list[FrontierPoint], float]:
+    """Best predicted quality at each budget of the sweep (other budgets held), and the parent's swept cost."""
     problem = build_problem(config)
     others = [parse_budget(t) for t in [f"{k}={v}" for k, v in config.search.budgets.items()] + list(budget_texts)]
     points = []
@@ -272,17 +272,23 @@ def frontier(config: PuzzleConfig, sweep_text: str, budget_texts: list[str]) -> 
             objective = used = None
         g = greedy(layers=problem.layers, limits=limits, fixed=fixed)
         points.append(FrontierPoint(text, limits[quantity], objective, used, g.objective if g else None))
-    run = RunDir(config.run.dir)
-    directory = run.stage_dir(Stage.search)
+    return points, problem.parent_totals[QUANTITY[parse_budget(parse_sweep(sweep_text)[0]).kind]]
+
+
+def frontier(config: PuzzleConfig, sweep_text: str, budget_texts: list[str]) -> tuple[list[FrontierPoint], Path, Path]:
+    """`frontier_points` written as search/frontier.csv and plotted as search/frontier.png."""
+    points, parent_cost = frontier_points(config, sweep_text, budget_texts)
+    directory = RunDir.of(config).stage_dir(Stage.search)
     table, plot = directory / "frontier.csv", directory / "frontier.png"
     with atomic_path(table) as tmp:
         pd.DataFrame([p.__dict__ for p in points]).to_csv(tmp, index=False)
-    _plot(points, problem.parent_totals[QUANTITY[parse_budget(parse_sweep(sweep_text)[0]).kind]], sweep_text,
-          config.search.metric, plot)
+    plot_frontier(points, parent_cost, sweep_text, config.search.metric, plot)
     return points, table, plot
 
 
-def _plot(points: list[FrontierPoint], parent_cost: float, title: str, metric: str, path: Path) -> None:
+def plot_frontier(points: list[FrontierPoint], parent_cost: float, title: str, metric: str, path: Path,
+                  chosen: tuple[float, float] | None = None) -> None:
+    """MIP and greedy objectives against cost; `chosen` marks a (cost ratio, objective) point, e.g. the child."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,6 +302,8 @@ def _plot(points: list[FrontierPoint], parent_cost: float, title: str, metric: s
     if grd:
         ax.plot(*zip(*grd), "s--", alpha=0.7, label="greedy (budget limit)")
     ax.plot([1.0], [0.0], "k*", markersize=12, label="parent")
+    if chosen is not None:
+        ax.plot([chosen[0]], [chosen[1]], "rD", markersize=9, label="this child")
     ax.set_xlabel("cost (ratio of the parent)")
     ax.set_ylabel(f"predicted damage (sum of block {metric})")
     ax.set_title(f"frontier: {title}")

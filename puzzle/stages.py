@@ -17,6 +17,8 @@ from puzzle.config import PuzzleConfig
 from puzzle.data import check_files, job_blocks
 from puzzle.distill_stage import layer_spaces
 from puzzle.errors import ConfigError, PuzzleError
+from puzzle.eval_stage import eval_problems
+from puzzle.kd_stage import kd_problems
 from puzzle.families import parent_shapes
 from puzzle.parents import load_parent, parent_config
 from puzzle.rundir import RunDir, Stage, fingerprint
@@ -42,7 +44,7 @@ def preflight(config: PuzzleConfig) -> list[str]:
             problems.append(str(e))
     if config.data.tokenizer is not None and not Path(config.data.tokenizer).is_dir():
         problems.append(f"data.tokenizer: {config.data.tokenizer!r} is not a directory")
-    return problems
+    return problems + kd_problems(config) + eval_problems(config)
 
 
 def check_inputs(config: PuzzleConfig) -> None:
@@ -96,7 +98,7 @@ def validation_loss(adapter, blocks: torch.Tensor, batch_size: int) -> tuple[flo
 
 def parent_stage(config: PuzzleConfig) -> ParentSummary:
     """Load the parent through its family adapter and measure it on the held-out text."""
-    run = RunDir(config.run.dir)
+    run = RunDir.of(config)
     key = fingerprint(config, ("parent", "data", "eval"))
     summary_file = run.stage_dir(Stage.parent) / "summary.json"
     if run.is_done(Stage.parent, key):

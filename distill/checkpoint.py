@@ -1,0 +1,61 @@
+"""Resumable training state shared by BLD and KD: weights and AdamW moments as safetensors, no pickles.
+
+A checkpoint is a directory replaced atomically, so a kill at any moment leaves the previous one whole.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from blocks.io import atomic_dir
+
+
+@dataclass
+class TrainingState:
+    step: int = 0
+    initial: dict[str, float] = field(default_factory=dict)
+    train_loss: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for param, state in optimizer.state.items():
+        for k, v in state.items():
+            out[f"{names[param]}::{k}"] = v.detach().clone().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
+    return out
+
+
+def save_checkpoint(directory: Path, modules: nn.ModuleDict, optimizer, state: TrainingState, tag: str) -> None:
+    """`tag` names the settings the state was trained with; only the same tag resumes from it."""
+    names = {p: n for n, p in modules.named_parameters()}
+    with atomic_dir(directory) as tmp:
+        save_file({k: v.contiguous() for k, v in modules.state_dict().items()}, tmp / "weights.safetensors")
+        save_file(_optimizer_tensors(optimizer, names), tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(
+            json.dumps({"tag": tag, "step": state.step, "keys": list(modules.keys()), "initial": state.initial,
+                        "train_loss": state.train_loss})
+        )
+
+
+def load_checkpoint(directory: Path, modules: nn.ModuleDict, optimizer, tag: str) -> TrainingState | None:
+    """The saved state if it belongs to these modules and settings; None otherwise (training starts over)."""
+    state_file = directory / "state.json"
+    if not state_file.is_file():
+        return None
+    saved = json.loads(state_file.read_text())
+    if saved.get("tag") != tag or saved["keys"] != list(modules.keys()):
+        return None
+    modules.load_state_dict(load_file(directory / "weights.safetensors"))
+    tensors = load_file(directory / "optimizer.safetensors")
+    for name, param in modules.named_parameters():
+        entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
+        if entries:
+            entries["step"] = entries["step"].reshape(())
+            optimizer.state[param] = entries
+    return TrainingState(saved["step"], saved["initial"], saved["train_loss"])

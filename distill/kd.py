@@ -1,0 +1,146 @@
+"""Global knowledge distillation of the assembled child against the parent (DESIGN §9).
+
+Loss = kl_weight · KL(parent ‖ child) on next-token distributions
+     + cosine_weight · Σ over layers of mean(1 − cos(h_child, h_parent)) on the residual stream
+     + lm_weight · next-token cross-entropy (off by default: it hurt in the paper).
+
+Every child keeps the parent's layer count (a removed block passes its input on), so layer i of the
+child is compared with layer i of the parent. The parent runs under no_grad through its family adapter
+(`parent_states`, passed in: distill does not import puzzle). Multi-process: every rank takes an equal
+share of each batch and DistributedDataParallel averages the gradients, so N processes take the same
+steps as one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from distill.schedule import batch_indices, warmup_cosine
+
+# (hidden states: the residual stream entering each layer and leaving the last, logits) of the parent.
+ParentStates = Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class KdSettings:
+    learning_rate: float
+    schedule: str  # "cosine" | "constant"
+    warmup_fraction: float
+    steps: int
+    batch_size: int
+    seed: int
+    checkpoint_every: int
+    kl_weight: float
+    cosine_weight: float
+    lm_weight: float
+
+
+@dataclass(frozen=True)
+class KdLosses:
+    total: torch.Tensor
+    kl: torch.Tensor
+    cosine: torch.Tensor
+    lm: torch.Tensor
+
+
+@dataclass(frozen=True)
+class KdOutcome:
+    before: dict[str, float]  # held-out losses of the child as it came in (total, kl, cosine, lm)
+    after: dict[str, float]
+    train_loss: dict[str, list[float]]  # per step
+
+
+def kl_divergence(parent_logits: torch.Tensor, child_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(parent ‖ child)."""
+    p = F.log_softmax(parent_logits.float(), dim=-1)
+    q = F.log_softmax(child_logits.float(), dim=-1)
+    return F.kl_div(q.flatten(0, -2), p.flatten(0, -2), log_target=True, reduction="batchmean")
+
+
+def cosine_loss(child_states, parent_states) -> torch.Tensor:
+    """Σ over layer outputs of the mean (1 − cosine) between the child's and the parent's residual stream."""
+    return sum(
+        (1 - F.cosine_similarity(c.float(), p.float(), dim=-1)).mean()
+        for c, p in zip(child_states[1:], parent_states[1:], strict=True)
+    )
+
+
+def kd_losses(child: nn.Module, parent_states: ParentStates, input_ids: torch.Tensor, s: KdSettings) -> KdLosses:
+    with torch.no_grad():
+        p_states, p_logits = parent_states(input_ids)
+    out = child(input_ids, use_cache=False, output_hidden_states=True)
+    kl = kl_divergence(p_logits, out.logits)
+    cos = cosine_loss(out.hidden_states, p_states)
+    logits = out.logits[:, :-1].float()
+    lm = F.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten())
+    total = s.kl_weight * kl + s.cosine_weight * cos + s.lm_weight * lm
+    return KdLosses(total, kl, cos, lm)
+
+
+@torch.no_grad()
+def evaluate(child: nn.Module, parent_states: ParentStates, blocks: torch.Tensor, s: KdSettings) -> dict[str, float]:
+    """Mean of each loss term over held-out blocks."""
+    sums = {"total": 0.0, "kl": 0.0, "cosine": 0.0, "lm": 0.0}
+    batches = 0
+    for start in range(0, len(blocks), s.batch_size):
+        losses = kd_losses(child, parent_states, blocks[start : start + s.batch_size], s)
+        for k in sums:
+            sums[k] += getattr(losses, k).item()
+        batches += 1
+    return {k: v / batches for k, v in sums.items()}
+
+
+def learning_rate(step: int, s: KdSettings) -> float:
+    return warmup_cosine(step, s.steps, s.learning_rate, round(s.warmup_fraction * s.steps), cosine=s.schedule == "cosine")
+
+
+def distill(
+    child: nn.Module,
+    parent_states: ParentStates,
+    train_blocks: torch.Tensor,
+    eval_blocks: torch.Tensor,
+    settings: KdSettings,
+    checkpoint_dir: Path,
+    rank: int = 0,
+    world: int = 1,
+    on_step: Callable[[int, dict[str, float]], None] = lambda step, losses: None,
+) -> KdOutcome:
+    """Train every parameter of `child` for `settings.steps` steps; resumes from `checkpoint_dir` if it can."""
+    if settings.batch_size % world:
+        raise ValueError(f"batch size {settings.batch_size} does not split over {world} processes")
+    trained = nn.ModuleDict({"child": child})
+    optimizer = torch.optim.AdamW(child.parameters(), lr=settings.learning_rate, weight_decay=0.0)
+    state = load_checkpoint(checkpoint_dir, trained, optimizer, tag=repr(settings))
+    if state is None:
+        child.eval()
+        state = TrainingState(initial=evaluate(child, parent_states, eval_blocks, settings),
+                              train_loss={k: [] for k in ("total", "kl", "cosine", "lm")})
+    model = child
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(child)
+    child.train()
+    share = settings.batch_size // world
+    while state.step < settings.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(state.step, settings)
+        batch = train_blocks[batch_indices(state.step, len(train_blocks), settings.batch_size, settings.seed)]
+        losses = kd_losses(model, parent_states, batch[rank * share : (rank + 1) * share], settings)
+        losses.total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        values = {k: round(getattr(losses, k).item(), 6) for k in state.train_loss}
+        for k, v in values.items():
+            state.train_loss[k].append(v)
+        state.step += 1
+        on_step(state.step, values)
+        if rank == 0 and state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
+            save_checkpoint(checkpoint_dir, trained, optimizer, state, tag=repr(settings))
+    child.eval()
+    return KdOutcome(state.initial, evaluate(child, parent_states, eval_blocks, settings), state.train_loss)
