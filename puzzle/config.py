@@ -142,6 +142,13 @@ class SearchSection(Section):
         default_factory=dict, description="Budgets, e.g. {latency: 0.5x, memory: 40GiB, params: 2.5M}."
     )
     metric: Metric = Field("kl", description="Objective.")
+    method: Literal["mip", "greedy", "shortgpt", "llm-drop", "uniform-ffn", "random"] = Field(
+        "mip",
+        description="How the architecture is chosen: mip (Puzzle), or a baseline on the same scores, profile and "
+        "budgets: greedy (the paper's greedy search), shortgpt (drop whole layers by Block Influence), llm-drop "
+        "(drop attention by Block Influence), uniform-ffn (one library FFN width in every layer), random "
+        "(seeded by run.seed).",
+    )
     solver: Literal["cbc", "highs"] = Field("cbc", description="MIP solver behind PuLP.")
     solutions: int = Field(1, ge=1, description="Number of diverse solutions.")
     min_diff: int = Field(1, ge=1, description="Layers in which each solution differs from every earlier one.")

@@ -13,9 +13,11 @@ from blocks.errors import PuzzleError
 from blocks.io import atomic_path, atomic_write_json
 from distill.library import Library
 from puzzle.config import PuzzleConfig
+from puzzle.importance import BlockInfluence, job_block_influence
 from puzzle.parents import load_parent
 from puzzle.profile_stage import check_profile_section, cost_rows, scenario_of
 from puzzle.rundir import RunDir, Stage, fingerprint
+from search import baselines
 from search.budgets import Budget, BudgetKind, parse_budget
 from search.mip import Block, InfeasibleBudget, Solution, greedy, solve
 
@@ -148,6 +150,21 @@ def _problems(config: PuzzleConfig) -> list[tuple[int, SearchProblem]]:
     return out
 
 
+def _choose(config: PuzzleConfig, problem: SearchProblem, limits, labels, solutions: int, min_diff: int,
+            influence: BlockInfluence | None) -> list[Solution]:
+    """The one place search.method is dispatched; every method answers with the same Solution type."""
+    common = dict(layers=problem.layers, limits=limits, fixed={k: problem.fixed[k] for k in limits}, labels=labels)
+    methods = {
+        "mip": lambda: solve(**common, solutions=solutions, min_diff=min_diff, solver=config.search.solver),
+        "greedy": lambda: [baselines.greedy_search(**common)],
+        "shortgpt": lambda: [baselines.shortgpt(**common, layer_influence=influence.layer)],
+        "llm-drop": lambda: [baselines.llm_drop(**common, attention_influence=influence.attention)],
+        "uniform-ffn": lambda: [baselines.uniform_ffn(**common)],
+        "random": lambda: [baselines.random_search(**common, seed=config.run.seed)],
+    }
+    return methods[config.search.method]()
+
+
 def search_stage(config: PuzzleConfig, budget_texts: list[str], solutions: int | None = None,
                  min_diff: int | None = None) -> SearchOutcome:
     started = time.time()
@@ -155,16 +172,16 @@ def search_stage(config: PuzzleConfig, budget_texts: list[str], solutions: int |
     if not texts:
         raise PuzzleError("no budget given: pass --budget KIND=VALUE (e.g. latency=0.5x) or set search.budgets")
     budgets = [parse_budget(t) for t in texts]
+    method, count = config.search.method, solutions or config.search.solutions
+    if method != "mip" and count > 1:
+        raise PuzzleError(f"search.solutions: {count} solutions need search.method=mip; {method} gives one")
+    influence = job_block_influence(config) if method in baselines.NEEDS_INFLUENCE else None
     solve_seconds, batches, best = 0.0, [], None
     for batch, problem in _problems(config):
         limits, labels = budget_limits(budgets, problem)
-        fixed = {k: problem.fixed[k] for k in limits}
         solve_started = time.time()
         try:
-            found = solve(
-                layers=problem.layers, limits=limits, fixed=fixed, solutions=solutions or config.search.solutions,
-                min_diff=min_diff or config.search.min_diff, solver=config.search.solver, labels=labels,
-            )
+            found = _choose(config, problem, limits, labels, count, min_diff or config.search.min_diff, influence)
         except InfeasibleBudget:
             if not config.search.batch_sizes:
                 raise
@@ -192,10 +209,12 @@ def search_stage(config: PuzzleConfig, budget_texts: list[str], solutions: int |
             f"{b.batch_size}: {'infeasible' if b.objective is None else f'{b.objective:.4g}'}" for b in batches
         ) + f"; best at batch size {batch}")
     run = RunDir.of(config)
-    key = fingerprint(config, ("search", "scoring", "profile")) + "-" + ",".join(texts)
+    key = fingerprint(config, ("search", "scoring", "profile", "run.seed")) + f"-{method}-" + ",".join(texts)
     with run.stage(Stage.search, key) as record:
         file = run.stage_dir(Stage.search) / "solutions.json"
-        data = _solutions_json(problem, found, baseline, limits, labels, solve_seconds)
+        data = {"method": method, **_solutions_json(problem, found, baseline, limits, labels, solve_seconds)}
+        if influence is not None:
+            data["block_influence"] = asdict(influence)
         data["batch_size"] = batch
         data["batch_sweep"] = [b.__dict__ for b in batches]
         atomic_write_json(file, data)
