@@ -597,6 +597,8 @@ def main() -> None:
     except PuzzleError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; finished work is kept, run the command again to resume", file=sys.stderr)
-        sys.exit(130)
+    except SystemExit as e:
+        # typer turns Ctrl-C into exit code 130 before it reaches us.
+        if e.code == 130:
+            print("interrupted; finished work is kept, run the command again to resume", file=sys.stderr)
+        raise

@@ -168,7 +168,7 @@ def _frontier(config: PuzzleConfig, solutions: dict, path: Path) -> Path | None:
         return None
     kind = parse_budget(budgets[0]).kind
     sweep = f"{kind.value}=0.2x:1.0x:9"
-    points, parent_cost = frontier_points(config, sweep, budgets[1:])
+    points, parent_cost = frontier_points(config, sweep, [])
     best = solutions["solutions"][0]
     chosen = next(((u["used"] / u["parent"], best["objective"]) for label, u in best.get("usage", {}).items()
                    if QUANTITY[parse_budget(label).kind] == QUANTITY[kind]), None)

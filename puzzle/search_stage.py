@@ -277,7 +277,10 @@ def parse_sweep(text: str) -> list[str]:
 def frontier_points(config: PuzzleConfig, sweep_text: str, budget_texts: list[str]) -> tuple[list[FrontierPoint], float]:
     """Best predicted quality at each budget of the sweep (other budgets held), and the parent's swept cost."""
     problem = build_problem(config)
+    swept_quantity = QUANTITY[parse_budget(parse_sweep(sweep_text)[0]).kind]
     others = [parse_budget(t) for t in [f"{k}={v}" for k, v in config.search.budgets.items()] + list(budget_texts)]
+    # A budget on the swept quantity would cap the sweep; only the other quantities are held.
+    others = [b for b in others if QUANTITY[b.kind] != swept_quantity]
     points = []
     for text in parse_sweep(sweep_text):
         swept = parse_budget(text)
@@ -291,7 +294,7 @@ def frontier_points(config: PuzzleConfig, sweep_text: str, budget_texts: list[st
             objective = used = None
         g = greedy(layers=problem.layers, limits=limits, fixed=fixed)
         points.append(FrontierPoint(text, limits[quantity], objective, used, g.objective if g else None))
-    return points, problem.parent_totals[QUANTITY[parse_budget(parse_sweep(sweep_text)[0]).kind]]
+    return points, problem.parent_totals[swept_quantity]
 
 
 def frontier(config: PuzzleConfig, sweep_text: str, budget_texts: list[str]) -> tuple[list[FrontierPoint], Path, Path]:

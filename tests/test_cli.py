@@ -36,6 +36,7 @@ def job(tmp_path, parent, **changes) -> Path:
         "scoring": {"validation_blocks": 2, "batch_size": 2},
         "profile": {"weight_dtype": "float32", "prefill_length": 16, "decode_length": 4, "warmup": 1, "repeats": 2},
         "search": {"budgets": {"params": "0.7x"}},
+        "kd": {"tokens": 256, "batch_size": 2, "eval_blocks": 2},
     }
     for section, values in changes.items():
         raw.setdefault(section, {}).update(values)
@@ -122,7 +123,7 @@ def test_run_writes_the_parent_stage_and_reuses_it(monkeypatch, capsys, tmp_path
     manifest = json.loads((run / "parent/manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["runs"] == 1
     assert set(manifest["versions"]) >= {"puzzle", "torch", "transformers"}
-    for stage in ("library", "scores", "profile", "search", "child"):
+    for stage in ("library", "scores", "profile", "search", "child", "kd", "eval"):
         assert json.loads((run / stage / "manifest.json").read_text())["status"] == "done"
     summary = json.loads((run / "parent/summary.json").read_text())
     assert summary["model_type"] == "llama" and len(summary["layers"]) == 2
