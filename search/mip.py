@@ -160,7 +160,10 @@ def _solve_once(layers, limits, fixed, earlier: list[Solution], min_diff: int, s
         # A hair of slack: a child that meets a budget exactly (the parent at 1x) must not be lost to the
         # rounding of the coefficients in the solver's input file.
         room = limit * (1 + 1e-9) - fixed.get(k, 0.0)
-        problem += pulp.lpSum(layers[i][b].costs[k] * v for (i, b), v in x.items()) <= room
+        # Rows in units of the limit: CBC's absolute feasibility tolerance (~1e-7) would otherwise swallow
+        # budgets measured in small units, such as roofline seconds of a tiny model.
+        unit = abs(limit) if limit != 0 else 1.0
+        problem += pulp.lpSum(layers[i][b].costs[k] / unit * v for (i, b), v in x.items()) <= room / unit
     for sol in earlier:
         problem += pulp.lpSum(x[i, c] for i, c in enumerate(sol.choice)) <= len(layers) - min_diff
     status = problem.solve(_solver(solver))

@@ -29,6 +29,13 @@ def test_toy_optimum_known_by_hand():
     assert best == (3.0, (1, 1))
 
 
+def test_budgets_in_tiny_units_are_still_enforced():
+    # The toy in units of 1e-8 (seconds of a small model on a big GPU): below the solver's own tolerance.
+    layers = [[Block(b.name, b.score, {"cost": b.costs["cost"] * 1e-8}) for b in options] for options in toy()]
+    [sol] = solve(layers=layers, limits={"cost": 5e-8})
+    assert sol.choice == [1, 1] and sol.usage["cost"].used <= 5e-8 * (1 + 1e-9)
+
+
 def test_fixed_costs_are_taken_off_first():
     [sol] = solve(layers=toy(), limits={"cost": 6}, fixed={"cost": 1})
     assert sol.choice == [1, 1] and sol.usage["cost"].used == 6
