@@ -24,7 +24,7 @@ from torch import nn
 from blocks.init import init_attention, init_ffn
 from blocks.specs import AttentionSpec, FfnSpec
 from distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
-from distill.schedule import batch_indices, warmup_cosine
+from distill.schedule import TrainingSettings, batch_indices
 
 
 @dataclass(frozen=True, order=True)
@@ -51,17 +51,6 @@ class Candidate:
     def module_name(self) -> str:
         """`key` as a submodule name (torch forbids dots there)."""
         return self.key.replace(".", "_")
-
-
-@dataclass(frozen=True)
-class BldSettings:
-    learning_rate: float
-    schedule: str  # "cosine" | "constant"
-    warmup_fraction: float
-    steps: int
-    batch_size: int
-    seed: int
-    checkpoint_every: int
 
 
 @dataclass(frozen=True)
@@ -144,10 +133,6 @@ def normalized_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (prediction - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
 
 
-def learning_rate(step: int, s: BldSettings) -> float:
-    return warmup_cosine(step, s.steps, s.learning_rate, round(s.warmup_fraction * s.steps), cosine=s.schedule == "cosine")
-
-
 @torch.no_grad()
 def evaluate(candidates, modules, adapter, eval_blocks: torch.Tensor, batch_size: int) -> dict[str, float]:
     """Mean normalized MSE of every candidate on held-out blocks, one parent pass per batch."""
@@ -191,7 +176,7 @@ def train_candidates(
     adapter,
     train_blocks: torch.Tensor,
     eval_blocks: torch.Tensor,
-    settings: BldSettings,
+    settings: TrainingSettings,
     checkpoint_dir: Path,
     on_step: Callable[[int, dict[str, float]], None] = lambda step, losses: None,
 ) -> list[CandidateResult]:
@@ -207,7 +192,7 @@ def train_candidates(
     modules.train()
     while state.step < settings.steps:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(state.step, settings)
+            group["lr"] = settings.learning_rate_at(state.step)
         x = train_blocks[batch_indices(state.step, len(train_blocks), settings.batch_size, settings.seed)]
         losses = train_step(candidates, modules, adapter, x, optimizer)
         for key, loss in losses.items():

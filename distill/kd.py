@@ -22,24 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
-from distill.schedule import batch_indices, warmup_cosine
+from distill.schedule import TrainingSettings, batch_indices
 
 # (hidden states: the residual stream entering each layer and leaving the last, logits) of the parent.
 ParentStates = Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]
 
 
 @dataclass(frozen=True)
-class KdSettings:
-    learning_rate: float
-    schedule: str  # "cosine" | "constant"
-    warmup_fraction: float
-    steps: int
-    batch_size: int
-    seed: int
-    checkpoint_every: int
-    kl_weight: float
-    cosine_weight: float
-    lm_weight: float
+class KdSettings(TrainingSettings):
+    kl_weight: float = 1.0
+    cosine_weight: float = 1.0
+    lm_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -97,10 +90,6 @@ def evaluate(child: nn.Module, parent_states: ParentStates, blocks: torch.Tensor
     return {k: v / batches for k, v in sums.items()}
 
 
-def learning_rate(step: int, s: KdSettings) -> float:
-    return warmup_cosine(step, s.steps, s.learning_rate, round(s.warmup_fraction * s.steps), cosine=s.schedule == "cosine")
-
-
 def distill(
     child: nn.Module,
     parent_states: ParentStates,
@@ -129,7 +118,7 @@ def distill(
     share = settings.batch_size // world
     while state.step < settings.steps:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(state.step, settings)
+            group["lr"] = settings.learning_rate_at(state.step)
         batch = train_blocks[batch_indices(state.step, len(train_blocks), settings.batch_size, settings.seed)]
         losses = kd_losses(model, parent_states, batch[rank * share : (rank + 1) * share], settings)
         losses.total.backward()

@@ -6,6 +6,7 @@ Both are pure functions of the step, so a resumed run needs no saved RNG state t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -29,3 +30,20 @@ def batch_indices(step: int, n_blocks: int, batch_size: int, seed: int) -> torch
         perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         out.extend(perm[offset : offset + batch_size - len(out)].tolist())
     return torch.tensor(out)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What a training loop (BLD, KD) needs to know about its schedule; its repr tags resumable checkpoints."""
+
+    learning_rate: float
+    schedule: str  # "cosine" | "constant"
+    warmup_fraction: float
+    steps: int
+    batch_size: int
+    seed: int
+    checkpoint_every: int
+
+    def learning_rate_at(self, step: int) -> float:
+        warmup = round(self.warmup_fraction * self.steps)
+        return warmup_cosine(step, self.steps, self.learning_rate, warmup, cosine=self.schedule == "cosine")

@@ -14,8 +14,9 @@ from blocks.errors import PuzzleError
 from blocks.io import atomic_path
 from blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates
 from blocks.specs import AttentionSpec, FfnKind, FfnSpec, ParentShape, needs_training, spec_from_id
-from distill.bld import BldSettings, Candidate, build_module, ffn_channel_scores, train_candidates
+from distill.bld import Candidate, build_module, ffn_channel_scores, train_candidates
 from distill.library import ENTRY_FORMAT, LayerSpace, init_name, read_entry, write_entry, write_space
+from distill.schedule import TrainingSettings
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.distributed import Workers, workers
@@ -176,7 +177,7 @@ class BldJob:
     modules: nn.ModuleDict
     train: torch.Tensor
     held_out: torch.Tensor
-    settings: BldSettings
+    settings: TrainingSettings
 
 
 def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate]) -> BldJob:
@@ -185,7 +186,7 @@ def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate]) -> Bl
     device = next(parent.model.parameters()).device
     data = job_blocks(config.data, parent.tokenizer)
     steps = math.ceil(bld.tokens_per_candidate / (bld.batch_size * bld.sequence_length))
-    settings = BldSettings(
+    settings = TrainingSettings(
         learning_rate=bld.learning_rate, schedule=bld.schedule, warmup_fraction=bld.warmup_fraction, steps=steps,
         batch_size=bld.batch_size, seed=config.run.seed, checkpoint_every=bld.checkpoint_every,
     )

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import distill.bld as bld
+from distill.schedule import TrainingSettings
 from distill.library import Library
 from puzzle.config import load_config
 from puzzle.distill_stage import bld_candidates, distill_stage, layer_spaces
@@ -151,7 +152,7 @@ def test_one_parent_forward_per_batch_feeds_every_candidate(tiny_parent_dir, tmp
         return embed(ids)
 
     monkeypatch.setattr(adapter, "embed", counting_embed)
-    settings = bld.BldSettings(1e-3, "cosine", 0.0, steps=3, batch_size=2, seed=0, checkpoint_every=100)
+    settings = TrainingSettings(1e-3, "cosine", 0.0, steps=3, batch_size=2, seed=0, checkpoint_every=100)
     blocks = torch.randint(0, 300, (8, 16))
     bld.train_candidates(candidates, modules, adapter, blocks, blocks[:2], settings, tmp_path / "ckpt")
     assert len(candidates) == 8

@@ -9,6 +9,7 @@ from puzzle.config import (
     describe_fields,
     dump_config,
     load_config,
+    load_jobs,
     read_yaml,
     validate,
 )
@@ -25,9 +26,13 @@ def _schema_for(raw: dict):
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("**/*.yaml")), ids=lambda p: p.name)
 def test_every_example_yaml_validates(path):
     raw = read_yaml(path)
-    config = validate(raw, _schema_for(raw), str(path))
-    # The dump is complete and round-trips to the same config.
-    assert validate(read_yaml_text(dump_config(config)), _schema_for(raw)) == config
+    configs = load_jobs(path) if "jobs" in raw else [validate(raw, _schema_for(raw), str(path))]
+    for config in configs:
+        # The dump is complete and round-trips to the same config.
+        assert validate(read_yaml_text(dump_config(config)), _schema_for(raw)) == config
+    if "jobs" in raw:
+        assert [c.run.job for c in configs] == list(raw["jobs"])
+        assert len({c.run.dir for c in configs}) == 1
 
 
 def read_yaml_text(text: str) -> dict:

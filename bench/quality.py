@@ -1,0 +1,148 @@
+"""Puzzle against the simpler methods at the same budgets, before and after the same KD.
+
+On the embedded parent, at three latency budgets (ratios of the parent at the profile's scenario), every
+method (`search.method`: the MIP and each baseline) picks a child from the same library, scores and
+profile; each child is realized, distilled with the same KD token budget and evaluated on the same
+held-out text. Prints one table (KL to the parent and perplexity before and after KD, parameters,
+predicted and measured speedup), writes it as CSV and plots the frontier.
+
+    python bench/quality.py [--config examples/default.yaml] [--budgets 0.7 0.5 0.35] [--kd-tokens N]
+
+The jobs go to RUN_DIR/jobs/<method>-<budget>x, sharing the run's library, scores and profile, so a run
+of `puzzle run examples/default.yaml` beforehand saves the shared stages, and a killed benchmark
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from puzzle.config import load_jobs, read_yaml
+from puzzle.distill_stage import distill_stage
+from puzzle.eval_stage import eval_stage
+from puzzle.kd_stage import kd_stage
+from puzzle.profile_stage import profile_stage
+from puzzle.realize_stage import realize_stage
+from puzzle.score_stage import score_stage
+from puzzle.search_stage import search_stage
+from puzzle.stages import check_inputs
+from search.mip import InfeasibleBudget
+
+METHODS = ["mip", "greedy", "shortgpt", "llm-drop", "uniform-ffn", "random"]
+
+
+def job_file(config: Path, budgets: list[float], methods: list[str], kd_tokens: int | None, out: Path) -> Path:
+    raw = read_yaml(config)
+    raw.setdefault("search", {}).pop("budgets", None)
+    raw["jobs"] = {
+        f"{method}-{budget:g}x": {
+            "search": {"method": method, "budgets": {"latency": f"{budget:g}x"}},
+            **({"kd": {"tokens": kd_tokens}} if kd_tokens else {}),
+        }
+        for budget in budgets
+        for method in methods
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def run_job(job) -> dict:
+    method, budget = job.search.method, job.search.budgets["latency"]
+    row = {"budget": budget, "method": method}
+    try:
+        search_stage(job, [])
+    except InfeasibleBudget as e:
+        return {**row, "note": f"infeasible: {e}"}
+    realize_stage(job)
+    kd_stage(job)
+    results = {m.name: m for m in eval_stage(job).models}
+    parent, child, distilled = results["parent"], results["child"], results["child + KD"]
+    return {
+        **row,
+        "params": child.parameters / parent.parameters,
+        "predicted speedup": parent.predicted_latency / child.predicted_latency,
+        "measured speedup": parent.measured_latency / distilled.measured_latency,
+        "KL before KD": child.kl,
+        "KL after KD": distilled.kl,
+        "perplexity before KD": child.perplexity,
+        "perplexity after KD": distilled.perplexity,
+        "parent perplexity": parent.perplexity,
+        "note": "",
+    }
+
+
+def plot(frame: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = frame[frame.note == ""]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, column in zip(axes, ("KL before KD", "KL after KD")):
+        for method, group in done.groupby("method"):
+            group = group.sort_values("predicted speedup")
+            ax.plot(group["predicted speedup"], group[column], "o-" if method == "mip" else "s--",
+                    label="puzzle (MIP)" if method == "mip" else method, linewidth=2.5 if method == "mip" else 1)
+        ax.set_yscale("log")
+        ax.set_xlabel("predicted speedup over the parent (latency per batch)")
+        ax.set_title(column)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("KL(parent ‖ child) on held-out text")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("examples/default.yaml"))
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.35])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--kd-tokens", type=int, default=None, help="KD tokens per child (default: the config's)")
+    args = parser.parse_args()
+    started = time.time()
+    base = load_jobs(args.config)[0]
+    file = job_file(args.config, args.budgets, args.methods, args.kd_tokens, base.run.dir / "bench_quality.yaml")
+    jobs = load_jobs(file)
+    check_inputs(jobs[0])
+    shared = jobs[0]
+    distill_stage(shared)
+    score_stage(shared)
+    profile_stage(shared)
+    rows = []
+    for n, job in enumerate(jobs, 1):
+        print(f"[{n}/{len(jobs)}] {job.run.job} ({time.time() - started:.0f} s so far)", flush=True)
+        rows.append(run_job(job))
+    frame = pd.DataFrame(rows)
+    table, figure = base.run.dir / "bench_quality.csv", base.run.dir / "bench_quality.png"
+    frame.to_csv(table, index=False)
+    plot(frame, figure)
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_columns", 20)
+    shown = frame.drop(columns=["parent perplexity"]).assign(note=frame.note.str.split(":").str[0])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for _, row in frame[frame.note != ""].iterrows():
+        print(f"{row.method} at {row.budget}: {row.note}")
+    print(f"parent perplexity {frame['parent perplexity'].dropna().iloc[0]:.2f}")
+    for budget, group in frame[frame.note == ""].groupby("budget", sort=False):
+        puzzle = group[group.method == "mip"]
+        others = group[group.method != "mip"]
+        if puzzle.empty or others.empty:
+            continue
+        for column in ("KL before KD", "KL after KD"):
+            best = others.loc[others[column].idxmin()]
+            print(f"latency {budget}: {column}: puzzle / best baseline ({best.method}) = "
+                  f"{puzzle[column].iloc[0] / best[column]:.2f}")
+    print(f"table: {table}, plot: {figure}; {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
