@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -209,7 +210,7 @@ def eval_stage(config: PuzzleConfig) -> EvalSummary:
                 results.append(ModelResult(
                     name=name, parameters=params, weight_bytes=params * DTYPE_BYTES[scenario.weight_dtype],
                     kv_bytes=kv_bytes_of(list(zip((a for a, _ in choices[name]), shapes)), scenario),
-                    kl=s["kl"], lm_loss=s["lm"], perplexity=float(torch.tensor(s["lm"]).exp()), top1=s["top1"],
+                    kl=s["kl"], lm_loss=s["lm"], perplexity=math.exp(s["lm"]), top1=s["top1"],
                     prefill_tokens_per_second=scenario.batch_size * scenario.prefill_length / prefill,
                     decode_tokens_per_second=scenario.batch_size / decode,
                     measured_latency=prefill + scenario.decode_length * decode,

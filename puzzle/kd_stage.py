@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from blocks.errors import PuzzleError
 from blocks.io import atomic_path, atomic_write_json
@@ -97,7 +96,6 @@ def kd_stage(config: PuzzleConfig) -> KdSummary:
     with lock as record:
         parent = load_parent(config.parent)
         child = load_child(source, next(parent.model.parameters()).dtype, parent.model.device)
-        torch.manual_seed(config.run.seed)
         blocks = job_blocks(config.data, parent.tokenizer)
         adapter = parent.adapter
 
