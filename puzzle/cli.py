@@ -158,28 +158,42 @@ def run(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None) -
             raise ConfigError([f"search.budgets: {_job_label(j)}has none; `puzzle run` needs a budget, "
                                "e.g. search.budgets: {latency: 0.5x}"], str(config))
     shared = jobs[0]
-    steps = [("parent", lambda: _print_parent(parent_stage(shared))),
-             ("library (BLD)", lambda: _print_library(distill_stage(shared))),
-             ("scores", lambda: _print_scores(shared, score_stage(shared))),
-             ("profile", lambda: _print_profile(profile_stage(shared)))]
+    steps = [(None, "parent", lambda: _print_parent(parent_stage(shared))),
+             (None, "library (BLD)", lambda: _print_library(distill_stage(shared))),
+             (None, "scores", lambda: _print_scores(shared, score_stage(shared))),
+             (None, "profile", lambda: _print_profile(profile_stage(shared)))]
     for j in jobs:
         label = _job_label(j)
-        steps += [(f"{label}search", lambda j=j: _print_search(j, search_stage(j, []))),
-                  (f"{label}realize", lambda j=j: _print_child(realize_stage(j))),
-                  (f"{label}global KD", lambda j=j: _print_kd(kd_stage(j))),
-                  (f"{label}eval", lambda j=j: _print_eval(eval_stage(j))),
-                  (f"{label}report", lambda j=j: _print_report(report_stage(j)))]
+        steps += [(j, f"{label}search", lambda j=j: _print_search(j, search_stage(j, []))),
+                  (j, f"{label}realize", lambda j=j: _print_child(realize_stage(j))),
+                  (j, f"{label}global KD", lambda j=j: _print_kd(kd_stage(j))),
+                  (j, f"{label}eval", lambda j=j: _print_eval(eval_stage(j))),
+                  (j, f"{label}report", lambda j=j: _print_report(report_stage(j)))]
     for j in jobs:
         RunDir.of(j).write_config(j)
     started = time.time()
-    for n, (name, step) in enumerate(steps, 1):
+    failed: dict[str, str] = {}
+    for n, (owner, name, step) in enumerate(steps, 1):
+        if owner is not None and owner.run.job in failed:
+            continue
         console.rule(f"[bold]stage {n}/{len(steps)}: {name}[/bold] ({time.time() - started:.0f} s so far)")
-        step()
+        try:
+            step()
+        except PuzzleError as e:
+            # One job's impossible budget must not cost the other jobs of the file their results.
+            if owner is None or len(jobs) == 1:
+                raise
+            failed[owner.run.job] = str(e)
+            console.print(f"[red]job {owner.run.job} stopped: {e}[/red]")
     for j in jobs:
+        if j.run.job in failed:
+            continue
         run = RunDir.of(j)
         out.print(f"{_job_label(j)}child: {run.stage_dir(Stage.kd) / 'checkpoint'}")
         out.print(f"{_job_label(j)}report: {run.stage_dir(Stage.report) / 'report.html'}")
     out.print(f"run directory: {shared.run.dir} ({time.time() - started:.0f} s)")
+    if failed:
+        raise PuzzleError("; ".join(f"job {name} stopped: {reason}" for name, reason in failed.items()))
 
 
 def _job_label(job: PuzzleConfig) -> str:

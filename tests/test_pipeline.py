@@ -116,10 +116,12 @@ def test_multi_job_file_trains_the_library_once(tmp_path, tiny_parent_dir, monke
     raw = yaml.safe_load(path.read_text())
     del raw["search"]
     raw["jobs"] = {"light": {"search": {"budgets": {"params": "0.9x"}}},
+                   "impossible": {"search": {"budgets": {"params": "10"}}},
                    "heavy": {"search": {"budgets": {"params": "0.6x"}}, "kd": {"tokens": 512}}}
     path.write_text(yaml.safe_dump(raw))
     code, out, err = cli(monkeypatch, capsys, "run", path)
-    assert code == 0, err
+    # The impossible job stops with its reason; the jobs before and after it still finish.
+    assert code == 2 and "job impossible stopped: budget params=10 cannot be met" in err.splitlines()[-1]
     run = tmp_path / "run"
     assert json.loads((run / "library/manifest.json").read_text())["runs"] == 1
     assert json.loads((run / "scores/manifest.json").read_text())["runs"] == 1
