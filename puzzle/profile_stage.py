@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from blocks.costs import Scenario, parameters
+from blocks.costs import Scenario, active_parameters, parameters
 from blocks.errors import PuzzleError
 from blocks.init import shaped_module
 from blocks.io import atomic_path
@@ -120,7 +120,7 @@ def cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenario
     method = "measured" if section.device == "local" else "analytic"
     cfg = parent.model.config
     bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
-    qk_norm = cfg.model_type == "qwen3"
+    qk_norm = cfg.model_type in ("qwen3", "qwen3_moe")
     timings: dict[tuple, tuple[Timing, Timing]] = {}
     specs = [(i, s) for i, layer in enumerate(library.layers) for s in (*layer.attention, *layer.ffn)]
     rows = []
@@ -135,7 +135,9 @@ def cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenario
             rows.append(
                 CostRow(
                     layer=i, subblock="attention" if isinstance(spec, AttentionSpec) else "ffn", candidate=spec.id,
-                    params=params, weight_bytes=weight_bytes(params, scenario), kv_bytes=kv_bytes(spec, shape, scenario),
+                    params=params, experts=spec.experts if isinstance(spec, FfnSpec) else 0,
+                    active_params=active_parameters(spec, shape, attention_bias=bias, qk_norm=qk_norm),
+                    weight_bytes=weight_bytes(params, scenario), kv_bytes=kv_bytes(spec, shape, scenario),
                     prefill_seconds=prefill.best, decode_seconds=decode.best, prefill_median=prefill.median,
                     decode_median=decode.median, prefill_spread=prefill.spread, decode_spread=decode.spread,
                     method=method, device=name,
@@ -197,7 +199,8 @@ def _fixed_row(config, parent, scenario: Scenario, dtype, method: str, name: str
         model = WholeModel(embed, parent.model.model.rotary_emb, layers, norm, head, scenario, parent.model.device, dtype)
         p_t, d_t = outside_times(model, parent.model.device, config.profile.warmup, config.profile.repeats)
     return CostRow(
-        layer=-1, subblock="fixed", candidate="embeddings+norm+lm_head", params=params,
+        layer=-1, subblock="fixed", candidate="embeddings+norm+lm_head", params=params, experts=0,
+        active_params=params,
         weight_bytes=weight_bytes(params, scenario), kv_bytes=0.0, prefill_seconds=p_t.best, decode_seconds=d_t.best,
         prefill_median=p_t.median, decode_median=d_t.median, prefill_spread=p_t.spread, decode_spread=d_t.spread,
         method=method, device=name,
