@@ -209,3 +209,31 @@ def test_searched_child_with_mixed_expert_counts_loads_and_generates(moe_job):
     verdicts = {e.engine: e for e in summary.engines}
     assert not verdicts["vLLM"].servable and not verdicts["llama.cpp"].servable
     assert any("MoE FFN with 2 experts" in r for r in verdicts["vLLM"].reasons)
+
+
+class _ParentSubblocks:
+    """Stands in for a library holding only the parent's own subblocks (what a keep-everything child reads)."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def module(self, layer, spec):
+        from blocks.init import shaped_module
+
+        return shaped_module(spec, self.adapter.parent_layer(layer))
+
+
+def test_qwen3_moe_child_with_a_dense_layer_equals_the_parent():
+    from blocks.modeling_puzzle import DeciLMForCausalLM
+    from puzzle.realize_stage import LayerChoice, child_config, child_state_dict
+
+    model = tiny_model("qwen3_moe")
+    adapter = FamilyAdapter(model)
+    parent = type("Parent", (), {"model": model})()
+    choices = [LayerChoice(s.attention, s.ffn, False) for s in (adapter.shape(i) for i in range(adapter.num_layers))]
+    child = DeciLMForCausalLM(child_config(model.config, choices))
+    child.load_state_dict(child_state_dict(parent, _ParentSubblocks(adapter), choices))
+    assert [type(layer.mlp).__name__ for layer in child.model.layers] == ["MoE", "MLP", "MoE"]
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(child.eval()(input_ids=ids).logits, model(input_ids=ids).logits, atol=ATOL, rtol=0)
