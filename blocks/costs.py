@@ -2,13 +2,17 @@
 
 Pure functions of a spec, the parent layer's shape and a scenario; the measured profile and the
 roofline both use them for the memory side, and the roofline for time.
+
+An MoE FFN holds all its kept experts in memory, but a token computes with only its router and the
+experts it is routed to (its *active* parameters); a batch of tokens reads the weights of every
+expert that at least one of them is routed to.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blocks.specs import AttentionKind, AttentionSpec, FfnKind, ParentShape, SubblockSpec
+from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape, SubblockSpec
 
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0}
 
@@ -44,7 +48,17 @@ def parameters(spec: SubblockSpec, shape: ParentShape, attention_bias: bool = Fa
         return n + (2 * d if qk_norm else 0)
     if spec.kind is FfnKind.linear:
         return h + h * h
+    if spec.kind is FfnKind.moe:
+        return h + spec.num_experts * (h + 3 * h * shape.intermediate_size)  # norm, router row and expert each
     return h + 3 * h * spec.intermediate_size
+
+
+def active_parameters(spec: SubblockSpec, shape: ParentShape, attention_bias: bool = False, qk_norm: bool = False) -> int:
+    """Parameters one token computes with: all of a subblock's, except the experts it is not routed to."""
+    if isinstance(spec, FfnSpec) and spec.kind is FfnKind.moe:
+        h = shape.hidden_size
+        return h + spec.num_experts * h + spec.experts_per_token * 3 * h * shape.intermediate_size
+    return parameters(spec, shape, attention_bias, qk_norm)
 
 
 def kv_cache_bytes(spec: SubblockSpec, shape: ParentShape, scenario: Scenario, tokens: int | None = None) -> float:
@@ -65,6 +79,7 @@ class Work:
 
 
 def _matmul_params(spec: SubblockSpec, shape: ParentShape) -> int:
+    """Matmul weights one token multiplies with (an MoE token: the router and its routed experts)."""
     h, d = shape.hidden_size, shape.head_dim
     if spec.removed:
         return 0
@@ -75,7 +90,22 @@ def _matmul_params(spec: SubblockSpec, shape: ParentShape) -> int:
         return h * q + 2 * h * kv + q * h
     if spec.kind is FfnKind.linear:
         return h * h
+    if spec.kind is FfnKind.moe:
+        return spec.num_experts * h + spec.experts_per_token * 3 * h * shape.intermediate_size
     return 3 * h * spec.intermediate_size
+
+
+def _matmul_weights_read(spec: SubblockSpec, shape: ParentShape, tokens: int) -> float:
+    """Matmul weights read for `tokens` tokens: an MoE reads each expert that any token is routed to.
+
+    With routing spread evenly, an expert is missed by one token with probability 1 − top/k, so the
+    expected number of experts read is k · (1 − (1 − top/k)^tokens): top for one token, k for many.
+    """
+    if not (isinstance(spec, FfnSpec) and spec.kind is FfnKind.moe):
+        return float(_matmul_params(spec, shape))
+    h, k, top = shape.hidden_size, spec.num_experts, spec.experts_per_token
+    touched = k * (1 - (1 - top / k) ** tokens)
+    return k * h + touched * 3 * h * shape.intermediate_size
 
 
 def _attended(spec: SubblockSpec, query: int, context: int) -> float:
@@ -88,7 +118,7 @@ def _attended(spec: SubblockSpec, query: int, context: int) -> float:
 
 def prefill_work(spec: SubblockSpec, shape: ParentShape, s: Scenario) -> Work:
     tokens = s.batch_size * s.prefill_length
-    weights = _matmul_params(spec, shape) * DTYPE_BYTES[s.weight_dtype]
+    weights = _matmul_weights_read(spec, shape, tokens) * DTYPE_BYTES[s.weight_dtype]
     attn = 4 * shape.num_attention_heads * shape.head_dim * _attended(spec, s.prefill_length, s.prefill_length)
     flops = 2 * _matmul_params(spec, shape) * tokens + attn * tokens
     kv_write = kv_cache_bytes(spec, shape, s, tokens=s.prefill_length)
@@ -99,7 +129,7 @@ def prefill_work(spec: SubblockSpec, shape: ParentShape, s: Scenario) -> Work:
 def decode_work(spec: SubblockSpec, shape: ParentShape, s: Scenario) -> Work:
     """One decode step (one new token per sequence) at the average decode context."""
     ctx = s.decode_context
-    weights = _matmul_params(spec, shape) * DTYPE_BYTES[s.weight_dtype]
+    weights = _matmul_weights_read(spec, shape, s.batch_size) * DTYPE_BYTES[s.weight_dtype]
     attn = 4 * shape.num_attention_heads * shape.head_dim * _attended(spec, 1, ctx)
     flops = (2 * _matmul_params(spec, shape) + attn) * s.batch_size
     kv_read = kv_cache_bytes(spec, shape, s, tokens=ctx)

@@ -4,7 +4,8 @@
 - fewer KV heads: mean-pool the K and V heads inside each merged group (queries unchanged);
 - window attention: the parent's weights, only the mask changes;
 - linear attention: W = W_O · W_V (V heads expanded to the query heads first);
-- linear FFN: W = W_down · W_up (the gate is dropped).
+- linear FFN: W = W_down · W_up (the gate is dropped);
+- MoE experts: keep the k most important experts (see `distill.experts`), slice the router rows.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from blocks.errors import PuzzleError
-from blocks.modeling_puzzle import MLP, Attention, LinearAttention, LinearMLP, NoOp
+from blocks.modeling_puzzle import MLP, Attention, LinearAttention, LinearMLP, MoE, NoOp
 from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
 
 
@@ -110,9 +111,12 @@ def channel_contribution(down_input_abs_mean: torch.Tensor, w_down: torch.Tensor
 
 
 def init_ffn(spec: FfnSpec, parent: ParentLayer, channel_scores: torch.Tensor | None = None) -> nn.Module:
+    """`channel_scores`: importance of what pruning removes, channels of a dense FFN or experts of an MoE FFN."""
     shape, src = parent.shape, parent.ffn
     if spec.kind is FfnKind.noop:
         return NoOp()
+    if spec.kind is FfnKind.moe:
+        return _init_moe(spec, parent, channel_scores)
     if spec.kind is FfnKind.linear:
         module = LinearMLP(shape.hidden_size, parent.rms_norm_eps)
         _copy(module.post_attention_layernorm, parent.post_attention_norm)
@@ -136,13 +140,38 @@ def init_ffn(spec: FfnSpec, parent: ParentLayer, channel_scores: torch.Tensor | 
     return module
 
 
+def _init_moe(spec: FfnSpec, parent: ParentLayer, expert_scores: torch.Tensor | None) -> MoE:
+    shape, src = parent.shape, parent.ffn
+    if not shape.is_moe or spec.experts_per_token != shape.experts_per_token:
+        raise PuzzleError(f"{spec.id} does not fit a parent layer with FFN {shape.ffn.id}")
+    if spec.num_experts > shape.num_experts:
+        raise PuzzleError(f"{spec.num_experts} experts are more than the parent layer's {shape.num_experts}")
+    module = MoE(
+        shape.hidden_size, spec.num_experts, spec.experts_per_token, shape.intermediate_size, parent.rms_norm_eps,
+        shape.normalize_expert_weights,
+    )
+    _copy(module.post_attention_layernorm, parent.post_attention_norm)
+    if spec.num_experts == shape.num_experts:
+        keep = torch.arange(spec.num_experts)
+    else:
+        if expert_scores is None:
+            raise PuzzleError("keeping fewer experts needs expert importances measured on calibration tokens")
+        # Sorted so that the kept experts stay in the parent's order (keeping all is exactly the parent).
+        keep = expert_scores.topk(spec.num_experts).indices.sort().values
+    module.gate.weight.data.copy_(src.gate.weight.data[keep])
+    module.experts.gate_up_proj.data.copy_(src.experts.gate_up_proj.data[keep])
+    module.experts.down_proj.data.copy_(src.experts.down_proj.data[keep])
+    return module
+
+
 def shaped_module(spec: AttentionSpec | FfnSpec, parent: ParentLayer, attn_implementation: str = "sdpa") -> nn.Module:
     """A module with the spec's shapes, for callers that load trained weights into it or only time it.
 
-    A pruned FFN keeps the parent's first channels: no calibration is needed for a shape.
+    A pruned FFN keeps the parent's first channels, an MoE its first experts: no calibration is needed
+    for a shape.
     """
     if isinstance(spec, AttentionSpec):
         return init_attention(spec, parent, attn_implementation)
-    size = parent.shape.intermediate_size
-    first_channels_first = torch.arange(size, 0, -1, dtype=torch.float32)
-    return init_ffn(spec, parent, first_channels_first)
+    size = parent.shape.num_experts if parent.shape.is_moe else parent.shape.intermediate_size
+    first_first = torch.arange(size, 0, -1, dtype=torch.float32)
+    return init_ffn(spec, parent, first_first)

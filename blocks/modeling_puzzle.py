@@ -165,6 +165,69 @@ class LinearMLP(nn.Module):
         return self.linear_mlp(x)
 
 
+class Experts(nn.Module):
+    """SwiGLU experts as fused 3-D weights, in the Mixtral / Qwen3-MoE layout (gate rows above up rows)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        # Zeros, not empty: a module built only to be timed must not compute on uninitialized memory.
+        self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size))
+
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[index])
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [tokens, hidden]; each token's chosen experts `indices` [tokens, k] and their `weights`."""
+        out = torch.zeros_like(x)
+        # Experts in ascending order, the order the parents sum them in.
+        for e in indices.unique().tolist():
+            token, slot = torch.where(indices == e)
+            routed = self.expert(e, x[token]) * weights[token, slot, None]
+            out = out.index_add(0, token, routed.to(x.dtype))
+        return out
+
+
+class MoE(nn.Module):
+    """Top-k routed experts (Mixtral, Qwen3-MoE): a softmax router over the experts this layer keeps."""
+
+    def __init__(
+        self, hidden_size: int, num_experts: int, experts_per_token: int, intermediate_size: int, rms_norm_eps: float,
+        normalize_expert_weights: bool = True, hidden_act: str = "silu", norm: bool = True,
+    ):
+        super().__init__()
+        if hidden_act != "silu":
+            raise ValueError(f"hidden_act {hidden_act!r} is not supported (silu only)")
+        if not 0 < experts_per_token <= num_experts:
+            raise ValueError(f"{experts_per_token} experts per token cannot be routed among {num_experts} experts")
+        self.experts_per_token = experts_per_token
+        self.normalize_expert_weights = normalize_expert_weights
+        self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps) if norm else None
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # the router, under the parents' name
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.out_features
+
+    def route(self, x: torch.Tensor, masked: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, indices) [tokens, k]; a `masked` expert is never chosen, its tokens go to their next choices."""
+        logits = self.gate(x)
+        if masked is not None:
+            logits = logits.index_fill(-1, torch.tensor([masked], device=x.device), float("-inf"))
+        weights, indices = torch.softmax(logits.float(), dim=-1).topk(self.experts_per_token, dim=-1)
+        if self.normalize_expert_weights:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, indices
+
+    def forward(self, hidden: torch.Tensor, masked: int | None = None) -> torch.Tensor:
+        x = self.post_attention_layernorm(hidden) if self.post_attention_layernorm is not None else hidden
+        flat = x.reshape(-1, x.shape[-1])
+        weights, indices = self.route(flat, masked)
+        return self.experts(flat, indices, weights).reshape(x.shape)
+
+
 class NoOp(nn.Module):
     """A removed subblock: adds nothing, holds no weights and no cache."""
 
@@ -186,7 +249,9 @@ class DeciLMConfig(PretrainedConfig):
     Keys the serving engines read: attention `no_op`, `replace_with_linear`, `n_heads_in_group`
     (query heads per KV head), `window_length`; FFN `no_op`, `replace_with_linear`, `ffn_mult`
     (intermediate = round_up(int(2·ffn_mult·hidden/3), 256)). Exact sizes are also recorded as
-    `num_key_value_heads` and `intermediate_size`, which this model reads.
+    `num_key_value_heads` and `intermediate_size`, which this model reads. An MoE FFN is
+    `"moe": {"num_local_experts", "num_experts_per_tok", "intermediate_size" (per expert),
+    "norm_topk_prob"}`, a field of this project's own: no engine's DeciLM reader knows it.
     """
 
     model_type = "nemotron-nas"
@@ -243,6 +308,12 @@ def _ffn_of(config: DeciLMConfig, block: dict) -> nn.Module | None:
         return None
     if f.get("replace_with_linear"):
         return LinearMLP(config.hidden_size, config.rms_norm_eps, norm=False)
+    if f.get("moe"):
+        m = f["moe"]
+        return MoE(
+            config.hidden_size, m["num_local_experts"], m["num_experts_per_tok"], m["intermediate_size"],
+            config.rms_norm_eps, m["norm_topk_prob"], config.hidden_act, norm=False,
+        )
     size = f.get("intermediate_size")
     if size is None:
         size = int(2 * f["ffn_mult"] * config.hidden_size / 3)

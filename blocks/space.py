@@ -22,6 +22,7 @@ class SpaceOptions:
     ffn_grid: int | None
     linear_ffn: bool
     noop_ffn: bool
+    experts: tuple[int, ...] = ()  # MoE layers: numbers of experts to keep
 
 
 def divisors(n: int) -> list[int]:
@@ -63,6 +64,8 @@ def pruned_size(fraction: float, intermediate_size: int, grid: int | None) -> in
 
 def ffn_candidates(shape: ParentShape, options: SpaceOptions) -> list[FfnSpec]:
     """The parent's FFN first, then pruned sizes (largest first), linear and no-op."""
+    if shape.is_moe:
+        return moe_candidates(shape, options)
     sizes = []
     for f in options.ffn_fractions:
         if not 0 < f <= 1:
@@ -84,9 +87,30 @@ def ffn_candidates(shape: ParentShape, options: SpaceOptions) -> list[FfnSpec]:
     return list(dict.fromkeys(specs))
 
 
+def moe_candidates(shape: ParentShape, options: SpaceOptions) -> list[FfnSpec]:
+    """An MoE layer's FFN options: all its experts, the k most important (most first), and no-op.
+
+    Dense-FFN options do not apply: no linear FFN (it has no training-free init from routed experts)
+    and no pruned widths (pruning inside experts is not offered).
+    """
+    top, total = shape.experts_per_token, shape.num_experts
+    for k in options.experts:
+        if not top <= k <= total:
+            raise PuzzleError(
+                f"library.experts: {k} is outside {top}..{total} (at least the {top} experts each token is routed "
+                f"to, at most the parent's {total} experts)"
+            )
+    specs = [shape.ffn] + [
+        FfnSpec(FfnKind.moe, num_experts=k, experts_per_token=top) for k in sorted(set(options.experts), reverse=True)
+    ]
+    if options.noop_ffn:
+        specs.append(FfnSpec(FfnKind.noop))
+    return list(dict.fromkeys(specs))
+
+
 def check_not_empty(attention: list[AttentionSpec], ffn: list[FfnSpec]) -> None:
     if len(attention) == 1 and len(ffn) == 1:
         raise PuzzleError(
             "library: the candidate list is empty (only the parent's own subblocks); enable kv_heads, windows, "
-            "ffn_fractions, ffn_sizes, linear or noop options"
+            "ffn_fractions, ffn_sizes, experts, linear or noop options"
         )

@@ -2,7 +2,7 @@
 
 A spec says nothing about weights; `blocks.init` builds a module for a spec from the parent layer.
 Every spec has a stable `id` used in file names, tables and configs (`attention.kv1`,
-`attention.window64`, `ffn.i256`, …).
+`attention.window64`, `ffn.i256`, `ffn.moe4.top2`, …).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ class AttentionKind(str, enum.Enum):
 
 class FfnKind(str, enum.Enum):
     dense = "dense"  # gated FFN of some intermediate size (the parent's, or pruned)
+    moe = "moe"  # routed experts of an MoE parent layer: all of them, or the k most important
     linear = "linear"  # one hidden×hidden Linear
     noop = "noop"  # removed, together with its pre-norm
 
@@ -58,21 +59,40 @@ class AttentionSpec:
 
 @dataclass(frozen=True, order=True)
 class FfnSpec:
+    """An FFN candidate; an MoE one keeps `num_experts` experts and routes each token to `experts_per_token`.
+
+    An expert's intermediate size is not part of the spec: experts keep the parent layer's
+    (`ParentShape.intermediate_size`), as attention keeps the parent's head size.
+    """
+
     kind: FfnKind
     intermediate_size: int | None = None
+    num_experts: int | None = None
+    experts_per_token: int | None = None
 
     def __post_init__(self):
-        dense = self.kind is FfnKind.dense
+        dense, moe = self.kind is FfnKind.dense, self.kind is FfnKind.moe
         if dense != (self.intermediate_size is not None):
             raise ValueError("intermediate_size is set exactly for a dense FFN")
         if dense and self.intermediate_size <= 0:
             raise ValueError("intermediate_size must be positive")
+        if moe != (self.num_experts is not None) or moe != (self.experts_per_token is not None):
+            raise ValueError("num_experts and experts_per_token are set exactly for an MoE FFN")
+        if moe and not 0 < self.experts_per_token <= self.num_experts:
+            raise ValueError("an MoE FFN routes each token to between 1 and num_experts experts")
 
     @property
     def id(self) -> str:
         if self.kind is FfnKind.dense:
             return f"ffn.i{self.intermediate_size}"
+        if self.kind is FfnKind.moe:
+            return f"ffn.moe{self.num_experts}.top{self.experts_per_token}"
         return f"ffn.{self.kind.value}"
+
+    @property
+    def experts(self) -> int:
+        """Experts held in memory (0 for a dense, linear or removed FFN)."""
+        return self.num_experts if self.kind is FfnKind.moe else 0
 
     @property
     def removed(self) -> bool:
@@ -94,8 +114,15 @@ class ParentShape:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
-    intermediate_size: int
+    intermediate_size: int  # of the dense FFN, or of each expert in an MoE layer
     window: int | None = None  # the parent layer's own sliding window, if any
+    num_experts: int | None = None  # None: a dense FFN layer
+    experts_per_token: int | None = None
+    normalize_expert_weights: bool = True  # top-k routing weights renormalized to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
 
     @property
     def attention(self) -> AttentionSpec:
@@ -103,6 +130,8 @@ class ParentShape:
 
     @property
     def ffn(self) -> FfnSpec:
+        if self.is_moe:
+            return FfnSpec(FfnKind.moe, num_experts=self.num_experts, experts_per_token=self.experts_per_token)
         return FfnSpec(FfnKind.dense, self.intermediate_size)
 
 
@@ -137,6 +166,11 @@ def spec_from_id(text: str) -> SubblockSpec:
                 return FfnSpec(FfnKind.noop)
             if len(parts) == 1 and parts[0].startswith("i"):
                 return FfnSpec(FfnKind.dense, int(parts[0][1:]))
+            if len(parts) == 2 and parts[0].startswith("moe") and parts[1].startswith("top"):
+                return FfnSpec(FfnKind.moe, num_experts=int(parts[0][3:]), experts_per_token=int(parts[1][3:]))
     except ValueError:
         pass
-    raise ValueError(f"{text!r} is not a candidate id (examples: attention.kv2, attention.kv2.window64, ffn.i256, ffn.noop)")
+    raise ValueError(
+        f"{text!r} is not a candidate id (examples: attention.kv2, attention.kv2.window64, ffn.i256, ffn.moe4.top2, "
+        "ffn.noop)"
+    )

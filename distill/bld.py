@@ -82,12 +82,13 @@ def parent_activations(adapter, input_ids: torch.Tensor) -> ParentActivations:
 
 
 @torch.no_grad()
-def ffn_channel_scores(adapter, calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Channel contribution C_j = mean|x_j| · ‖W_down[:, j]‖ per layer, x = input of down_proj."""
+def ffn_channel_scores(adapter, calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor | None]:
+    """Channel contribution C_j = mean|x_j| · ‖W_down[:, j]‖ per dense layer, x = input of down_proj (None for MoE)."""
     sums = [None] * adapter.num_layers
     count = 0
     hooks = []
-    for i in range(adapter.num_layers):
+    dense = [i for i in range(adapter.num_layers) if not adapter.shape(i).is_moe]
+    for i in dense:
         def hook(_module, args, i=i):
             x = args[0].abs().flatten(0, -2).sum(0)
             sums[i] = x if sums[i] is None else sums[i] + x
@@ -102,11 +103,14 @@ def ffn_channel_scores(adapter, calibration: torch.Tensor, batch_size: int) -> l
         for h in hooks:
             h.remove()
     return [
-        (s / count) * adapter.layer(i).ffn.down_proj.weight.norm(dim=0) for i, s in enumerate(sums)
+        (s / count) * adapter.layer(i).ffn.down_proj.weight.norm(dim=0) if i in dense else None
+        for i, s in enumerate(sums)
     ]
 
 
-def build_module(candidate: Candidate, adapter, channel_scores: list[torch.Tensor] | None, attn_impl: str) -> nn.ModuleDict:
+def build_module(candidate: Candidate, adapter, channel_scores: list[torch.Tensor | None] | None,
+                 attn_impl: str) -> nn.ModuleDict:
+    """`channel_scores`: per layer, channel contributions of a dense FFN or expert importances of an MoE FFN."""
     parent = adapter.parent_layer(candidate.layer)
     parts = {}
     if candidate.attention is not None:

@@ -22,7 +22,7 @@ from torch import nn
 from blocks.errors import PuzzleError
 from blocks.init import shaped_module
 from blocks.io import atomic_path, atomic_write_json, sha256_file
-from blocks.specs import AttentionSpec, FfnSpec, SubblockSpec, spec_from_id
+from blocks.specs import AttentionSpec, FfnKind, FfnSpec, SubblockSpec, spec_from_id
 from distill.bld import Candidate, CandidateResult
 
 
@@ -85,6 +85,8 @@ def init_name(spec: SubblockSpec, parent_spec: SubblockSpec) -> str:
         return "parent weights, window mask"
     if spec.linear:
         return "W_down·W_up"
+    if spec.kind is FfnKind.moe:
+        return "most important experts"
     return "channel contribution"
 
 

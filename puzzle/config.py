@@ -92,6 +92,16 @@ class LibrarySection(Section):
     )
     linear_ffn: bool = Field(True, description="Include FFN replaced by one hidden×hidden Linear.")
     noop_ffn: bool = Field(True, description="Include removing the FFN.")
+    experts: list[PositiveInt] = Field(
+        default_factory=list,
+        description="MoE parents: numbers of experts k to keep per layer (the k most important; from the parent's "
+        "experts per token up to its expert count).",
+    )
+    expert_importance: Literal["routed", "masking"] = Field(
+        "routed",
+        description="How experts are ranked: routed = mean gate weight × ‖expert output‖; masking = output damage "
+        "when the expert is masked and its tokens re-routed.",
+    )
 
 
 Metric = Literal["kl", "lm_loss", "top1", "top5", "top10"]

@@ -15,6 +15,7 @@ from blocks.io import atomic_path
 from blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates
 from blocks.specs import AttentionSpec, FfnKind, FfnSpec, ParentShape, needs_training, spec_from_id
 from distill.bld import Candidate, build_module, ffn_channel_scores, train_candidates
+from distill.experts import expert_importance
 from distill.library import ENTRY_FORMAT, LayerSpace, init_name, read_entry, write_entry, write_space
 from distill.schedule import TrainingSettings
 from puzzle.config import PuzzleConfig
@@ -37,6 +38,7 @@ def space_options(config: PuzzleConfig) -> SpaceOptions:
         ffn_grid=lib.ffn_grid,
         linear_ffn=lib.linear_ffn,
         noop_ffn=lib.noop_ffn,
+        experts=tuple(lib.experts),
     )
 
 
@@ -59,6 +61,8 @@ def _coupled_pairs(config: PuzzleConfig, attention: list[AttentionSpec], ffn: li
 
 def layer_spaces(shapes: list[ParentShape], config: PuzzleConfig) -> list[LayerSpace]:
     options = space_options(config)
+    if options.experts and not any(s.is_moe for s in shapes):
+        raise PuzzleError("library.experts: the parent has no MoE layers; leave it empty for a dense parent")
     spaces = []
     for shape in shapes:
         attention, ffn = attention_candidates(shape, options), ffn_candidates(shape, options)
@@ -81,8 +85,10 @@ def bld_candidates(spaces: list[LayerSpace], shapes: list[ParentShape]) -> list[
 
 
 def entry_fingerprint(config: PuzzleConfig) -> str:
-    # Not the library section: adding a candidate must not invalidate the ones already trained.
-    return f"{fingerprint(config, ('run.seed', 'parent', 'data', 'bld'))}-v{ENTRY_FORMAT}"
+    # Not the library section: adding a candidate must not invalidate the ones already trained. The
+    # expert ranking is in it: it decides which experts a kept-k entry holds.
+    keys = ("run.seed", "parent", "data", "bld", "library.expert_importance")
+    return f"{fingerprint(config, keys)}-v{ENTRY_FORMAT}"
 
 
 def recut(blocks: torch.Tensor, length: int) -> torch.Tensor:
@@ -190,10 +196,7 @@ def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate]) -> Bl
         learning_rate=bld.learning_rate, schedule=bld.schedule, warmup_fraction=bld.warmup_fraction, steps=steps,
         batch_size=bld.batch_size, seed=config.run.seed, checkpoint_every=bld.checkpoint_every,
     )
-    scores = None
-    if any(c.ffn is not None and c.ffn.kind is FfnKind.dense for c in candidates):
-        calibration = data.calibration(config.data.calibration_blocks).to(device)
-        scores = ffn_channel_scores(adapter, calibration, config.eval.batch_size)
+    scores = ffn_scores(config, adapter, data, candidates, device)
     modules = nn.ModuleDict(
         {c.module_name: build_module(c, adapter, scores, config.parent.attn_implementation) for c in candidates}
     ).to(device)
@@ -204,6 +207,20 @@ def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate]) -> Bl
         held_out=recut(data.validation, bld.sequence_length)[: bld.eval_blocks].to(device),
         settings=settings,
     )
+
+
+def ffn_scores(config: PuzzleConfig, adapter, data, candidates: list[Candidate], device) -> list | None:
+    """Per layer, what FFN candidates are cut by: channel contributions (dense), expert importances (MoE)."""
+    kinds = {c.ffn.kind for c in candidates if c.ffn is not None}
+    if not kinds & {FfnKind.dense, FfnKind.moe}:
+        return None
+    calibration = data.calibration(config.data.calibration_blocks).to(device)
+    batch = config.eval.batch_size
+    channels = ffn_channel_scores(adapter, calibration, batch) if FfnKind.dense in kinds else [None] * adapter.num_layers
+    experts = [None] * adapter.num_layers
+    if FfnKind.moe in kinds:
+        experts = expert_importance(adapter, calibration, batch_size=batch, method=config.library.expert_importance)
+    return [c if c is not None else e for c, e in zip(channels, experts)]
 
 
 def _train_shard(config, parent, shard, lib_dir, entry_key, w: Workers, total: int) -> None:

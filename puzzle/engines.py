@@ -8,6 +8,8 @@ The rules follow each reader's handling of `block_configs` (read in their source
   linear attention (`n_heads_in_group: null, replace_with_linear: true`), FFN width from `ffn_mult`
   on the 256 grid; a layer whose `ffn_mult` is null is skipped whole, attention included; no linear
   FFN and no window attention.
+Neither reader has an MoE FFN in its DeciLM layout (the `moe` entry is this project's own), so no
+child of an MoE parent, with the same experts in every layer or not, is servable by them as DeciLM.
 TensorRT-LLM is not judged: its reader was not checked.
 """
 
@@ -44,6 +46,11 @@ def servability(config) -> list[EngineVerdict]:
             llama_cpp.append(f"layer {i}: linear FFN (not in llama.cpp's DeciLM reader)")
         if f.get("no_op") and not a.get("no_op"):
             llama_cpp.append(f"layer {i}: FFN removed under a kept attention (llama.cpp skips the whole layer)")
+        if f.get("moe"):
+            reason = (f"layer {i}: MoE FFN with {f['moe']['num_local_experts']} experts (no MoE FFN in the "
+                      "DeciLM reader)")
+            vllm.append(reason)
+            llama_cpp.append(reason)
         if _off_grid(f):
             size = f["intermediate_size"]
             reason = f"layer {i}: FFN width {size} is off the {GRID} grid (ffn_mult cannot express it)"

@@ -28,7 +28,7 @@ from blocks.specs import ParentShape, spec_from_id
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.parents import load_parent
-from puzzle.profile_stage import predicted_latency, scenario_of
+from puzzle.profile_stage import predicted_latency, read_profile, scenario_of
 from puzzle.progress import progress_bar
 from puzzle.realize_stage import load_child
 from puzzle.rundir import RunDir, Stage, fingerprint
@@ -223,12 +223,8 @@ def eval_stage(config: PuzzleConfig) -> EvalSummary:
 
 
 def _profile_rows(run: RunDir):
-    from search.profile import CostRow
-
     table = run.stage_dir(Stage.profile) / "profile.csv"
-    if not table.is_file():
-        return None
-    return [CostRow(**r) for r in pd.read_csv(table).to_dict("records")]
+    return read_profile(table) if table.is_file() and run.done_fingerprint(Stage.profile) else None
 
 
 def _predicted(rows, choice, scenario: Scenario) -> float | None:

@@ -1,15 +1,17 @@
-"""One adapter over the dense decoder families: Llama, Mistral, Qwen2, Qwen3 (transformers 5.x).
+"""One adapter over the decoder families: dense Llama, Mistral, Qwen2, Qwen3 and MoE Mixtral, Qwen3-MoE
+(transformers 5.x).
 
 The adapter exposes, per layer, the attention and FFN subblocks with their norms, and builds what a
 layer needs to run alone: rotary position embeddings, the causal or sliding-window mask of its
-attention type, and the KV cache. Later stages run any layer, subblock or replacement candidate
+attention type, and the KV cache. An MoE layer's FFN subblock is the parent's sparse block (router
+`gate` and fused `experts`), exposed where a dense layer exposes its MLP. Later stages run any layer, subblock or replacement candidate
 through it without depending on a family's `forward`.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -43,9 +45,40 @@ def _declared_types(config: PretrainedConfig) -> list[AttentionType]:
 
 
 @dataclass(frozen=True)
+class ExpertLayout:
+    """An MoE layer's routed experts, as its config describes them."""
+
+    num_experts: int
+    experts_per_token: int
+    intermediate_size: int  # of each expert
+    normalize_expert_weights: bool
+
+
+def _dense(config: PretrainedConfig) -> list[ExpertLayout | None]:
+    return [None] * config.num_hidden_layers
+
+
+def _mixtral_experts(config: PretrainedConfig) -> list[ExpertLayout | None]:
+    layout = ExpertLayout(config.num_local_experts, config.num_experts_per_tok, config.intermediate_size, True)
+    return [layout] * config.num_hidden_layers
+
+
+def _qwen3_moe_experts(config: PretrainedConfig) -> list[ExpertLayout | None]:
+    """Qwen3-MoE layers are sparse every `decoder_sparse_step` layers, except the dense `mlp_only_layers`."""
+    layout = ExpertLayout(config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+                          config.norm_topk_prob)
+    return [
+        layout if i not in config.mlp_only_layers and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
+        else None
+        for i in range(config.num_hidden_layers)
+    ]
+
+
+@dataclass(frozen=True)
 class Family:
     model_type: str
     layer_types: Callable[[PretrainedConfig], list[AttentionType]]
+    experts: Callable[[PretrainedConfig], list[ExpertLayout | None]] = _dense
 
 
 FAMILIES: dict[str, Family] = {
@@ -55,6 +88,9 @@ FAMILIES: dict[str, Family] = {
         Family("mistral", _mistral_types),
         Family("qwen2", _declared_types),
         Family("qwen3", _declared_types),
+        # Both build one mask for every layer: sliding when `sliding_window` is set, else causal.
+        Family("mixtral", _mistral_types, _mixtral_experts),
+        Family("qwen3_moe", _mistral_types, _qwen3_moe_experts),
     )
 }
 
@@ -70,9 +106,10 @@ def family_for(model_type: str) -> Family:
 
 def parent_shapes(config: PretrainedConfig) -> list[ParentShape]:
     """Every layer's sizes, from the config alone (no weights needed)."""
-    kinds = family_for(config.model_type).layer_types(config)
-    return [
-        ParentShape(
+    family = family_for(config.model_type)
+    shapes = []
+    for kind, experts in zip(family.layer_types(config), family.experts(config)):
+        shape = ParentShape(
             hidden_size=config.hidden_size,
             num_attention_heads=config.num_attention_heads,
             num_key_value_heads=config.num_key_value_heads,
@@ -80,8 +117,13 @@ def parent_shapes(config: PretrainedConfig) -> list[ParentShape]:
             intermediate_size=config.intermediate_size,
             window=config.sliding_window if kind is AttentionType.sliding else None,
         )
-        for kind in kinds
-    ]
+        if experts is not None:
+            shape = replace(
+                shape, intermediate_size=experts.intermediate_size, num_experts=experts.num_experts,
+                experts_per_token=experts.experts_per_token, normalize_expert_weights=experts.normalize_expert_weights,
+            )
+        shapes.append(shape)
+    return shapes
 
 
 @dataclass(frozen=True)
@@ -108,7 +150,7 @@ class LayerContext:
 
 
 class FamilyAdapter:
-    """Runs a dense parent layer by layer, or subblock by subblock."""
+    """Runs a parent layer by layer, or subblock by subblock."""
 
     def __init__(self, model: PreTrainedModel):
         self.model = model

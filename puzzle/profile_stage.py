@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from blocks.costs import Scenario, parameters
+from blocks.costs import Scenario, active_parameters, parameters
 from blocks.errors import PuzzleError
 from blocks.init import shaped_module
 from blocks.io import atomic_path
@@ -70,6 +70,10 @@ class AdditiveCheck:
         return self.predicted_seconds / self.measured_seconds - 1
 
 
+# Columns of profile.csv; a profile written in an older format is measured again.
+PROFILE_FORMAT = 2
+
+
 @dataclass(frozen=True)
 class ProfileSummary:
     table: Path
@@ -88,7 +92,13 @@ def profile_stage(config: PuzzleConfig, check_models: int = 0) -> ProfileSummary
     lib_dir = run.stage_dir(Stage.library)
     if not (lib_dir / "space.json").is_file():
         raise PuzzleError(f"no library in {lib_dir}; run `puzzle distill` first")
-    key = fingerprint(config, ("parent", "profile"))
+    # A measured profile is reused as it is: measuring again would move the search's choice with the
+    # machine's load and redo every stage after it. Its format is part of the key.
+    key = fingerprint(config, ("parent", "profile")) + f"-{run.done_fingerprint(Stage.library)}-v{PROFILE_FORMAT}"
+    table = run.stage_dir(Stage.profile) / "profile.csv"
+    if run.is_done(Stage.profile, key) and table.is_file() and not check_models:
+        rows = read_profile(table)
+        return ProfileSummary(table, rows, [], rows[0].device, time.time() - started)
     with run.stage(Stage.profile, key) as record:
         parent = load_parent(config.parent)
         library = Library(lib_dir, parent.adapter)
@@ -96,11 +106,14 @@ def profile_stage(config: PuzzleConfig, check_models: int = 0) -> ProfileSummary
         checks = []
         if section.device == "local" and check_models:
             checks = additive_checks(config, parent, library, rows, scenario, check_models)
-        table = run.stage_dir(Stage.profile) / "profile.csv"
         with atomic_path(table) as tmp:
             pd.DataFrame([asdict(r) for r in rows]).to_csv(tmp, index=False)
         record.outputs = {"table": table.name, "device": rows[0].device, "method": rows[0].method}
     return ProfileSummary(table, rows, checks, rows[0].device, time.time() - started)
+
+
+def read_profile(table: Path) -> list[CostRow]:
+    return [CostRow(**r) for r in pd.read_csv(table).to_dict("records")]
 
 
 def _device_name(section: ProfileSection, device: torch.device) -> str:
@@ -120,7 +133,7 @@ def cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenario
     method = "measured" if section.device == "local" else "analytic"
     cfg = parent.model.config
     bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
-    qk_norm = cfg.model_type == "qwen3"
+    qk_norm = cfg.model_type in ("qwen3", "qwen3_moe")
     timings: dict[tuple, tuple[Timing, Timing]] = {}
     specs = [(i, s) for i, layer in enumerate(library.layers) for s in (*layer.attention, *layer.ffn)]
     rows = []
@@ -135,7 +148,9 @@ def cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenario
             rows.append(
                 CostRow(
                     layer=i, subblock="attention" if isinstance(spec, AttentionSpec) else "ffn", candidate=spec.id,
-                    params=params, weight_bytes=weight_bytes(params, scenario), kv_bytes=kv_bytes(spec, shape, scenario),
+                    params=params, experts=spec.experts if isinstance(spec, FfnSpec) else 0,
+                    active_params=active_parameters(spec, shape, attention_bias=bias, qk_norm=qk_norm),
+                    weight_bytes=weight_bytes(params, scenario), kv_bytes=kv_bytes(spec, shape, scenario),
                     prefill_seconds=prefill.best, decode_seconds=decode.best, prefill_median=prefill.median,
                     decode_median=decode.median, prefill_spread=prefill.spread, decode_spread=decode.spread,
                     method=method, device=name,
@@ -197,7 +212,8 @@ def _fixed_row(config, parent, scenario: Scenario, dtype, method: str, name: str
         model = WholeModel(embed, parent.model.model.rotary_emb, layers, norm, head, scenario, parent.model.device, dtype)
         p_t, d_t = outside_times(model, parent.model.device, config.profile.warmup, config.profile.repeats)
     return CostRow(
-        layer=-1, subblock="fixed", candidate="embeddings+norm+lm_head", params=params,
+        layer=-1, subblock="fixed", candidate="embeddings+norm+lm_head", params=params, experts=0,
+        active_params=params,
         weight_bytes=weight_bytes(params, scenario), kv_bytes=0.0, prefill_seconds=p_t.best, decode_seconds=d_t.best,
         prefill_median=p_t.median, decode_median=d_t.median, prefill_spread=p_t.spread, decode_spread=d_t.spread,
         method=method, device=name,

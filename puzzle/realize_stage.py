@@ -20,10 +20,11 @@ import torch
 import blocks.modeling_puzzle as modeling
 from blocks.errors import PuzzleError
 from blocks.io import atomic_dir
-from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, spec_from_id
+from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape, spec_from_id
 from distill.library import Library
 from puzzle.config import PuzzleConfig
 from puzzle.engines import EngineVerdict, servability
+from puzzle.families import parent_shapes
 from puzzle.parents import load_parent
 from puzzle.rundir import RunDir, Stage, fingerprint
 
@@ -45,8 +46,10 @@ def ffn_mult(intermediate_size: int, hidden_size: int) -> float:
     return round(3 * intermediate_size / (2 * hidden_size), 6)
 
 
-def block_config(choice: LayerChoice, num_attention_heads: int, hidden_size: int) -> dict:
+def block_config(choice: LayerChoice, shape: ParentShape) -> dict:
+    """One layer's `block_configs` entry; `shape` is the parent layer the choice replaces."""
     a, f = choice.attention, choice.ffn
+    num_attention_heads, hidden_size = shape.num_attention_heads, shape.hidden_size
     if a.kind is AttentionKind.attention:
         attention = {"no_op": False, "replace_with_linear": False,
                      "n_heads_in_group": num_attention_heads // a.num_key_value_heads, "window_length": a.window,
@@ -57,6 +60,11 @@ def block_config(choice: LayerChoice, num_attention_heads: int, hidden_size: int
     if f.kind is FfnKind.dense:
         ffn = {"no_op": False, "replace_with_linear": False, "ffn_mult": ffn_mult(f.intermediate_size, hidden_size),
                "intermediate_size": f.intermediate_size}
+    elif f.kind is FfnKind.moe:
+        ffn = {"no_op": False, "replace_with_linear": False, "ffn_mult": None, "moe": {
+            "num_local_experts": f.num_experts, "num_experts_per_tok": f.experts_per_token,
+            "intermediate_size": shape.intermediate_size, "norm_topk_prob": shape.normalize_expert_weights,
+        }}
     else:
         ffn = {"no_op": f.removed, "replace_with_linear": f.linear, "ffn_mult": None}
     return {"attention": attention, "ffn": ffn}
@@ -72,8 +80,8 @@ def child_config(parent_config, choices: list[LayerChoice]) -> modeling.DeciLMCo
         max_position_embeddings=p.max_position_embeddings, rms_norm_eps=p.rms_norm_eps,
         rope_parameters=dict(p.rope_parameters), tie_word_embeddings=p.tie_word_embeddings,
         attention_bias=bool(getattr(p, "attention_bias", False)) or p.model_type == "qwen2",
-        qk_norm=p.model_type == "qwen3",
-        block_configs=[block_config(c, p.num_attention_heads, p.hidden_size) for c in choices],
+        qk_norm=p.model_type in ("qwen3", "qwen3_moe"),
+        block_configs=[block_config(c, shape) for c, shape in zip(choices, parent_shapes(p))],
         bos_token_id=p.bos_token_id, eos_token_id=p.eos_token_id, pad_token_id=p.pad_token_id,
     )
     config.architectures = ["DeciLMForCausalLM"]

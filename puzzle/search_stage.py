@@ -28,6 +28,8 @@ QUANTITY = {
     BudgetKind.throughput: "latency",
     BudgetKind.params: "params",
     BudgetKind.kv: "kv",
+    BudgetKind.experts: "experts",
+    BudgetKind.active_params: "active_params",
 }
 
 
@@ -81,6 +83,8 @@ def build_problem(config: PuzzleConfig, profile: pd.DataFrame | None = None,
                         "memory": float(a.weight_bytes + f.weight_bytes + a.kv_bytes),
                         "kv": float(a.kv_bytes),
                         "latency": latency(a) + latency(f),
+                        "experts": float(a.experts + f.experts),
+                        "active_params": float(a.active_params + f.active_params),
                     },
                 )
             )
@@ -92,6 +96,8 @@ def build_problem(config: PuzzleConfig, profile: pd.DataFrame | None = None,
         "memory": float(fixed_row.weight_bytes),
         "kv": 0.0,
         "latency": latency(fixed_row),
+        "experts": 0.0,
+        "active_params": float(fixed_row.active_params),
     }
     totals = {k: fixed[k] + sum(layers[i][0].costs[k] for i in range(len(layers))) for k in fixed}
     return SearchProblem(layers, fixed, parent_choice, totals, scenario)

@@ -1,4 +1,5 @@
-"""Deployment budgets: `latency=0.5x`, `memory=40GiB`, `params=2.5M`, `throughput=1200tok/s`, `kv=1GiB`.
+"""Deployment budgets: `latency=0.5x`, `memory=40GiB`, `params=2.5M`, `throughput=1200tok/s`, `kv=1GiB`,
+and for MoE parents `experts=48` (routed experts kept over all layers) and `active_params=0.5x`.
 
 A value with an `x` suffix is a ratio of the parent's own cost; anything else is absolute, with units.
 Every budget becomes an upper bound on a quantity that is a sum over layers plus a fixed part, which is
@@ -20,6 +21,8 @@ class BudgetKind(str, enum.Enum):
     throughput = "throughput"  # generated tokens per second (a lower bound)
     params = "params"  # parameter count
     kv = "kv"  # KV-cache bytes at the scenario
+    experts = "experts"  # routed experts kept, summed over the layers (0 for a dense parent)
+    active_params = "active_params"  # parameters one token computes with (an MoE's routed experts only)
 
 
 UNITS: dict[BudgetKind, dict[str, float]] = {
@@ -29,7 +32,9 @@ UNITS: dict[BudgetKind, dict[str, float]] = {
     BudgetKind.latency: {"s": 1, "ms": 1e-3, "us": 1e-6},
     BudgetKind.throughput: {"tok/s": 1, "ktok/s": 1e3},
     BudgetKind.params: {"": 1, "k": 1e3, "m": 1e6, "b": 1e9},
+    BudgetKind.experts: {"": 1},
 }
+UNITS[BudgetKind.active_params] = UNITS[BudgetKind.params]
 UNITS[BudgetKind.kv]["tb"] = 1e12
 
 

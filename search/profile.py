@@ -37,6 +37,8 @@ class CostRow:
     subblock: str  # "attention" | "ffn" | "fixed"
     candidate: str
     params: int
+    experts: int  # routed experts held (0 outside MoE layers)
+    active_params: int  # parameters one token computes with: an MoE's router and routed experts only
     weight_bytes: float
     kv_bytes: float
     prefill_seconds: float  # the fastest repeat: what the cost model uses

@@ -87,7 +87,7 @@ def test_unsupported_model_type(monkeypatch, capsys, tmp_path):
     fake.mkdir()
     (fake / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, fake))
-    assert_clean_failure(code, err, tmp_path, "'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3")
+    assert_clean_failure(code, err, tmp_path, "'gpt2' is not supported; supported: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe")
 
 
 def test_missing_data_path(monkeypatch, capsys, tmp_path, tiny_parent_dir):
@@ -128,10 +128,14 @@ def test_run_writes_the_parent_stage_and_reuses_it(monkeypatch, capsys, tmp_path
     summary = json.loads((run / "parent/summary.json").read_text())
     assert summary["model_type"] == "llama" and len(summary["layers"]) == 2
     assert yaml.safe_load((run / "config.yaml").read_text())["eval"]["validation_blocks"] == 4
-    # A second run reuses the finished stage instead of redoing it.
+    # A second run reuses the finished stages instead of redoing them: a measured profile is not measured
+    # again (that would move the search with the machine's load), so nothing after it is redone either.
+    profile = (run / "profile/profile.csv").read_text()
     code, _, _ = cli(monkeypatch, capsys, "run", path)
     assert code == 0
-    assert json.loads((run / "parent/manifest.json").read_text())["runs"] == 1
+    for stage in ("parent", "profile", "child", "kd", "eval"):
+        assert json.loads((run / stage / "manifest.json").read_text())["runs"] == 1, stage
+    assert (run / "profile/profile.csv").read_text() == profile
 
 
 def test_subprocess_entry_point_exit_code(tmp_path):

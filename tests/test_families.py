@@ -5,7 +5,7 @@ from puzzle.errors import PuzzleError
 from puzzle.families import AttentionType, FamilyAdapter, family_for
 from tests.tiny import tiny_model
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"]
 # float32 layer-by-layer vs. the model's own forward: same kernels, so differences are rounding only.
 ATOL = 1e-5
 
@@ -70,5 +70,5 @@ def test_incremental_decoding_with_cache_matches_full_pass(model_type):
 
 
 def test_unsupported_family_names_the_supported_ones():
-    with pytest.raises(PuzzleError, match="'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(PuzzleError, match="'gpt2' is not supported; supported: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe"):
         family_for("gpt2")

@@ -1,0 +1,80 @@
+"""Expert importance of an MoE layer (DESIGN §3), measured on calibration tokens.
+
+Two methods, both higher = more important, both 0 for an expert no token is routed to:
+- `routed`: routed contribution, the mean over tokens of gate weight × ‖expert output‖ (a token that
+  is not routed to the expert adds 0);
+- `masking`: damage from masking, the normalized MSE of the layer's output when the expert is masked
+  and its tokens are re-routed to their next choices: Σ‖out_masked − out‖² / Σ‖out‖².
+
+Both run the project's own MoE module, initialized as an exact copy of the parent layer, so the
+routing measured is the routing that candidates keep.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from blocks.errors import PuzzleError
+from blocks.init import init_ffn
+from blocks.modeling_puzzle import MoE
+from distill.bld import parent_activations
+
+
+class ImportanceMethod(str, enum.Enum):
+    routed = "routed"
+    masking = "masking"
+
+
+def routed_contribution(moe: MoE, hidden: torch.Tensor) -> torch.Tensor:
+    """Σ over the tokens of `hidden` (the FFN input, before its norm) of gate weight × ‖expert output‖, per expert."""
+    x = moe.post_attention_layernorm(hidden).reshape(-1, hidden.shape[-1])
+    weights, indices = moe.route(x)
+    total = torch.zeros(moe.num_experts, dtype=torch.float64, device=x.device)
+    for e in indices.unique().tolist():
+        token, slot = torch.where(indices == e)
+        norms = moe.experts.expert(e, x[token]).float().norm(dim=-1)
+        total[e] = (weights[token, slot] * norms).sum().double()
+    return total
+
+
+def masking_damage(moe: MoE, hidden: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(Σ‖out_masked − out‖² per expert, Σ‖out‖²) over the tokens of `hidden` (the FFN input, before its norm)."""
+    out = moe(hidden).float()
+    errors = torch.stack([(moe(hidden, masked=e).float() - out).pow(2).sum() for e in range(moe.num_experts)])
+    return errors.double(), out.pow(2).sum().item()
+
+
+@torch.no_grad()
+def expert_importance(adapter, calibration: torch.Tensor, *, batch_size: int,
+                      method: ImportanceMethod | str) -> list[torch.Tensor | None]:
+    """Importance of every expert of every MoE layer (None for a dense layer), one parent pass per batch."""
+    if batch_size <= 0:
+        raise PuzzleError(f"expert importance: batch_size must be positive, got {batch_size}")
+    try:
+        method = ImportanceMethod(method)
+    except ValueError:
+        raise PuzzleError(f"expert importance: unknown method {method!r}; use routed or masking") from None
+    dtype = next(adapter.model.parameters()).dtype
+    copies: dict[int, MoE] = {}
+    for i in range(adapter.num_layers):
+        parent = adapter.parent_layer(i)
+        if parent.shape.is_moe:
+            copies[i] = init_ffn(parent.shape.ffn, parent).to(calibration.device, dtype).eval()
+    sums = {i: torch.zeros(m.num_experts, dtype=torch.float64, device=calibration.device) for i, m in copies.items()}
+    energy = dict.fromkeys(copies, 0.0)
+    tokens = 0
+    for start in range(0, len(calibration), batch_size):
+        batch = calibration[start : start + batch_size]
+        acts = parent_activations(adapter, batch)
+        for i, moe in copies.items():
+            if method is ImportanceMethod.routed:
+                sums[i] += routed_contribution(moe, acts.ffn_input(i))
+            else:
+                errors, out = masking_damage(moe, acts.ffn_input(i))
+                sums[i] += errors
+                energy[i] += out
+        tokens += batch.numel()
+    scale = {i: tokens if method is ImportanceMethod.routed else max(energy[i], 1e-30) for i in copies}
+    return [(sums[i] / scale[i]).float() if i in copies else None for i in range(adapter.num_layers)]

@@ -1,0 +1,239 @@
+"""MoE parents: kept experts, expert importance, the experts budget, and the pipeline on a tiny Mixtral."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+from blocks.costs import Scenario, active_parameters, decode_work, parameters
+from blocks.init import init_ffn
+from blocks.specs import FfnKind, FfnSpec, spec_from_id
+from distill.experts import ImportanceMethod, expert_importance
+from puzzle.config import load_config
+from puzzle.distill_stage import distill_stage
+from puzzle.families import FamilyAdapter
+from puzzle.profile_stage import profile_stage
+from puzzle.realize_stage import realize_stage
+from puzzle.score_stage import score_stage
+from puzzle.search_stage import search_stage
+from tests.test_bld import write_job
+from tests.test_cli import assert_clean_failure, cli, job
+from tests.tiny import tiny_config, tiny_model
+
+ATOL = 1e-5  # float32: the same math as the parent, partly in another order
+MOE_FAMILIES = ["mixtral", "qwen3_moe"]
+# Fast BLD and deterministic (roofline) costs; every MoE layer may keep 2 of its 4 experts, never drop its FFN.
+PIPELINE = ["bld.tokens_per_candidate=64", "scoring.validation_blocks=1", "profile.device=h100",
+            "profile.prefill_length=16", "profile.decode_length=4", "library.experts=[2]", "library.noop_ffn=false",
+            "library.linear_attention=false", "library.noop_attention=false", "library.windows=[]",
+            "library.kv_heads=[2]"]
+
+
+@pytest.fixture(scope="module")
+def moe_parent_dir(tmp_path_factory):
+    """A tiny Mixtral (3 layers, 4 experts, top-2) with a project-trained tokenizer, as a Hugging Face checkpoint."""
+    from puzzle.tokenizer import build_tokenizer
+
+    root = Path(__file__).resolve().parent.parent
+    tokenizer = build_tokenizer([(root / "examples/data/shakespeare/sonnets.txt").read_text()], vocab_size=384)
+    config = tiny_config("mixtral")
+    config.vocab_size = len(tokenizer)
+    config.max_position_embeddings = 128
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_mixtral")
+    MixtralForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("model_type", MOE_FAMILIES)
+def test_keeping_all_experts_equals_the_parent_layer(model_type):
+    adapter = FamilyAdapter(tiny_model(model_type))
+    h = torch.randn(2, 20, adapter.config.hidden_size)
+    moe_layers = [i for i in range(adapter.num_layers) if adapter.shape(i).is_moe]
+    assert moe_layers == ([0, 1, 2] if model_type == "mixtral" else [0, 2])  # Qwen3-MoE's layer 1 is dense
+    for i in moe_layers:
+        parent = adapter.parent_layer(i)
+        with torch.no_grad():
+            torch.testing.assert_close(init_ffn(parent.shape.ffn, parent)(h), adapter.ffn_delta(i, h), atol=ATOL, rtol=0)
+
+
+def test_kept_experts_are_the_most_important_with_their_router_rows():
+    adapter = FamilyAdapter(tiny_model("mixtral"))
+    parent = adapter.parent_layer(0)
+    module = init_ffn(FfnSpec(FfnKind.moe, num_experts=2, experts_per_token=2), parent, torch.tensor([0.1, 3.0, 0.2, 2.0]))
+    torch.testing.assert_close(module.gate.weight, parent.ffn.gate.weight[[1, 3]])
+    torch.testing.assert_close(module.experts.down_proj, parent.ffn.experts.down_proj[[1, 3]])
+    # Two of two experts: every token goes to both, with weights that sum to one.
+    weights, indices = module.route(torch.randn(5, adapter.config.hidden_size))
+    assert indices.sort(-1).values.tolist() == [[0, 1]] * 5
+    torch.testing.assert_close(weights.sum(-1), torch.ones(5))
+
+
+def _never_routed(model, layer: int, expert: int):
+    """Plant an expert that no token reaches: every FFN input of `layer` has a large positive channel 0 (the
+    embeddings carry it, attention adds little to it), and the expert's router row is strongly negative on it."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        row = torch.zeros(model.config.hidden_size)
+        row[0] = -100.0
+        model.model.layers[layer].mlp.gate.weight[expert] = row
+    return model
+
+
+@pytest.mark.parametrize("method", list(ImportanceMethod))
+def test_a_never_routed_expert_ranks_last(method):
+    model = _never_routed(tiny_model("mixtral"), layer=0, expert=2)
+    adapter = FamilyAdapter(model)
+    calibration = torch.randint(0, model.config.vocab_size, (4, 16))
+    scores = expert_importance(adapter, calibration, batch_size=2, method=method)
+    assert scores[0][2] == 0
+    assert (scores[0][[0, 1, 3]] > 0).all()
+    assert all((s > 0).sum() >= 2 for s in scores[1:])  # the other layers route tokens to at least top-k experts
+
+
+def test_importance_is_none_for_dense_layers():
+    adapter = FamilyAdapter(tiny_model("qwen3_moe"))
+    scores = expert_importance(adapter, torch.randint(0, 128, (2, 8)), batch_size=2, method="routed")
+    assert [s is None for s in scores] == [False, True, False]
+
+
+def test_costs_count_kept_experts_in_memory_and_active_experts_in_time():
+    adapter = FamilyAdapter(tiny_model("mixtral"))
+    shape = adapter.shape(0)
+    parent, kept = shape.ffn, FfnSpec(FfnKind.moe, num_experts=2, experts_per_token=2)
+    module = init_ffn(parent, adapter.parent_layer(0))
+    assert parameters(parent, shape) == sum(p.numel() for p in module.parameters())
+    assert parameters(kept, shape) < parameters(parent, shape)
+    # Top-2 of 2 or of 4: the same experts per token, so the same active parameters and the same one-token time.
+    assert active_parameters(kept, shape) + 2 * shape.hidden_size == active_parameters(parent, shape)
+    one = Scenario(batch_size=1, prefill_length=16, decode_length=4)
+    assert decode_work(kept, shape, one).flops == pytest.approx(decode_work(parent, shape, one).flops, rel=0.01)
+    many = Scenario(batch_size=64, prefill_length=16, decode_length=4)
+    assert decode_work(kept, shape, many).bytes < decode_work(parent, shape, many).bytes  # a big batch reads all experts
+
+
+def test_moe_ids_round_trip():
+    spec = FfnSpec(FfnKind.moe, num_experts=4, experts_per_token=2)
+    assert spec.id == "ffn.moe4.top2" and spec_from_id(spec.id) == spec
+    with pytest.raises(ValueError):
+        FfnSpec(FfnKind.moe, num_experts=2, experts_per_token=3)
+
+
+@pytest.mark.parametrize("experts, message", [
+    ([1], "library.experts: 1 is outside 2..4"),
+    ([8], "library.experts: 8 is outside 2..4"),
+])
+def test_bad_library_experts_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, moe_parent_dir, experts, message):
+    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, moe_parent_dir, library={"experts": experts}))
+    assert_clean_failure(code, err, tmp_path, message)
+    assert sum(message in line for line in err.splitlines()) == 1
+
+
+def test_library_experts_on_a_dense_parent_is_an_error(monkeypatch, capsys, tmp_path, tiny_parent_dir):
+    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, tiny_parent_dir, library={"experts": [2]}))
+    assert_clean_failure(code, err, tmp_path, "library.experts: the parent has no MoE layers")
+
+
+@pytest.fixture(scope="module")
+def moe_job(tmp_path_factory, moe_parent_dir):
+    config = load_config(write_job(tmp_path_factory.mktemp("moe"), moe_parent_dir), PIPELINE)
+    distill_stage(config)
+    score_stage(config)
+    profile_stage(config)
+    return config
+
+
+def test_pipeline_library_scores_and_profile_have_the_kept_experts(moe_job):
+    import pandas as pd
+
+    run = moe_job.run.dir
+    table = pd.read_csv(run / "library/table.csv")
+    assert sorted(table.subblocks[table.subblocks.str.startswith("ffn")].unique()) == ["ffn.moe2.top2"]
+    assert (table[table.subblocks == "ffn.moe2.top2"].init == "most important experts").all()
+    scores = pd.read_csv(run / "scores/scores.csv")
+    assert set(scores.ffn) == {"ffn.moe4.top2", "ffn.moe2.top2"}
+    profile = pd.read_csv(run / "profile/profile.csv")
+    rows = profile[profile.subblock == "ffn"]
+    assert set(zip(rows.candidate, rows.experts)) == {("ffn.moe4.top2", 4), ("ffn.moe2.top2", 2)}
+    assert (profile[profile.subblock == "attention"].experts == 0).all()
+
+
+def test_search_meets_an_experts_budget_with_fewer_experts_in_some_layers(moe_job):
+    outcome = search_stage(moe_job, ["experts=9"])
+    [usage] = [u for k, u in outcome.solutions[0].usage.items() if k == "experts"]
+    assert usage.used <= 9 < 12  # the parent keeps 3 × 4 experts
+    ffns = [outcome.problem.layers[i][c].name.split("+")[1] for i, c in enumerate(outcome.solutions[0].choice)]
+    assert "ffn.moe2.top2" in ffns and "ffn.moe4.top2" in ffns
+
+
+def test_active_params_budget_is_met_by_removing_router_rows_only(moe_job):
+    outcome = search_stage(moe_job, ["active_params=0.9999x"])
+    usage = outcome.solutions[0].usage["active_params"]
+    assert usage.used <= usage.limit < outcome.problem.parent_totals["active_params"]
+
+
+def _with_solution(config, blocks: list[str]):
+    file = config.run.dir / "search/solutions.json"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({"solutions": [{"layers": [{"layer": i, "block": b} for i, b in enumerate(blocks)]}]}))
+    return realize_stage(config, 0)
+
+
+def test_child_keeping_all_experts_equals_the_parent(moe_job, moe_parent_dir):
+    summary = _with_solution(moe_job, ["attention.kv2+ffn.moe4.top2"] * 3)
+    child = AutoModelForCausalLM.from_pretrained(summary.directory, trust_remote_code=True).eval()
+    parent = MixtralForCausalLM.from_pretrained(moe_parent_dir).eval()
+    ids = torch.randint(0, parent.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(child(input_ids=ids).logits, parent(input_ids=ids).logits, atol=ATOL, rtol=0)
+    assert summary.parameters == summary.parent_parameters
+
+
+def test_searched_child_with_mixed_expert_counts_loads_and_generates(moe_job):
+    search_stage(moe_job, ["experts=9"])
+    summary = realize_stage(moe_job, 0)
+    config = json.loads((summary.directory / "config.json").read_text())
+    counts = [b["ffn"]["moe"]["num_local_experts"] for b in config["block_configs"]]
+    assert sum(counts) <= 9 and 2 in counts and 4 in counts
+    child = AutoModelForCausalLM.from_pretrained(summary.directory, trust_remote_code=True).eval()
+    assert [layer.mlp.num_experts for layer in child.model.layers] == counts
+    ids = torch.randint(0, child.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        out = child.generate(ids, max_new_tokens=5, do_sample=False)
+        no_cache = child.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert out.shape == (1, 11) and torch.equal(out, no_cache)
+    verdicts = {e.engine: e for e in summary.engines}
+    assert not verdicts["vLLM"].servable and not verdicts["llama.cpp"].servable
+    assert any("MoE FFN with 2 experts" in r for r in verdicts["vLLM"].reasons)
+
+
+class _ParentSubblocks:
+    """Stands in for a library holding only the parent's own subblocks (what a keep-everything child reads)."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def module(self, layer, spec):
+        from blocks.init import shaped_module
+
+        return shaped_module(spec, self.adapter.parent_layer(layer))
+
+
+def test_qwen3_moe_child_with_a_dense_layer_equals_the_parent():
+    from blocks.modeling_puzzle import DeciLMForCausalLM
+    from puzzle.realize_stage import LayerChoice, child_config, child_state_dict
+
+    model = tiny_model("qwen3_moe")
+    adapter = FamilyAdapter(model)
+    parent = type("Parent", (), {"model": model})()
+    choices = [LayerChoice(s.attention, s.ffn, False) for s in (adapter.shape(i) for i in range(adapter.num_layers))]
+    child = DeciLMForCausalLM(child_config(model.config, choices))
+    child.load_state_dict(child_state_dict(parent, _ParentSubblocks(adapter), choices))
+    assert [type(layer.mlp).__name__ for layer in child.model.layers] == ["MoE", "MLP", "MoE"]
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(child.eval()(input_ids=ids).logits, model(input_ids=ids).logits, atol=ATOL, rtol=0)
