@@ -415,8 +415,16 @@ class TokenizerSection(Section):
 
 
 class ParentArchitecture(Section):
+    model_type: Literal["llama", "mixtral"] = Field(
+        "llama", description="llama: dense FFNs; mixtral: mixture-of-experts FFNs (num_local_experts, top-k routing)."
+    )
     hidden_size: int = Field(192, ge=8, description="Width of the residual stream.")
-    intermediate_size: int = Field(512, ge=1, description="FFN width; a multiple of 256 keeps pruned sizes servable.")
+    intermediate_size: int = Field(
+        512, ge=1, description="FFN width (of each expert for mixtral); a multiple of 256 keeps pruned sizes servable."
+    )
+    num_local_experts: int = Field(8, ge=2, description="mixtral: experts per layer.")
+    num_experts_per_tok: int = Field(2, ge=1, description="mixtral: experts each token is routed to.")
+    router_aux_loss_coef: float = Field(0.02, ge=0, description="mixtral: weight of the load-balancing loss.")
     num_hidden_layers: int = Field(8, ge=1, description="Decoder layers.")
     num_attention_heads: int = Field(6, ge=1, description="Query heads.")
     num_key_value_heads: int = Field(2, ge=1, description="KV heads (GQA); divides num_attention_heads.")
@@ -430,6 +438,8 @@ class ParentArchitecture(Section):
             raise ValueError("num_attention_heads must divide hidden_size")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_key_value_heads must divide num_attention_heads")
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ValueError("num_experts_per_tok must be at most num_local_experts")
         return self
 
 
@@ -455,5 +465,5 @@ class ParentTrainingConfig(Section):
     seed: int = Field(0, description="Seed of initialization and batch order.")
     data: DataSection = Field(..., description="Training text (data.tokenizer is ignored: one is trained).")
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="The tokenizer to train.")
-    model: ParentArchitecture = Field(default_factory=ParentArchitecture, description="Llama architecture.")
+    model: ParentArchitecture = Field(default_factory=ParentArchitecture, description="Llama or Mixtral architecture.")
     training: ParentTrainingSection = Field(default_factory=ParentTrainingSection, description="Optimization.")

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    MixtralConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
 
 from blocks.io import atomic_dir, atomic_write_text
 from distill.schedule import batch_indices, warmup_cosine
@@ -42,9 +49,9 @@ def learning_rate(step: int, cfg: ParentTrainingConfig) -> float:
     return warmup_cosine(step, t.steps, t.learning_rate, t.warmup_steps, floor=t.min_learning_rate)
 
 
-def llama_config(cfg: ParentTrainingConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+def model_config(cfg: ParentTrainingConfig, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
     m = cfg.model
-    return LlamaConfig(
+    common = dict(
         vocab_size=len(tokenizer),
         hidden_size=m.hidden_size,
         intermediate_size=m.intermediate_size,
@@ -59,9 +66,14 @@ def llama_config(cfg: ParentTrainingConfig, tokenizer: PreTrainedTokenizerFast) 
         pad_token_id=None,
         attn_implementation="sdpa",
     )
+    if m.model_type == "mixtral":
+        # The router's load-balancing loss keeps every expert in use; without it a few take all tokens.
+        return MixtralConfig(**common, num_local_experts=m.num_local_experts, num_experts_per_tok=m.num_experts_per_tok,
+                             router_aux_loss_coef=m.router_aux_loss_coef, output_router_logits=True)
+    return LlamaConfig(**common)
 
 
-def mean_loss(model: LlamaForCausalLM, blocks: torch.Tensor, batch_size: int = 8) -> float:
+def mean_loss(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
     model.eval()
     loss, _ = next_token_loss(lambda x: model(input_ids=x).logits, blocks, batch_size)
     model.train()
@@ -97,7 +109,7 @@ def _prepare_tokenizer(cfg: ParentTrainingConfig) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def samples(model: LlamaForCausalLM, tokenizer, seed: int, max_new_tokens: int = 60) -> list[str]:
+def samples(model, tokenizer, seed: int, max_new_tokens: int = 60) -> list[str]:
     torch.manual_seed(seed)
     out = []
     model.eval()
@@ -116,7 +128,7 @@ def train_parent(cfg: ParentTrainingConfig) -> ParentTrainingResult:
     blocks: TokenBlocks = load_blocks(cfg.data, tokenizer)
 
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(llama_config(cfg, tokenizer))
+    model = AutoModelForCausalLM.from_config(model_config(cfg, tokenizer))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -154,6 +166,9 @@ def train_parent(cfg: ParentTrainingConfig) -> ParentTrainingResult:
 
 def _finish(cfg, model, tokenizer, blocks: TokenBlocks, log: list[dict], seconds: float) -> ParentTrainingResult:
     dtype = getattr(torch, cfg.training.save_dtype)
+    # Router logits are a training signal (load balancing); users of the parent do not want them returned.
+    if hasattr(model.config, "output_router_logits"):
+        model.config.output_router_logits = False
     with atomic_dir(cfg.output) as tmp:
         model.to(dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -162,7 +177,7 @@ def _finish(cfg, model, tokenizer, blocks: TokenBlocks, log: list[dict], seconds
             temperature=0.8, max_new_tokens=128,
         ).save_pretrained(tmp)
         # The shipped figure is measured on the shipped (rounded) weights, loaded as users load them.
-        shipped = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        shipped = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
         val_loss = mean_loss(shipped, blocks.validation)
         summary = {
             "parameters": sum(p.numel() for p in shipped.parameters()),

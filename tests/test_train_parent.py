@@ -69,3 +69,27 @@ def test_learning_rate_schedule():
     t = cfg.training
     assert tp.learning_rate(0, cfg) == pytest.approx(t.learning_rate)  # one warm-up step
     assert tp.learning_rate(t.steps, cfg) == pytest.approx(t.min_learning_rate)
+
+
+def test_mixtral_parent_trains_saves_and_loads_with_its_experts(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_training(tmp_path, "moe")
+    raw = cfg.model_dump(mode="json")
+    raw["model"].update(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+    result = tp.train_parent(validate(raw, ParentTrainingConfig))
+    model = AutoModelForCausalLM.from_pretrained(result.output)
+    config = model.config
+    assert config.model_type == "mixtral" and config.num_local_experts == 4 and config.num_experts_per_tok == 2
+    assert not config.output_router_logits  # a training signal only
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 2 * 64, 32)
+    assert result.validation_loss < 7.0  # finite and near ln(320) = 5.77 after 4 steps: training did not diverge
+
+
+def test_experts_per_token_beyond_the_experts_is_rejected(tmp_path):
+    from puzzle.errors import ConfigError
+
+    raw = tiny_training(tmp_path, "bad").model_dump(mode="json")
+    raw["model"].update(model_type="mixtral", num_local_experts=2, num_experts_per_tok=3)
+    with pytest.raises(ConfigError, match="num_experts_per_tok must be at most num_local_experts"):
+        validate(raw, ParentTrainingConfig)
