@@ -366,7 +366,8 @@ def search(
     budget: Annotated[
         Optional[list[str]],
         typer.Option(
-            help="A budget, repeatable: latency=0.5x, throughput=2x or 1200tok/s, memory=40GiB, params=2.5M, kv=1MiB. "
+            help="A budget, repeatable: latency=0.5x, throughput=2x or 1200tok/s, memory=40GiB, params=2.5M, kv=1MiB; "
+            "for MoE parents also experts=24 (experts kept over all layers) and active_params=0.5x. "
             "'x' is a ratio of the parent; adds to search.budgets.",
             show_default=False,
         ),
