@@ -520,6 +520,64 @@ def _print_eval(summary, label: str = "") -> None:
 
 
 @app.command()
+def fuse(
+    config: ConfigArg,
+    set_: SetOption = None,
+    child: Annotated[Optional[Path], typer.Option(help="Child checkpoint to fuse (default: RUN_DIR/kd/checkpoint if "
+                                                  "it exists, else RUN_DIR/child/checkpoint).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Where to save the fused child (default: the child's "
+                                                   "directory + '-fused').", show_default=False)] = None,
+    include_last: Annotated[bool, typer.Option("--include-last", help="Fuse each run's last FFN too (left out by "
+                                               "default: its output feeds the next attention directly).")] = False,
+    max_distance: Annotated[Optional[float], typer.Option(help="Fuse only FFN pairs whose dependency (cosine "
+                                                          "distance) is below this.", show_default=False)] = None,
+    job_name: JobOption = None,
+) -> None:
+    """FFN Fusion: each run of consecutive attention-free layers' FFNs becomes one wide FFN on the run's input.
+
+    Reports the dependency of each consecutive FFN pair, and KL (to the unfused child and to the parent) and
+    measured prefill/decode speed before and after. Writes the fused checkpoint and fusion.json beside it.
+    A child without a run to fuse is not an error: it is said so, and nothing is written.
+    """
+    from puzzle.fuse_stage import fuse_stage
+
+    jobs = load_jobs(config, set_, job_name)
+    if len(jobs) > 1 and (child is not None or output is not None):
+        raise PuzzleError(f"--child and --output name one child; pick its job with --job (this file has {len(jobs)})")
+    for j in jobs:
+        _print_fusion(fuse_stage(j, child=child, output=output, include_last=include_last, max_distance=max_distance),
+                      _job_label(j))
+
+
+def _print_fusion(summary, label: str = "") -> None:
+    if not summary.runs:
+        out.print(f"{label}nothing to fuse: {summary.source} has no run of 2 or more consecutive layers without "
+                  "attention and with a dense FFN")
+        return
+    table = Table(title=f"{label}FFN dependencies ({summary.validation_tokens:,} held-out tokens; cosine distance, "
+                        "0 = independent)")
+    for column in ("run", "FFN pair", "distance"):
+        table.add_column(column, justify="right")
+    for first, last in summary.runs:
+        for d in (d for d in summary.dependencies if first <= d.first <= last):
+            table.add_row(f"{first}-{last}", f"{d.first} → {d.second}", f"{d.distance:.4f}")
+    out.print(table)
+    if not summary.fused:
+        out.print(f"{label}nothing to fuse: every run is shorter than 2 FFNs after leaving out its last "
+                  "(--include-last fuses it) and cutting at --max-distance")
+        return
+    out.print(f"fused layers: {', '.join(f'{a}-{b}' for a, b in summary.fused)}")
+    table = Table(title=f"{label}before and after fusion")
+    for column in ("model", "params", "KL to parent", "KL to unfused", "prefill tok/s", "decode tok/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, m in (("unfused", summary.before), ("fused", summary.after)):
+        table.add_row(name, f"{m.parameters:,}", f"{m.kl_to_parent:.4f}", f"{m.kl_to_unfused:.5f}",
+                      f"{m.prefill_tokens_per_second:,.0f}", f"{m.decode_tokens_per_second:,.0f}")
+    out.print(table)
+    out.print(f"fused child: {summary.directory} ({summary.seconds:.0f} s)")
+
+
+@app.command()
 def report(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None) -> None:
     """Write the run's report: RUN_DIR/report/report.html (self-contained) and report.md with its plots.
 
