@@ -483,7 +483,13 @@ def _print_kd(summary, label: str = "") -> None:
 
 
 @app.command("eval")
-def eval_command(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None) -> None:
+def eval_command(
+    config: ConfigArg,
+    set_: SetOption = None,
+    job_name: JobOption = None,
+    kv_dtype: Annotated[Optional[str], typer.Option(help="'fp8' also runs every model with a simulated FP8 KV cache "
+                                                    "and reports the KL it adds (eval.kv_dtype).", show_default=False)] = None,
+) -> None:
     """Parent, child and distilled child side by side: KL to the parent, perplexity, top-1 agreement, size,
     and prefill/decode speed measured here next to the cost model's prediction.
 
@@ -493,7 +499,8 @@ def eval_command(config: ConfigArg, set_: SetOption = None, job_name: JobOption 
     from puzzle.eval_stage import eval_stage
     from puzzle.stages import check_inputs
 
-    for j in load_jobs(config, set_, job_name):
+    overrides = list(set_ or []) + ([f"eval.kv_dtype={kv_dtype}"] if kv_dtype is not None else [])
+    for j in load_jobs(config, overrides, job_name):
         check_inputs(j)
         _print_eval(eval_stage(j), _job_label(j))
 
@@ -502,8 +509,9 @@ def _print_eval(summary, label: str = "") -> None:
     s = summary.scenario
     table = Table(title=f"{label}evaluation: {summary.validation_tokens:,} held-out tokens; speed on {summary.device} at "
                         f"batch {s.batch_size}, prefill {s.prefill_length}, decode {s.decode_length}")
+    fp8 = any(m.kv_fp8_added_kl is not None for m in summary.models)
     for column in ("model", "params", "KL", "perplexity", "top-1", "prefill tok/s", "decode tok/s",
-                   "speedup measured", "speedup predicted"):
+                   "speedup measured", "speedup predicted", *(["KL added by FP8 KV"] if fp8 else [])):
         table.add_column(column, justify="left" if column == "model" else "right")
     for m in summary.models:
         predicted = summary.speedup(m.name, "predicted")
@@ -511,6 +519,7 @@ def _print_eval(summary, label: str = "") -> None:
             m.name, f"{m.parameters:,}", f"{m.kl:.4f}", f"{m.perplexity:.2f}", f"{m.top1:.1%}",
             f"{m.prefill_tokens_per_second:,.0f}", f"{m.decode_tokens_per_second:,.0f}",
             f"{summary.speedup(m.name, 'measured'):.2f}x", "n/a" if predicted is None else f"{predicted:.2f}x",
+            *([f"{m.kv_fp8_added_kl:+.5f}"] if fp8 else []),
         )
     out.print(table)
     for m in summary.models:
