@@ -573,7 +573,7 @@ def _print_fusion(summary, label: str = "") -> None:
     out.print(table)
     if not summary.fused:
         out.print(f"{label}nothing to fuse: every run is shorter than 2 FFNs after leaving out its last "
-                  "(--include-last fuses it) and cutting at --max-distance")
+                  "(--include-last fuses it) or cutting at --max-distance")
         return
     out.print(f"fused layers: {', '.join(f'{a}-{b}' for a, b in summary.fused)}")
     table = Table(title=f"{label}before and after fusion")

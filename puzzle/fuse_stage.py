@@ -2,7 +2,9 @@
 
 The fused child is saved in the child's own format (default: the child's directory + `-fused`), its
 puzzle_child.json gains a `fusion` entry, and fusion.json beside it holds the runs found, the dependency
-of each consecutive FFN pair, the groups fused, and KL and measured speed before and after.
+of each consecutive FFN pair, the groups fused, and KL and measured speed before and after. KL is on
+eval.validation_blocks held-out blocks; speed is the fastest of eval.speed_repeats rounds that time the
+unfused and the fused child in turn, at the profile's scenario.
 """
 
 from __future__ import annotations
@@ -105,21 +107,30 @@ def default_child(config: PuzzleConfig) -> Path:
                       "run `puzzle realize` first, or give --child")
 
 
-def _measure(parent, unfused, fused, blocks: torch.Tensor, config: PuzzleConfig) -> tuple[Measured, Measured, int]:
-    batch = config.eval.batch_size
-    to_parent, tokens = quality(parent.adapter.logits, {"unfused": unfused, "fused": fused}, blocks, batch)
-    to_unfused, _ = quality(lambda x: unfused(x, use_cache=False).logits, {"fused": fused}, blocks, batch)
+def _fastest_times(models: list, config: PuzzleConfig) -> list[tuple[float, float]]:
+    """Fastest prefill and decode-step seconds of each model, timed in alternating rounds: on a shared
+    machine a slow phase then hits every model alike, and the fastest round measures the model itself."""
     scenario = scenario_of(config.profile)
+    warmup, repeats = config.eval.speed_warmup, config.eval.speed_repeats
+    rounds = [[generation_times(m, scenario, warmup if r == 0 else 0, 1) for m in models] for r in range(repeats)]
+    return [(min(t[i][0] for t in rounds), min(t[i][1] for t in rounds)) for i in range(len(models))]
 
-    def measured(name: str, model, kl_to_unfused: float) -> Measured:
-        prefill, decode = generation_times(model, scenario, config.eval.speed_warmup, config.eval.speed_repeats)
+
+def _measure(parent, unfused, fused, blocks: torch.Tensor, config: PuzzleConfig) -> tuple[Measured, Measured]:
+    batch = config.eval.batch_size
+    to_parent, _ = quality(parent.adapter.logits, {"unfused": unfused, "fused": fused}, blocks, batch)
+    to_unfused, _ = quality(lambda x: unfused(x, use_cache=False).logits, {"fused": fused}, blocks, batch)
+    s = scenario_of(config.profile)
+    times = _fastest_times([unfused, fused], config)
+
+    def measured(name: str, model, kl_to_unfused: float, prefill: float, decode: float) -> Measured:
         return Measured(
             parameters=sum(p.numel() for p in model.parameters()), kl_to_parent=to_parent[name]["kl"],
-            kl_to_unfused=kl_to_unfused, prefill_tokens_per_second=scenario.batch_size * scenario.prefill_length / prefill,
-            decode_tokens_per_second=scenario.batch_size / decode,
+            kl_to_unfused=kl_to_unfused, prefill_tokens_per_second=s.batch_size * s.prefill_length / prefill,
+            decode_tokens_per_second=s.batch_size / decode,
         )
 
-    return measured("unfused", unfused, 0.0), measured("fused", fused, to_unfused["fused"]["kl"]), tokens
+    return measured("unfused", unfused, 0.0, *times[0]), measured("fused", fused, to_unfused["fused"]["kl"], *times[1])
 
 
 def _child_info(source: Path, fused: DeciLMForCausalLM, groups: list[range], fusion: dict) -> dict:
@@ -140,6 +151,8 @@ def fuse_stage(
     config: PuzzleConfig, *, child: Path | None = None, output: Path | None = None, include_last: bool = False,
     max_distance: float | None = None,
 ) -> FusionSummary:
+    """Fuse the attention-free runs of `child` (default: the job's distilled child, else its realized one)
+    and save the result to `output`. Nothing is written when no run has 2 FFNs left to fuse."""
     started = time.time()
     if max_distance is not None and not max_distance > 0:
         raise PuzzleError(f"--max-distance: got {max_distance}; expected a positive cosine distance")
@@ -162,11 +175,11 @@ def fuse_stage(
     if not groups:
         return FusionSummary(source, span, dependencies, [], None, None, None, blocks.numel(), time.time() - started)
     fused = fuse_child(unfused, groups=groups)
-    before, after, tokens = _measure(parent, unfused, fused, blocks.to(parameter.device), config)
+    before, after = _measure(parent, unfused, fused, blocks.to(parameter.device), config)
     fusion = {"source": str(source), "groups": [[g.start, g.stop - 1] for g in groups], "include_last": include_last,
               "max_distance": max_distance, "dependencies": [asdict(d) for d in dependencies]}
     write_checkpoint(target, fused, parent, _child_info(source, fused, groups, fusion))
     summary = FusionSummary(source, span, dependencies, [(g.start, g.stop - 1) for g in groups], before, after, target,
-                            tokens, time.time() - started)
+                            blocks.numel(), time.time() - started)
     atomic_write_json(target.parent / "fusion.json", {**asdict(summary), "scenario": asdict(scenario_of(config.profile))})
     return summary
