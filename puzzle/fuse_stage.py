@@ -177,7 +177,8 @@ def fuse_stage(
     fused = fuse_child(unfused, groups=groups)
     before, after = _measure(parent, unfused, fused, blocks.to(parameter.device), config)
     fusion = {"source": str(source), "groups": [[g.start, g.stop - 1] for g in groups], "include_last": include_last,
-              "max_distance": max_distance, "dependencies": [asdict(d) for d in dependencies]}
+              "max_distance": max_distance, "dependencies": [asdict(d) for d in dependencies],
+              "before": asdict(before), "after": asdict(after)}
     write_checkpoint(target, fused, parent, _child_info(source, fused, groups, fusion))
     summary = FusionSummary(source, span, dependencies, [(g.start, g.stop - 1) for g in groups], before, after, target,
                             blocks.numel(), time.time() - started)

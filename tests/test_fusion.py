@@ -119,6 +119,7 @@ def test_fuse_command_saves_a_child_that_loads_and_follows_the_formula(job, monk
     assert report["after"]["kl_to_unfused"] < 1e-6 and report["before"]["prefill_tokens_per_second"] > 0
     info = json.loads((target / "puzzle_child.json").read_text())
     assert [x["ffn"] for x in info["layers"]] == ["ffn.i144", "ffn.noop"] and info["fusion"]["groups"] == [[0, 1]]
+    assert info["fusion"]["after"] == report["after"]
 
     from transformers import AutoModelForCausalLM
 
