@@ -41,6 +41,15 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+FP8_E4M3_MAX = 448.0
+
+
+def fp8_round_trip(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """What an FP8 (E4M3) store with this per-tensor scale gives back. Clamped: E4M3 has no infinity, and
+    whether an overflowing cast saturates or gives NaN depends on the torch version and device."""
+    return (x / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
 def causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor:
     """[q_len, kv_len] bool, True where a query may attend; queries are the last q_len positions."""
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
@@ -81,6 +90,7 @@ class Attention(nn.Module):
         self.window = window
         self.attn_implementation = attn_implementation
         self.layer_idx: int | None = None  # set by the model that owns it, for the KV cache
+        self.kv_fp8_scales: tuple[float, float] | None = None  # (K, V) scales of a simulated FP8 KV cache
         # Library entries carry their pre-norm; in the child model the decoder layer owns it (parent's names).
         self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps) if norm else None
         self.q_proj = nn.Linear(hidden_size, num_attention_heads * head_dim, bias=attention_bias)
@@ -99,6 +109,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)
+        if self.kv_fp8_scales is not None:  # K after rotary: what a KV cache stores
+            k, v = fp8_round_trip(k, self.kv_fp8_scales[0]), fp8_round_trip(v, self.kv_fp8_scales[1])
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         out = self._attend(q, k, v, padding_mask)
@@ -396,6 +408,16 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         self.model = DeciLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def set_kv_fp8_scales(self, scales: list[tuple[float, float]] | None) -> None:
+        """Simulate an FP8 (E4M3) KV cache: one (K scale, V scale) per softmax-attention layer, in layer order
+        (K and V are quantized and dequantized before the cache and the attention); None switches it off."""
+        attentions = [layer.self_attn for layer in self.model.layers if isinstance(layer.self_attn, Attention)]
+        if scales is not None and (len(scales) != len(attentions) or any(not (k > 0 and v > 0) for k, v in scales)):
+            raise ValueError(f"expected {len(attentions)} positive (K scale, V scale) pairs, one per softmax-attention "
+                             f"layer; got {scales}")
+        for attention, pair in zip(attentions, scales or [None] * len(attentions)):
+            attention.kv_fp8_scales = None if pair is None else (float(pair[0]), float(pair[1]))
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get("cache") is None and generation_config.use_cache is not False:

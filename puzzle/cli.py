@@ -498,7 +498,13 @@ def _print_kd(summary, label: str = "") -> None:
 
 
 @app.command("eval")
-def eval_command(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None) -> None:
+def eval_command(
+    config: ConfigArg,
+    set_: SetOption = None,
+    job_name: JobOption = None,
+    kv_dtype: Annotated[Optional[str], typer.Option(help="'fp8' also runs every model with a simulated FP8 KV cache "
+                                                    "and reports the KL it adds (eval.kv_dtype).", show_default=False)] = None,
+) -> None:
     """Parent, child and distilled child side by side: KL to the parent, perplexity, top-1 agreement, size,
     and prefill/decode speed measured here next to the cost model's prediction.
 
@@ -508,7 +514,8 @@ def eval_command(config: ConfigArg, set_: SetOption = None, job_name: JobOption 
     from puzzle.eval_stage import eval_stage
     from puzzle.stages import check_inputs
 
-    for j in load_jobs(config, set_, job_name):
+    overrides = list(set_ or []) + ([f"eval.kv_dtype={kv_dtype}"] if kv_dtype is not None else [])
+    for j in load_jobs(config, overrides, job_name):
         check_inputs(j)
         _print_eval(eval_stage(j), _job_label(j))
 
@@ -517,8 +524,9 @@ def _print_eval(summary, label: str = "") -> None:
     s = summary.scenario
     table = Table(title=f"{label}evaluation: {summary.validation_tokens:,} held-out tokens; speed on {summary.device} at "
                         f"batch {s.batch_size}, prefill {s.prefill_length}, decode {s.decode_length}")
+    fp8 = any(m.kv_fp8_added_kl is not None for m in summary.models)
     for column in ("model", "params", "KL", "perplexity", "top-1", "prefill tok/s", "decode tok/s",
-                   "speedup measured", "speedup predicted"):
+                   "speedup measured", "speedup predicted", *(["KL added by FP8 KV"] if fp8 else [])):
         table.add_column(column, justify="left" if column == "model" else "right")
     for m in summary.models:
         predicted = summary.speedup(m.name, "predicted")
@@ -526,12 +534,71 @@ def _print_eval(summary, label: str = "") -> None:
             m.name, f"{m.parameters:,}", f"{m.kl:.4f}", f"{m.perplexity:.2f}", f"{m.top1:.1%}",
             f"{m.prefill_tokens_per_second:,.0f}", f"{m.decode_tokens_per_second:,.0f}",
             f"{summary.speedup(m.name, 'measured'):.2f}x", "n/a" if predicted is None else f"{predicted:.2f}x",
+            *([f"{m.kv_fp8_added_kl:+.5f}"] if fp8 else []),
         )
     out.print(table)
     for m in summary.models:
         for task, metrics in m.tasks.items():
             out.print(f"{m.name} {task}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     out.print(f"results: {summary.file} ({summary.seconds:.0f} s)")
+
+
+@app.command()
+def fuse(
+    config: ConfigArg,
+    set_: SetOption = None,
+    child: Annotated[Optional[Path], typer.Option(help="Child checkpoint to fuse (default: RUN_DIR/kd/checkpoint if "
+                                                  "it exists, else RUN_DIR/child/checkpoint).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Where to save the fused child (default: the child's "
+                                                   "directory + '-fused').", show_default=False)] = None,
+    include_last: Annotated[bool, typer.Option("--include-last", help="Fuse each run's last FFN too (left out by "
+                                               "default: its output feeds the next attention directly).")] = False,
+    max_distance: Annotated[Optional[float], typer.Option(help="Fuse only FFN pairs whose dependency (cosine "
+                                                          "distance) is below this.", show_default=False)] = None,
+    job_name: JobOption = None,
+) -> None:
+    """FFN Fusion: each run of consecutive attention-free layers' FFNs becomes one wide FFN on the run's input.
+
+    Reports the dependency of each consecutive FFN pair, and KL (to the unfused child and to the parent) and
+    measured prefill/decode speed before and after. Writes the fused checkpoint and fusion.json beside it.
+    A child without a run to fuse is not an error: it is said so, and nothing is written.
+    """
+    from puzzle.fuse_stage import fuse_stage
+
+    jobs = load_jobs(config, set_, job_name)
+    if len(jobs) > 1 and (child is not None or output is not None):
+        raise PuzzleError(f"--child and --output name one child; pick its job with --job (this file has {len(jobs)})")
+    for j in jobs:
+        _print_fusion(fuse_stage(j, child=child, output=output, include_last=include_last, max_distance=max_distance),
+                      _job_label(j))
+
+
+def _print_fusion(summary, label: str = "") -> None:
+    if not summary.runs:
+        out.print(f"{label}nothing to fuse: {summary.source} has no run of 2 or more consecutive layers without "
+                  "attention and with a dense FFN")
+        return
+    table = Table(title=f"{label}FFN dependencies ({summary.validation_tokens:,} held-out tokens; cosine distance, "
+                        "0 = independent)")
+    for column in ("run", "FFN pair", "distance"):
+        table.add_column(column, justify="right")
+    for first, last in summary.runs:
+        for d in (d for d in summary.dependencies if first <= d.first <= last):
+            table.add_row(f"{first}-{last}", f"{d.first} → {d.second}", f"{d.distance:.4f}")
+    out.print(table)
+    if not summary.fused:
+        out.print(f"{label}nothing to fuse: every run is shorter than 2 FFNs after leaving out its last "
+                  "(--include-last fuses it) or cutting at --max-distance")
+        return
+    out.print(f"fused layers: {', '.join(f'{a}-{b}' for a, b in summary.fused)}")
+    table = Table(title=f"{label}before and after fusion")
+    for column in ("model", "params", "KL to parent", "KL to unfused", "prefill tok/s", "decode tok/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, m in (("unfused", summary.before), ("fused", summary.after)):
+        table.add_row(name, f"{m.parameters:,}", f"{m.kl_to_parent:.4f}", f"{m.kl_to_unfused:.5f}",
+                      f"{m.prefill_tokens_per_second:,.0f}", f"{m.decode_tokens_per_second:,.0f}")
+    out.print(table)
+    out.print(f"fused child: {summary.directory} ({summary.seconds:.0f} s)")
 
 
 @app.command()

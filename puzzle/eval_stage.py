@@ -25,12 +25,13 @@ from blocks.costs import DTYPE_BYTES, Scenario, kv_cache_bytes
 from blocks.errors import PuzzleError
 from blocks.io import atomic_path, atomic_write_json
 from blocks.specs import ParentShape, spec_from_id
+from distill.library import Library
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.parents import load_parent
 from puzzle.profile_stage import predicted_latency, read_profile, scenario_of
 from puzzle.progress import progress_bar
-from puzzle.realize_stage import load_child
+from puzzle.realize_stage import LayerChoice, build_child, load_child
 from puzzle.rundir import RunDir, Stage, fingerprint
 
 
@@ -49,6 +50,8 @@ class ModelResult:
     measured_latency: float  # seconds per batch: prefill + every decode step, medians
     predicted_latency: float | None  # the cost model's sum of blocks + fixed, when the profile has every block
     tasks: dict[str, dict] = field(default_factory=dict)  # lm-evaluation-harness results per task
+    kv_fp8_added_kl: float | None = None  # with eval.kv_dtype fp8: KL to the parent a simulated FP8 KV cache adds
+    kv_fp8_scales: dict | None = None  # and its calibrated per-layer scales: layers, k, v
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,8 @@ def eval_stage(config: PuzzleConfig) -> EvalSummary:
         device = parent.model.device
         dtype = next(parent.model.parameters()).dtype
         loaded = {name: load_child(path, dtype, device) for name, path in models}
-        blocks = job_blocks(config.data, parent.tokenizer).validation[: config.eval.validation_blocks].to(device)
+        token_blocks = job_blocks(config.data, parent.tokenizer)
+        blocks = token_blocks.validation[: config.eval.validation_blocks].to(device)
         scenario = scenario_of(config.profile)
         adapter = parent.adapter
         shapes = [adapter.shape(i) for i in range(adapter.num_layers)]
@@ -194,9 +198,16 @@ def eval_stage(config: PuzzleConfig) -> EvalSummary:
             choices[name] = [(x["attention"], x["ffn"]) for x in layers]
         rows = _profile_rows(run)
         with progress_bar() as bar:
-            task = bar.add_task("evaluate", total=1 + 2 * (1 + len(loaded)), status="quality on held-out text")
+            fp8 = config.eval.kv_dtype == "fp8"
+            task = bar.add_task("evaluate", total=1 + fp8 + 2 * (1 + len(loaded)), status="quality on held-out text")
             scores, tokens = quality(adapter.logits, loaded, blocks, config.eval.batch_size)
             bar.advance(task)
+            effects = {}
+            if fp8:
+                bar.update(task, status="FP8 KV cache")
+                calibration = token_blocks.calibration(config.data.calibration_blocks)
+                effects = _fp8_effects(config, run, parent, loaded, calibration, blocks)
+                bar.advance(task)
             results = []
             for name, model in [("parent", parent.model), *loaded.items()]:
                 bar.update(task, status=f"speed of {name}")
@@ -215,11 +226,30 @@ def eval_stage(config: PuzzleConfig) -> EvalSummary:
                     decode_tokens_per_second=scenario.batch_size / decode,
                     measured_latency=prefill + scenario.decode_length * decode,
                     predicted_latency=_predicted(rows, choices[name], scenario), tasks=tasks,
+                    **(_fp8_fields(effects[name]) if effects else {}),
                 ))
         summary = EvalSummary(results, scenario, _device_name(device), tokens, file, time.time() - started)
         _write(summary, file)
         record.outputs = {"results": file.name, "table": "results.csv"}
     return summary
+
+
+def _fp8_effects(config: PuzzleConfig, run: RunDir, parent, loaded: dict, calibration: torch.Tensor,
+                 blocks: torch.Tensor) -> dict:
+    """FP8 KV cache of every model; the parent runs as a child that keeps every layer (the model that
+    carries the simulation), whose own KL to the parent is rounding only."""
+    from puzzle.kv_fp8 import fp8_kv_effect  # it imports this module's quality()
+
+    shapes = [parent.adapter.shape(i) for i in range(parent.adapter.num_layers)]
+    library = Library(run.stage_dir(Stage.library), parent.adapter)
+    whole = build_child(parent, library, [LayerChoice(s.attention, s.ffn, False) for s in shapes])
+    return fp8_kv_effect(parent.adapter.logits, {"parent": whole.to(parent.model.device), **loaded},
+                         calibration=calibration, blocks=blocks, batch_size=config.eval.batch_size)
+
+
+def _fp8_fields(effect) -> dict:
+    s = effect.scales
+    return {"kv_fp8_added_kl": effect.added_kl, "kv_fp8_scales": {"layers": list(s.layers), "k": list(s.k), "v": list(s.v)}}
 
 
 def _profile_rows(run: RunDir):
@@ -243,7 +273,8 @@ def _write(summary: EvalSummary, file: Path) -> None:
     }
     atomic_write_json(file, data)
     with atomic_path(file.with_name("results.csv")) as tmp:
-        pd.DataFrame([{k: v for k, v in asdict(m).items() if k != "tasks"} for m in summary.models]).to_csv(tmp, index=False)
+        rows = [{k: v for k, v in asdict(m).items() if k not in ("tasks", "kv_fp8_scales")} for m in summary.models]
+        pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
 def _read(file: Path, seconds: float) -> EvalSummary:
