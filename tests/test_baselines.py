@@ -6,18 +6,14 @@ import pytest
 import torch
 
 from blocks.errors import PuzzleError
-from puzzle.config import ParentSection, apply_overrides, load_config, validate
-from puzzle.distill_stage import distill_stage
+from puzzle.config import ParentSection, apply_overrides, validate
 from puzzle.importance import block_influence
 from puzzle.parents import load_parent
-from puzzle.profile_stage import profile_stage
 from puzzle.realize_stage import realize_stage
-from puzzle.score_stage import score_stage
 from puzzle.search_stage import search_stage
 from search.baselines import llm_drop, random_search, shortgpt, uniform_ffn
 from search.mip import Block, InfeasibleBudget, Status
-from tests.test_bld import write_job
-from tests.test_search import FAST, cli
+from tests.test_search import FAST, cli, scored_job
 
 # The roofline profile: latency costs are the same on every run, so the budgets below are met or not for sure.
 OVERRIDES = [*FAST, "profile.device=h100"]
@@ -26,13 +22,7 @@ METHODS = ["greedy", "shortgpt", "llm-drop", "uniform-ffn", "random"]
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, tiny_parent_dir):
-    tmp = tmp_path_factory.mktemp("baselines")
-    path = write_job(tmp, tiny_parent_dir)
-    config = load_config(path, OVERRIDES)
-    distill_stage(config)
-    score_stage(config)
-    profile_stage(config)
-    return path, config
+    return scored_job(tmp_path_factory.mktemp("baselines"), tiny_parent_dir, OVERRIDES)
 
 
 def with_method(config, method: str, *more: str):

@@ -12,13 +12,10 @@ from safetensors.torch import load_file
 import distill.kd as kd
 from distill.kd import cosine_loss, kl_divergence
 from puzzle.config import load_config
-from puzzle.distill_stage import distill_stage
 from puzzle.kd_stage import kd_stage
-from puzzle.profile_stage import profile_stage
-from puzzle.score_stage import score_stage
 from tests.test_bld import write_job
 from tests.test_realize import with_solution
-from tests.test_search import FAST, cli
+from tests.test_search import FAST, cli, scored_job
 
 KD = ["kd.tokens=2048", "kd.batch_size=2", "kd.eval_blocks=4", "kd.learning_rate=0.001", "kd.checkpoint_every=4"]
 # A child far enough from the parent for KD to have something to recover.
@@ -27,12 +24,7 @@ DAMAGED = ["attention.kv1+ffn.linear", "attention.noop+ffn.i48"]
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, tiny_parent_dir):
-    tmp = tmp_path_factory.mktemp("kd")
-    path = write_job(tmp, tiny_parent_dir)
-    config = load_config(path, FAST + ["profile.device=h100"] + KD)
-    distill_stage(config)
-    score_stage(config)
-    profile_stage(config)
+    path, config = scored_job(tmp_path_factory.mktemp("kd"), tiny_parent_dir, FAST + ["profile.device=h100"] + KD)
     with_solution(config, DAMAGED)
     return path, config
 

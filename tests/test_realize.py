@@ -11,28 +11,18 @@ import torch
 from blocks.modeling_puzzle import DeciLMConfig
 from distill.library import Library
 from puzzle.cli import main
-from puzzle.config import load_config
-from puzzle.distill_stage import distill_stage
 from puzzle.engines import servability
 from puzzle.parents import load_parent
-from puzzle.profile_stage import profile_stage
 from puzzle.realize_stage import build_child, parse_block, realize_stage
-from puzzle.score_stage import score_stage
 from puzzle.search_stage import search_stage
-from tests.test_bld import write_job
-from tests.test_search import FAST
+from tests.test_search import scored_job
 
 ATOL = 1e-5  # float32; the child runs the same math as the parent, partly in another order
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, tiny_parent_dir):
-    tmp = tmp_path_factory.mktemp("realize")
-    config = load_config(write_job(tmp, tiny_parent_dir), FAST)
-    distill_stage(config)
-    score_stage(config)
-    profile_stage(config)
-    return config
+    return scored_job(tmp_path_factory.mktemp("realize"), tiny_parent_dir)[1]
 
 
 def with_solution(config, blocks: list[str]):

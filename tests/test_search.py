@@ -18,15 +18,19 @@ FAST = ["bld.tokens_per_candidate=64", "scoring.validation_blocks=1", "profile.w
         "profile.prefill_length=16", "profile.decode_length=4", "profile.warmup=1", "profile.repeats=3"]
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_parent_dir):
-    tmp = tmp_path_factory.mktemp("search")
-    path = write_job(tmp, tiny_parent_dir)
-    config = load_config(path, FAST)
+def scored_job(tmp, parent, overrides=FAST):
+    """A tiny job with its library trained, its blocks scored and profiled: what search and later stages read."""
+    path = write_job(tmp, parent)
+    config = load_config(path, overrides)
     distill_stage(config)
     score_stage(config)
     profile_stage(config)
     return path, config
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_parent_dir):
+    return scored_job(tmp_path_factory.mktemp("search"), tiny_parent_dir)
 
 
 def test_search_meets_the_budget_and_writes_solutions(job):
