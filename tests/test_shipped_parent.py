@@ -57,3 +57,22 @@ def test_shipped_parent_generates_text(shipped):
     out = parent.model.generate(ids, max_new_tokens=20, do_sample=False)
     text = parent.tokenizer.decode(out[0], skip_special_tokens=True)
     assert text.startswith("ROMEO.") and len(text) > len("ROMEO.") + 20
+
+
+MOE_PARENT = ROOT / "examples/moe_parent"
+
+
+def test_shipped_moe_parent_is_small_and_scores_what_its_summary_says():
+    weights = MOE_PARENT / "model.safetensors"
+    assert weights.is_file() and weights.stat().st_size <= 12 * 1024 * 1024
+    config = json.loads((MOE_PARENT / "config.json").read_text())
+    assert config["model_type"] == "mixtral"
+    assert (config["num_local_experts"], config["num_experts_per_tok"]) == (8, 2)
+    parent = load_parent(ParentSection(path=str(MOE_PARENT)))
+    section = DataSection(files=[str(ROOT / "examples/data/shakespeare/*.txt")], sequence_length=512)
+    blocks = load_blocks(section, parent.tokenizer)
+    loss, tokens = validation_loss(parent.adapter, blocks.validation, batch_size=8)
+    summary = json.loads((MOE_PARENT / "training_summary.json").read_text())
+    assert tokens == summary["validation_tokens"]
+    assert math.exp(loss) == pytest.approx(readme_figure("MoE validation perplexity"), rel=2e-3)
+    assert summary["validation_perplexity"] == pytest.approx(readme_figure("MoE validation perplexity"), rel=1e-4)
