@@ -235,21 +235,28 @@ def distill(
     damaged entry is retrained. Writes RUN_DIR/library/ (see docs/run-directory.md).
     """
     from puzzle.distill_stage import distill_stage
-    from puzzle.distributed import relaunch
     from puzzle.stages import check_inputs
 
     job = load_job(config, set_)
     check_inputs(job)
-    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        argv = ["distill", str(config)] + [arg for s in (set_ or []) for arg in ("--set", s)]
-        code = relaunch(num_processes, argv)
-        if code:
-            raise PuzzleError(f"distributed distill failed (exit code {code}); see the messages above")
+    if _relaunched(num_processes, ["distill", str(config)], set_):
         return
     RunDir.of(job).write_config(job)
     summary = distill_stage(job)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_library(summary)
+
+
+def _relaunched(num_processes: int, argv: list[str], set_: list[str] | None) -> bool:
+    """Run this command again in `num_processes` processes (unless already inside a launcher); True if it did."""
+    from puzzle.distributed import relaunch
+
+    if num_processes <= 1 or "WORLD_SIZE" in os.environ:
+        return False
+    code = relaunch(num_processes, argv + [arg for s in (set_ or []) for arg in ("--set", s)])
+    if code:
+        raise PuzzleError(f"distributed `puzzle {argv[0]}` failed (exit code {code}); see the messages above")
+    return True
 
 
 def _print_library(summary) -> None:
@@ -468,18 +475,13 @@ def kd(
     Loss: kd.kl_weight · KL(parent ‖ child) + kd.cosine_weight · Σ layers (1 − cos) of hidden states
     (+ kd.lm_weight · LM loss). Writes RUN_DIR/kd/checkpoint in the child's format; resumable after a kill.
     """
-    from puzzle.distributed import relaunch
     from puzzle.kd_stage import kd_stage
     from puzzle.stages import check_inputs
 
     jobs = load_jobs(config, set_, job_name)
     for j in jobs:
         check_inputs(j)
-    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        argv = ["kd", str(config)] + [arg for s in (set_ or []) for arg in ("--set", s)] + (["--job", job_name] if job_name else [])
-        code = relaunch(num_processes, argv)
-        if code:
-            raise PuzzleError(f"distributed KD failed (exit code {code}); see the messages above")
+    if _relaunched(num_processes, ["kd", str(config)] + (["--job", job_name] if job_name else []), set_):
         return
     for j in jobs:
         summary = kd_stage(j)

@@ -33,6 +33,7 @@ from puzzle.profile_stage import predicted_latency, read_profile, scenario_of
 from puzzle.progress import progress_bar
 from puzzle.realize_stage import LayerChoice, build_child, load_child
 from puzzle.rundir import RunDir, Stage, fingerprint
+from search.profile import local_device_name, sync
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,6 @@ def quality(parent_logits_of, models: dict, blocks: torch.Tensor, batch_size: in
     return {name: {k: v / count for k, v in s.items()} for name, s in sums.items()}, count
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def generation_times(model, scenario: Scenario, warmup: int, repeats: int) -> tuple[float, float]:
     """Median seconds of the prefill and of one decode step, through the model's own forward and KV cache."""
@@ -133,16 +129,16 @@ def generation_times(model, scenario: Scenario, warmup: int, repeats: int) -> tu
     ids = ids.to(device)
 
     def once() -> tuple[float, float]:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         out = model(ids, use_cache=True, logits_to_keep=1)
-        _sync(device)
+        sync(device)
         prefilled = time.perf_counter()
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         for _ in range(scenario.decode_length):
             out = model(token, cache=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
-        _sync(device)
+        sync(device)
         return prefilled - start, (time.perf_counter() - prefilled) / scenario.decode_length
 
     for _ in range(warmup):
@@ -162,12 +158,6 @@ def lm_eval_tasks(model, tokenizer, config: PuzzleConfig) -> dict[str, dict]:
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.eval.batch_size)
     results = lm_eval.simple_evaluate(model=wrapped, tasks=list(config.eval.tasks), limit=config.eval.task_limit)
     return {task: {k: v for k, v in r.items() if isinstance(v, (int, float))} for task, r in results["results"].items()}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def eval_stage(config: PuzzleConfig) -> EvalSummary:
@@ -228,7 +218,7 @@ def eval_stage(config: PuzzleConfig) -> EvalSummary:
                     predicted_latency=_predicted(rows, choices[name], scenario), tasks=tasks,
                     **(_fp8_fields(effects[name]) if effects else {}),
                 ))
-        summary = EvalSummary(results, scenario, _device_name(device), tokens, file, time.time() - started)
+        summary = EvalSummary(results, scenario, local_device_name(device), tokens, file, time.time() - started)
         _write(summary, file)
         record.outputs = {"results": file.name, "table": "results.csv"}
     return summary

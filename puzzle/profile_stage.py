@@ -29,6 +29,7 @@ from search.profile import (
     analytic_times,
     differential_times,
     kv_bytes,
+    local_device_name,
     outside_times,
     time_model,
     weight_bytes,
@@ -117,11 +118,7 @@ def read_profile(table: Path) -> list[CostRow]:
 
 
 def _device_name(section: ProfileSection, device: torch.device) -> str:
-    if section.device != "local":
-        return gpu(section.device).name
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return gpu(section.device).name if section.device != "local" else local_device_name(device)
 
 
 def cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenario) -> list[CostRow]:

@@ -55,9 +55,16 @@ class CostRow:
         return self.prefill_seconds + scenario.decode_length * self.decode_seconds
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a wall-clock timer measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def local_device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Timing:
@@ -66,10 +73,10 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats
             fn()
         times = []
         for _ in range(repeats):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [median, median, median]
@@ -116,10 +123,10 @@ def measure_pair(a: Callable[[], object], b: Callable[[], object], device, warmu
             a(), b()
         for _ in range(repeats):
             for fn, times in ((a, ta), (b, tb)):
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 fn()
-                _sync(device)
+                sync(device)
                 times.append(time.perf_counter() - start)
     return ta, tb
 
