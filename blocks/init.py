@@ -68,7 +68,7 @@ def init_attention(spec: AttentionSpec, parent: ParentLayer, attn_implementation
         shape.hidden_size, shape.num_attention_heads, spec.num_key_value_heads, shape.head_dim, spec.window,
         parent.rms_norm_eps, attention_bias=bias, output_bias=src.o_proj.bias is not None,
         qk_norm=getattr(src, "q_norm", None) is not None,
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation, sinks=getattr(src, "sinks", None) is not None,
     )
     _copy(module.input_layernorm, parent.input_norm)
     _copy(module.q_proj, src.q_proj)
@@ -83,6 +83,8 @@ def init_attention(spec: AttentionSpec, parent: ParentLayer, attn_implementation
     if module.q_norm is not None:
         _copy(module.q_norm, src.q_norm)
         _copy(module.k_norm, src.k_norm)
+    if module.sinks is not None:  # one per query head, and pooling KV heads keeps every query head
+        module.sinks.data.copy_(src.sinks.data)
     return module
 
 

@@ -64,7 +64,8 @@ class Attention(nn.Module):
     """Causal GQA softmax attention, full or windowed.
 
     Covers the dense families: q/k/v bias (Qwen2, Llama's attention_bias), o bias (Llama's
-    attention_bias), per-head q/k RMS norms (Qwen3).
+    attention_bias), per-head q/k RMS norms (Qwen3), and GPT-OSS's per-head attention sinks: a learned
+    logit per query head that joins every row's softmax and takes probability mass without adding a value.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class Attention(nn.Module):
         qk_norm: bool = False,
         attn_implementation: str = "sdpa",
         norm: bool = True,
+        sinks: bool = False,
     ):
         super().__init__()
         if num_attention_heads % num_key_value_heads:
@@ -99,6 +101,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_attention_heads * head_dim, hidden_size, bias=output_bias)
         self.q_norm = RMSNorm(head_dim, rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, rms_norm_eps) if qk_norm else None
+        # Zeros, not empty: a module built only to be timed must not compute on uninitialized memory.
+        self.sinks = nn.Parameter(torch.zeros(num_attention_heads)) if sinks else None
 
     def forward(self, hidden: torch.Tensor, position_embeddings, cache=None, padding_mask=None) -> torch.Tensor:
         b, s, _ = hidden.shape
@@ -120,17 +124,23 @@ class Attention(nn.Module):
         q_len, kv_len = q.shape[2], k.shape[2]
         groups = self.num_attention_heads // self.num_key_value_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        # sdpa's softmax cannot take the extra sink logit, so attention with sinks always runs eagerly.
+        sdpa = self.attn_implementation == "sdpa" and self.sinks is None
         plain_causal = self.window is None and padding_mask is None and q_len == kv_len
-        if self.attn_implementation == "sdpa" and plain_causal:
+        if sdpa and plain_causal:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         allowed = causal_mask(q_len, kv_len, self.window, q.device)[None, None]
         if padding_mask is not None:  # [batch, kv_len], 1 for real tokens
             allowed = allowed & padding_mask[:, None, None, -kv_len:].bool()
-        if self.attn_implementation == "sdpa":
+        if sdpa:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).float()
+        if self.sinks is None:
+            return torch.softmax(scores, dim=-1).to(q.dtype) @ v
+        sink = self.sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        return probs.to(q.dtype) @ v
 
 
 class LinearAttention(nn.Module):
