@@ -188,17 +188,40 @@ class LinearMLP(nn.Module):
 
 
 class Experts(nn.Module):
-    """SwiGLU experts as fused 3-D weights, in the Mixtral / Qwen3-MoE layout (gate rows above up rows)."""
+    """SwiGLU experts as fused 3-D weights, in the Mixtral / Qwen3-MoE layout (gate rows above up rows).
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    GPT-OSS experts also fit: `bias` adds its per-expert gate/up and down biases, and `swiglu_limit` its
+    clamped activation, (up + 1) · gate · sigmoid(alpha · gate) with gate ≤ limit and |up| ≤ limit. Its
+    interleaved gate/up columns are reordered into this layout when the weights are copied.
+    """
+
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, bias: bool = False,
+        swiglu_limit: float | None = None, swiglu_alpha: float = 1.702,
+    ):
         super().__init__()
         # Zeros, not empty: a module built only to be timed must not compute on uninitialized memory.
         self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size)) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size)) if bias else None
+        self.swiglu_limit = swiglu_limit
+        self.swiglu_alpha = swiglu_alpha
+
+    def _bias(self, bias: torch.Tensor | None, index: int) -> torch.Tensor | None:
+        return None if bias is None else bias[index]
+
+    def _activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.swiglu_limit is None:
+            return F.silu(gate) * up
+        gate = gate.clamp(max=self.swiglu_limit)
+        up = up.clamp(-self.swiglu_limit, self.swiglu_limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.swiglu_alpha)
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[index])
+        gate_up = F.linear(x, self.gate_up_proj[index], self._bias(self.gate_up_proj_bias, index))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.linear(self._activate(gate, up), self.down_proj[index], self._bias(self.down_proj_bias, index))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; each token's chosen experts `indices` [tokens, k] and their `weights`."""
@@ -212,11 +235,16 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k routed experts (Mixtral, Qwen3-MoE): a softmax router over the experts this layer keeps."""
+    """Top-k routed experts (Mixtral, Qwen3-MoE, GPT-OSS): a softmax router over the experts this layer keeps.
+
+    `bias` gives the router and the experts biases (GPT-OSS). GPT-OSS's softmax over the top-k logits is
+    the renormalized top-k of the full softmax, so it routes with `normalize_expert_weights`.
+    """
 
     def __init__(
         self, hidden_size: int, num_experts: int, experts_per_token: int, intermediate_size: int, rms_norm_eps: float,
-        normalize_expert_weights: bool = True, hidden_act: str = "silu", norm: bool = True,
+        normalize_expert_weights: bool = True, hidden_act: str = "silu", norm: bool = True, bias: bool = False,
+        swiglu_limit: float | None = None, swiglu_alpha: float = 1.702,
     ):
         super().__init__()
         if hidden_act != "silu":
@@ -226,8 +254,8 @@ class MoE(nn.Module):
         self.experts_per_token = experts_per_token
         self.normalize_expert_weights = normalize_expert_weights
         self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps) if norm else None
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # the router, under the parents' name
-        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=bias)  # the router, under the Mixtral/Qwen name
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, bias, swiglu_limit, swiglu_alpha)
 
     @property
     def num_experts(self) -> int:
