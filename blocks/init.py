@@ -68,7 +68,7 @@ def init_attention(spec: AttentionSpec, parent: ParentLayer, attn_implementation
         shape.hidden_size, shape.num_attention_heads, spec.num_key_value_heads, shape.head_dim, spec.window,
         parent.rms_norm_eps, attention_bias=bias, output_bias=src.o_proj.bias is not None,
         qk_norm=getattr(src, "q_norm", None) is not None,
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation, sinks=getattr(src, "sinks", None) is not None,
     )
     _copy(module.input_layernorm, parent.input_norm)
     _copy(module.q_proj, src.q_proj)
@@ -83,6 +83,8 @@ def init_attention(spec: AttentionSpec, parent: ParentLayer, attn_implementation
     if module.q_norm is not None:
         _copy(module.q_norm, src.q_norm)
         _copy(module.k_norm, src.k_norm)
+    if module.sinks is not None:  # one per query head, and pooling KV heads keeps every query head
+        module.sinks.data.copy_(src.sinks.data)
     return module
 
 
@@ -146,9 +148,11 @@ def _init_moe(spec: FfnSpec, parent: ParentLayer, expert_scores: torch.Tensor | 
         raise PuzzleError(f"{spec.id} does not fit a parent layer with FFN {shape.ffn.id}")
     if spec.num_experts > shape.num_experts:
         raise PuzzleError(f"{spec.num_experts} experts are more than the parent layer's {shape.num_experts}")
+    gpt_oss = hasattr(src, "router")
     module = MoE(
         shape.hidden_size, spec.num_experts, spec.experts_per_token, shape.intermediate_size, parent.rms_norm_eps,
-        shape.normalize_expert_weights,
+        shape.normalize_expert_weights, bias=gpt_oss,
+        swiglu_limit=src.experts.limit if gpt_oss else None, swiglu_alpha=src.experts.alpha if gpt_oss else 1.702,
     )
     _copy(module.post_attention_layernorm, parent.post_attention_norm)
     if spec.num_experts == shape.num_experts:
@@ -158,10 +162,29 @@ def _init_moe(spec: FfnSpec, parent: ParentLayer, expert_scores: torch.Tensor | 
             raise PuzzleError("keeping fewer experts needs expert importances measured on calibration tokens")
         # Sorted so that the kept experts stay in the parent's order (keeping all is exactly the parent).
         keep = expert_scores.topk(spec.num_experts).indices.sort().values
+    if gpt_oss:
+        _copy_gpt_oss_experts(module, src, keep)
+        return module
     module.gate.weight.data.copy_(src.gate.weight.data[keep])
     module.experts.gate_up_proj.data.copy_(src.experts.gate_up_proj.data[keep])
     module.experts.down_proj.data.copy_(src.experts.down_proj.data[keep])
     return module
+
+
+def _deinterleave(gate_up: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS alternates gate and up along its last dim; the child stacks all gates above all ups."""
+    return torch.cat([gate_up[..., ::2], gate_up[..., 1::2]], dim=-1)
+
+
+def _copy_gpt_oss_experts(module: MoE, src: nn.Module, keep: torch.Tensor) -> None:
+    """GPT-OSS stores expert weights as [in, out] (x @ W); the child, like nn.Linear, as [out, in]."""
+    module.gate.weight.data.copy_(src.router.weight.data[keep])
+    module.gate.bias.data.copy_(src.router.bias.data[keep])
+    experts = src.experts
+    module.experts.gate_up_proj.data.copy_(_deinterleave(experts.gate_up_proj.data[keep]).transpose(1, 2))
+    module.experts.gate_up_proj_bias.data.copy_(_deinterleave(experts.gate_up_proj_bias.data[keep]))
+    module.experts.down_proj.data.copy_(experts.down_proj.data[keep].transpose(1, 2))
+    module.experts.down_proj_bias.data.copy_(experts.down_proj_bias.data[keep])
 
 
 def shaped_module(spec: AttentionSpec | FfnSpec, parent: ParentLayer, attn_implementation: str = "sdpa") -> nn.Module:

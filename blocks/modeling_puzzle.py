@@ -64,7 +64,8 @@ class Attention(nn.Module):
     """Causal GQA softmax attention, full or windowed.
 
     Covers the dense families: q/k/v bias (Qwen2, Llama's attention_bias), o bias (Llama's
-    attention_bias), per-head q/k RMS norms (Qwen3).
+    attention_bias), per-head q/k RMS norms (Qwen3), and GPT-OSS's per-head attention sinks: a learned
+    logit per query head that joins every row's softmax and takes probability mass without adding a value.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class Attention(nn.Module):
         qk_norm: bool = False,
         attn_implementation: str = "sdpa",
         norm: bool = True,
+        sinks: bool = False,
     ):
         super().__init__()
         if num_attention_heads % num_key_value_heads:
@@ -99,6 +101,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_attention_heads * head_dim, hidden_size, bias=output_bias)
         self.q_norm = RMSNorm(head_dim, rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, rms_norm_eps) if qk_norm else None
+        # Zeros, not empty: a module built only to be timed must not compute on uninitialized memory.
+        self.sinks = nn.Parameter(torch.zeros(num_attention_heads)) if sinks else None
 
     def forward(self, hidden: torch.Tensor, position_embeddings, cache=None, padding_mask=None) -> torch.Tensor:
         b, s, _ = hidden.shape
@@ -120,17 +124,23 @@ class Attention(nn.Module):
         q_len, kv_len = q.shape[2], k.shape[2]
         groups = self.num_attention_heads // self.num_key_value_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        # sdpa's softmax cannot take the extra sink logit, so attention with sinks always runs eagerly.
+        sdpa = self.attn_implementation == "sdpa" and self.sinks is None
         plain_causal = self.window is None and padding_mask is None and q_len == kv_len
-        if self.attn_implementation == "sdpa" and plain_causal:
+        if sdpa and plain_causal:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         allowed = causal_mask(q_len, kv_len, self.window, q.device)[None, None]
         if padding_mask is not None:  # [batch, kv_len], 1 for real tokens
             allowed = allowed & padding_mask[:, None, None, -kv_len:].bool()
-        if self.attn_implementation == "sdpa":
+        if sdpa:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).float()
+        if self.sinks is None:
+            return torch.softmax(scores, dim=-1).to(q.dtype) @ v
+        sink = self.sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        return probs.to(q.dtype) @ v
 
 
 class LinearAttention(nn.Module):
@@ -178,17 +188,40 @@ class LinearMLP(nn.Module):
 
 
 class Experts(nn.Module):
-    """SwiGLU experts as fused 3-D weights, in the Mixtral / Qwen3-MoE layout (gate rows above up rows)."""
+    """SwiGLU experts as fused 3-D weights, in the Mixtral / Qwen3-MoE layout (gate rows above up rows).
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    GPT-OSS experts also fit: `bias` adds its per-expert gate/up and down biases, and `swiglu_limit` its
+    clamped activation, (up + 1) · gate · sigmoid(alpha · gate) with gate ≤ limit and |up| ≤ limit. Its
+    interleaved gate/up columns are reordered into this layout when the weights are copied.
+    """
+
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, bias: bool = False,
+        swiglu_limit: float | None = None, swiglu_alpha: float = 1.702,
+    ):
         super().__init__()
         # Zeros, not empty: a module built only to be timed must not compute on uninitialized memory.
         self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size)) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size)) if bias else None
+        self.swiglu_limit = swiglu_limit
+        self.swiglu_alpha = swiglu_alpha
+
+    def _bias(self, bias: torch.Tensor | None, index: int) -> torch.Tensor | None:
+        return None if bias is None else bias[index]
+
+    def _activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.swiglu_limit is None:
+            return F.silu(gate) * up
+        gate = gate.clamp(max=self.swiglu_limit)
+        up = up.clamp(-self.swiglu_limit, self.swiglu_limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.swiglu_alpha)
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[index])
+        gate_up = F.linear(x, self.gate_up_proj[index], self._bias(self.gate_up_proj_bias, index))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.linear(self._activate(gate, up), self.down_proj[index], self._bias(self.down_proj_bias, index))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; each token's chosen experts `indices` [tokens, k] and their `weights`."""
@@ -202,11 +235,16 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k routed experts (Mixtral, Qwen3-MoE): a softmax router over the experts this layer keeps."""
+    """Top-k routed experts (Mixtral, Qwen3-MoE, GPT-OSS): a softmax router over the experts this layer keeps.
+
+    `bias` gives the router and the experts biases (GPT-OSS). GPT-OSS's softmax over the top-k logits is
+    the renormalized top-k of the full softmax, so it routes with `normalize_expert_weights`.
+    """
 
     def __init__(
         self, hidden_size: int, num_experts: int, experts_per_token: int, intermediate_size: int, rms_norm_eps: float,
-        normalize_expert_weights: bool = True, hidden_act: str = "silu", norm: bool = True,
+        normalize_expert_weights: bool = True, hidden_act: str = "silu", norm: bool = True, bias: bool = False,
+        swiglu_limit: float | None = None, swiglu_alpha: float = 1.702,
     ):
         super().__init__()
         if hidden_act != "silu":
@@ -216,8 +254,8 @@ class MoE(nn.Module):
         self.experts_per_token = experts_per_token
         self.normalize_expert_weights = normalize_expert_weights
         self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps) if norm else None
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # the router, under the parents' name
-        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=bias)  # the router, under the Mixtral/Qwen name
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, bias, swiglu_limit, swiglu_alpha)
 
     @property
     def num_experts(self) -> int:

@@ -1,10 +1,10 @@
-"""One adapter over the decoder families: dense Llama, Mistral, Qwen2, Qwen3 and MoE Mixtral, Qwen3-MoE
-(transformers 5.x).
+"""One adapter over the decoder families: dense Llama, Mistral, Qwen2, Qwen3 and MoE Mixtral, Qwen3-MoE,
+GPT-OSS (transformers 5.x).
 
 The adapter exposes, per layer, the attention and FFN subblocks with their norms, and builds what a
 layer needs to run alone: rotary position embeddings, the causal or sliding-window mask of its
 attention type, and the KV cache. An MoE layer's FFN subblock is the parent's sparse block (router
-`gate` and fused `experts`), exposed where a dense layer exposes its MLP. Later stages run any layer, subblock or replacement candidate
+`gate` and fused `experts`; GPT-OSS: `router` and biased `experts`), exposed where a dense layer exposes its MLP. Later stages run any layer, subblock or replacement candidate
 through it without depending on a family's `forward`.
 """
 
@@ -74,6 +74,12 @@ def _qwen3_moe_experts(config: PretrainedConfig) -> list[ExpertLayout | None]:
     ]
 
 
+def _gpt_oss_experts(config: PretrainedConfig) -> list[ExpertLayout | None]:
+    """Every GPT-OSS layer is sparse; its softmax over the top-k logits equals renormalized top-k probabilities."""
+    layout = ExpertLayout(config.num_local_experts, config.num_experts_per_tok, config.intermediate_size, True)
+    return [layout] * config.num_hidden_layers
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str
@@ -91,6 +97,7 @@ FAMILIES: dict[str, Family] = {
         # Both build one mask for every layer: sliding when `sliding_window` is set, else causal.
         Family("mixtral", _mistral_types, _mixtral_experts),
         Family("qwen3_moe", _mistral_types, _qwen3_moe_experts),
+        Family("gpt_oss", _declared_types, _gpt_oss_experts),
     )
 }
 
@@ -235,7 +242,9 @@ class FamilyAdapter:
     def ffn_delta(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """What the FFN subblock adds to the residual stream (pre-norm included)."""
         parts = self.layer(index)
-        return parts.ffn(parts.post_attention_norm(hidden))
+        out = parts.ffn(parts.post_attention_norm(hidden))
+        # GPT-OSS's MLP also returns its router scores, which only its auxiliary loss reads.
+        return out[0] if isinstance(out, tuple) else out
 
     def run_layer(self, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         hidden = hidden + self.attention_delta(index, hidden, ctx)

@@ -132,3 +132,37 @@ def test_candidate_attention_decodes_with_its_kv_cache(window):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
     if window is not None:
         assert cache.layers[0].keys.shape[2] == window - 1
+
+
+def _llama_rotary(position_embeddings):
+    """GPT-OSS rotates with cos/sin of half a head; the child's rotate-half form takes them repeated."""
+    return tuple(torch.cat([t, t], dim=-1) for t in position_embeddings)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # sdpa cannot take sinks: the module must fall back to eager
+def test_gpt_oss_attention_with_sinks_equals_the_parent_attention(attn):
+    adapter, h, ctx = setup("gpt_oss")
+    rotary = _llama_rotary(ctx.position_embeddings)
+    for i in range(adapter.num_layers):  # sliding and full layers
+        module = init_attention(adapter.shape(i).attention, adapter.parent_layer(i), attn)
+        with torch.no_grad():
+            expected = adapter.attention_delta(i, h, ctx)
+            torch.testing.assert_close(module(h, rotary), expected, atol=ATOL, rtol=0)
+            module.sinks = None  # the sinks matter: without them the output is another one
+            assert not torch.allclose(module(h, rotary), expected, atol=1e-3)
+
+
+def test_gpt_oss_sinks_survive_kv_pooling_and_decode_with_a_cache():
+    from blocks.modeling_puzzle import new_kv_cache
+
+    adapter, h, ctx = setup("gpt_oss")
+    module = init_attention(AttentionSpec(AttentionKind.attention, 1, 8), adapter.parent_layer(1))
+    torch.testing.assert_close(module.sinks, adapter.parent_layer(1).attention.sinks)
+    cos, sin = _llama_rotary(ctx.position_embeddings)
+    with torch.no_grad():
+        full = module(h, (cos, sin))
+        cache = new_kv_cache([8])
+        module.layer_idx = 0
+        steps = [module(h[:, :12], (cos[:, :12], sin[:, :12]), cache)]
+        steps += [module(h[:, t : t + 1], (cos[:, t : t + 1], sin[:, t : t + 1]), cache) for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)

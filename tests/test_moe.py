@@ -23,7 +23,7 @@ from tests.test_cli import assert_clean_failure, cli, job
 from tests.tiny import tiny_config, tiny_model
 
 ATOL = 1e-5  # float32: the same math as the parent, partly in another order
-MOE_FAMILIES = ["mixtral", "qwen3_moe"]
+MOE_FAMILIES = ["mixtral", "qwen3_moe", "gpt_oss"]
 # Fast BLD and deterministic (roofline) costs; every MoE layer may keep 2 of its 4 experts, never drop its FFN.
 PIPELINE = ["bld.tokens_per_candidate=64", "scoring.validation_blocks=1", "profile.device=h100",
             "profile.prefill_length=16", "profile.decode_length=4", "library.experts=[2]", "library.noop_ffn=false",
@@ -54,7 +54,7 @@ def test_keeping_all_experts_equals_the_parent_layer(model_type):
     adapter = FamilyAdapter(tiny_model(model_type))
     h = torch.randn(2, 20, adapter.config.hidden_size)
     moe_layers = [i for i in range(adapter.num_layers) if adapter.shape(i).is_moe]
-    assert moe_layers == ([0, 1, 2] if model_type == "mixtral" else [0, 2])  # Qwen3-MoE's layer 1 is dense
+    assert moe_layers == ([0, 2] if model_type == "qwen3_moe" else [0, 1, 2])  # Qwen3-MoE's layer 1 is dense
     for i in moe_layers:
         parent = adapter.parent_layer(i)
         with torch.no_grad():
@@ -237,3 +237,20 @@ def test_qwen3_moe_child_with_a_dense_layer_equals_the_parent():
     ids = torch.randint(0, model.config.vocab_size, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(child.eval()(input_ids=ids).logits, model(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+def test_gpt_oss_experts_keep_their_biases_and_clamp():
+    adapter = FamilyAdapter(tiny_model("gpt_oss"))
+    parent = adapter.parent_layer(0)
+    module = init_ffn(FfnSpec(FfnKind.moe, num_experts=2, experts_per_token=2), parent, torch.tensor([0.1, 3.0, 0.2, 2.0]))
+    torch.testing.assert_close(module.gate.bias, parent.ffn.router.bias[[1, 3]])
+    torch.testing.assert_close(module.experts.down_proj_bias, parent.ffn.experts.down_proj_bias[[1, 3]])
+    # The parent's gate/up columns alternate; the child's first half holds the gates.
+    torch.testing.assert_close(module.experts.gate_up_proj_bias[0, :96], parent.ffn.experts.gate_up_proj_bias[1, ::2])
+    h = torch.randn(2, 20, adapter.config.hidden_size)
+    whole = init_ffn(parent.shape.ffn, parent)
+    with torch.no_grad():
+        expected = adapter.ffn_delta(0, h)
+        torch.testing.assert_close(whole(h), expected, atol=ATOL, rtol=0)
+        whole.experts.swiglu_limit = 1e9  # the same activation unclamped: the tiny parent's low limit does clamp
+        assert not torch.allclose(whole(h), expected, atol=1e-3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import (
-    AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig,
+    AutoModelForCausalLM, GptOssConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig,
 )
 
 COMMON = dict(
@@ -37,12 +37,35 @@ def tiny_config(model_type: str):
             **COMMON, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1],
             norm_topk_prob=False,
         )
+    if model_type == "gpt_oss":
+        # Sliding and full layers alternate as in the released models; default RoPE keeps the tiny parent free of
+        # YaRN's long-context factors, which would only warn at this size. A low SwiGLU limit (7.0 released) makes
+        # the clamp cut some of this parent's activations.
+        return GptOssConfig(
+            **COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, swiglu_limit=0.5,
+        )
     raise ValueError(model_type)
 
 
 def tiny_model(model_type: str, attn_implementation: str = "sdpa", seed: int = 0):
     torch.manual_seed(seed)
     config = tiny_config(model_type)
+    if model_type == "gpt_oss":
+        # Transformers has no sdpa path for GPT-OSS (sdpa cannot take attention sinks): eager is its reference.
+        attn_implementation = "eager"
     config._attn_implementation = attn_implementation
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    if model_type == "gpt_oss":
+        _randomize_gpt_oss_extras(model)
     return model.eval()
+
+
+def _randomize_gpt_oss_extras(model) -> None:
+    """GPT-OSS initializes its biases to zero and its sinks near zero: made random and large enough
+    here, a test that dropped a bias or a sink would fail."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("bias", ".sinks")):
+                param.normal_(0.0, 0.5)
