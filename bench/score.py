@@ -34,7 +34,7 @@ def full_model_kl(reference: ParentReference, layer, attention, ffn) -> float:
             h = adapter.embed(b.input_ids)
             for i in range(adapter.num_layers):
                 if i == layer:
-                    h = h + attention(h, b.context.position_embeddings)
+                    h = h + attention(h, b.context.candidate_position_embeddings)
                     h = h + ffn(h)
                 else:
                     h = adapter.run_layer(i, h, b.context)

@@ -35,30 +35,40 @@ class Scenario:
         return self.prefill_length + self.decode_length // 2
 
 
-def parameters(spec: SubblockSpec, shape: ParentShape, attention_bias: bool = False, qk_norm: bool = False) -> int:
+def parameters(spec: SubblockSpec, shape: ParentShape) -> int:
     h, d = shape.hidden_size, shape.head_dim
     if spec.removed:
         return 0
     if isinstance(spec, AttentionSpec):
-        if spec.kind is AttentionKind.linear:
-            return h * h + h + (h if attention_bias else 0)
+        if spec.kind is AttentionKind.linear:  # W_O·W_V, its bias from v's and o's
+            return h + h * h + (h if shape.attention_bias or shape.attention_output_bias else 0)
         q, kv = shape.num_attention_heads * d, spec.num_key_value_heads * d
         n = h + h * q + 2 * h * kv + q * h  # norm, q, k, v, o
-        n += (q + 2 * kv) if attention_bias else 0
-        return n + (2 * d if qk_norm else 0)
+        n += (q + 2 * kv) if shape.attention_bias else 0
+        n += h if shape.attention_output_bias else 0
+        n += shape.num_attention_heads if shape.attention_sinks else 0
+        return n + (2 * d if shape.qk_norm else 0)
     if spec.kind is FfnKind.linear:
         return h + h * h
     if spec.kind is FfnKind.moe:
-        return h + spec.num_experts * (h + 3 * h * shape.intermediate_size)  # norm, router row and expert each
+        return h + spec.num_experts * (_router_row(shape) + _expert(shape))  # norm, router row and expert each
     return h + 3 * h * spec.intermediate_size
 
 
-def active_parameters(spec: SubblockSpec, shape: ParentShape, attention_bias: bool = False, qk_norm: bool = False) -> int:
+def _router_row(shape: ParentShape) -> int:
+    return shape.hidden_size + (1 if shape.expert_bias else 0)
+
+
+def _expert(shape: ParentShape) -> int:
+    h, i = shape.hidden_size, shape.intermediate_size
+    return 3 * h * i + ((2 * i + h) if shape.expert_bias else 0)  # gate/up and down, and their biases
+
+
+def active_parameters(spec: SubblockSpec, shape: ParentShape) -> int:
     """Parameters one token computes with: all of a subblock's, except the experts it is not routed to."""
     if isinstance(spec, FfnSpec) and spec.kind is FfnKind.moe:
-        h = shape.hidden_size
-        return h + spec.num_experts * h + spec.experts_per_token * 3 * h * shape.intermediate_size
-    return parameters(spec, shape, attention_bias, qk_norm)
+        return shape.hidden_size + spec.num_experts * _router_row(shape) + spec.experts_per_token * _expert(shape)
+    return parameters(spec, shape)
 
 
 def kv_cache_bytes(spec: SubblockSpec, shape: ParentShape, scenario: Scenario, tokens: int | None = None) -> float:

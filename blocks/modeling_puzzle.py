@@ -301,7 +301,11 @@ class DeciLMConfig(PretrainedConfig):
     (intermediate = round_up(int(2·ffn_mult·hidden/3), 256)). Exact sizes are also recorded as
     `num_key_value_heads` and `intermediate_size`, which this model reads. An MoE FFN is
     `"moe": {"num_local_experts", "num_experts_per_tok", "intermediate_size" (per expert),
-    "norm_topk_prob"}`, a field of this project's own: no engine's DeciLM reader knows it.
+    "norm_topk_prob", "bias" (router and expert biases), "swiglu_limit" and "swiglu_alpha" (a clamped
+    activation when the limit is set)}`, a field of this project's own: no engine's DeciLM reader knows it.
+
+    Model-wide: `attention_bias` puts a bias on q, k and v, `attention_output_bias` on o; `qk_norm` adds
+    per-head q/k RMS norms; `attention_sinks` a learned sink logit per query head in every softmax layer.
     """
 
     model_type = "nemotron-nas"
@@ -319,7 +323,9 @@ class DeciLMConfig(PretrainedConfig):
     rope_parameters: dict | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    attention_output_bias: bool = False
     qk_norm: bool = False
+    attention_sinks: bool = False
     block_configs: list | None = None
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -343,12 +349,13 @@ def _attention_of(config: DeciLMConfig, block: dict, attn_implementation: str) -
     if a.get("no_op"):
         return None
     if a.get("replace_with_linear"):
-        return LinearAttention(config.hidden_size, config.rms_norm_eps, bias=config.attention_bias, norm=False)
+        bias = config.attention_bias or config.attention_output_bias  # W_O·b_V + b_O
+        return LinearAttention(config.hidden_size, config.rms_norm_eps, bias=bias, norm=False)
     kv = a.get("num_key_value_heads") or config.num_attention_heads // a["n_heads_in_group"]
     return Attention(
         config.hidden_size, config.num_attention_heads, kv, config.head_dim, a.get("window_length"),
-        config.rms_norm_eps, attention_bias=config.attention_bias, output_bias=False, qk_norm=config.qk_norm,
-        attn_implementation=attn_implementation, norm=False,
+        config.rms_norm_eps, attention_bias=config.attention_bias, output_bias=config.attention_output_bias,
+        qk_norm=config.qk_norm, attn_implementation=attn_implementation, norm=False, sinks=config.attention_sinks,
     )
 
 
@@ -362,7 +369,8 @@ def _ffn_of(config: DeciLMConfig, block: dict) -> nn.Module | None:
         m = f["moe"]
         return MoE(
             config.hidden_size, m["num_local_experts"], m["num_experts_per_tok"], m["intermediate_size"],
-            config.rms_norm_eps, m["norm_topk_prob"], config.hidden_act, norm=False,
+            config.rms_norm_eps, m["norm_topk_prob"], config.hidden_act, norm=False, bias=m.get("bias", False),
+            swiglu_limit=m.get("swiglu_limit"), swiglu_alpha=m.get("swiglu_alpha", 1.702),
         )
     size = f.get("intermediate_size")
     if size is None:

@@ -108,7 +108,8 @@ SubblockSpec = AttentionSpec | FfnSpec
 
 @dataclass(frozen=True)
 class ParentShape:
-    """What the specs of a layer are measured against: the parent layer's own sizes."""
+    """What the specs of a layer are measured against: the parent layer's own sizes, and the parts its family
+    adds to every candidate of that layer (biases, norms, sinks), which the costs count and a child records."""
 
     hidden_size: int
     num_attention_heads: int
@@ -119,6 +120,13 @@ class ParentShape:
     num_experts: int | None = None  # None: a dense FFN layer
     experts_per_token: int | None = None
     normalize_expert_weights: bool = True  # top-k routing weights renormalized to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
+    attention_bias: bool = False  # on q, k and v (Qwen2; Llama's, Qwen3's and GPT-OSS's attention_bias)
+    attention_output_bias: bool = False  # on o (Llama's, Qwen3's and GPT-OSS's attention_bias; not Qwen2)
+    qk_norm: bool = False  # per-head RMS norms of q and k (Qwen3)
+    attention_sinks: bool = False  # a learned softmax sink logit per query head (GPT-OSS)
+    expert_bias: bool = False  # biases on the router and on each expert's projections (GPT-OSS)
+    swiglu_limit: float | None = None  # GPT-OSS's clamped expert activation; None: plain SwiGLU
+    swiglu_alpha: float = 1.702  # its sigmoid's slope
 
     @property
     def is_moe(self) -> bool:

@@ -78,7 +78,7 @@ def parent_activations(adapter, input_ids: torch.Tensor) -> ParentActivations:
         attn.append(a)
         blocks.append(a + f)
         hidden = hidden + a + f
-    return ParentActivations(ctx.position_embeddings, inputs, attn, blocks)
+    return ParentActivations(ctx.candidate_position_embeddings, inputs, attn, blocks)
 
 
 @torch.no_grad()

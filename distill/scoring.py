@@ -65,7 +65,7 @@ class ParentReference:
         count = 0
         for b in self.batches:
             h = b.hidden[layer]
-            h = h + attention(h, b.context.position_embeddings)
+            h = h + attention(h, b.context.candidate_position_embeddings)
             h = h + ffn(h)
             for i in range(layer + 1, adapter.num_layers):
                 h = adapter.run_layer(i, h, b.context)

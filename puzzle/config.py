@@ -43,7 +43,9 @@ class ParentSection(Section):
     path: str = Field(..., description="Parent checkpoint: a local directory, or a hub id when online.")
     dtype: DType = Field("float32", description="Dtype the parent is loaded in; 'auto' keeps the checkpoint's.")
     device: str = Field("cpu", description="Torch device for the parent: 'cpu', 'cuda', 'cuda:1', or 'auto'.")
-    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel of the parent.")
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel of the parent. GPT-OSS always runs 'eager' (sdpa cannot take its sinks)."
+    )
     trust_remote_code: bool = Field(
         False, description="Run modeling code shipped with the parent. Off unless you trust its author."
     )

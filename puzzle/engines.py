@@ -34,6 +34,10 @@ def _off_grid(ffn: dict) -> bool:
 
 def servability(config) -> list[EngineVerdict]:
     vllm, llama_cpp = [], []
+    if getattr(config, "attention_sinks", False):
+        reason = "attention sinks (GPT-OSS; no sinks in the DeciLM reader)"
+        vllm.append(reason)
+        llama_cpp.append(reason)
     for i, block in enumerate(config.block_configs):
         a, f = block["attention"], block["ffn"]
         if a.get("replace_with_linear"):

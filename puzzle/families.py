@@ -52,6 +52,8 @@ class ExpertLayout:
     experts_per_token: int
     intermediate_size: int  # of each expert
     normalize_expert_weights: bool
+    bias: bool = False  # router and expert biases
+    swiglu_limit: float | None = None  # clamped activation
 
 
 def _dense(config: PretrainedConfig) -> list[ExpertLayout | None]:
@@ -76,8 +78,21 @@ def _qwen3_moe_experts(config: PretrainedConfig) -> list[ExpertLayout | None]:
 
 def _gpt_oss_experts(config: PretrainedConfig) -> list[ExpertLayout | None]:
     """Every GPT-OSS layer is sparse; its softmax over the top-k logits equals renormalized top-k probabilities."""
-    layout = ExpertLayout(config.num_local_experts, config.num_experts_per_tok, config.intermediate_size, True)
+    layout = ExpertLayout(
+        config.num_local_experts, config.num_experts_per_tok, config.intermediate_size, True, bias=True,
+        swiglu_limit=config.swiglu_limit,
+    )
     return [layout] * config.num_hidden_layers
+
+
+def _configured_bias(config: PretrainedConfig) -> tuple[bool, bool]:
+    """(q/k/v bias, o bias): `attention_bias` puts a bias on all four projections, or on none."""
+    bias = bool(getattr(config, "attention_bias", False))
+    return bias, bias
+
+
+def _qwen2_bias(config: PretrainedConfig) -> tuple[bool, bool]:
+    return True, False
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,13 @@ class Family:
     model_type: str
     layer_types: Callable[[PretrainedConfig], list[AttentionType]]
     experts: Callable[[PretrainedConfig], list[ExpertLayout | None]] = _dense
+    attention_bias: Callable[[PretrainedConfig], tuple[bool, bool]] = _configured_bias
+    qk_norm: bool = False
+    attention_sinks: bool = False
+    # Transformers runs GPT-OSS eagerly only: sdpa's softmax cannot take its sinks.
+    sdpa: bool = True
+    # GPT-OSS's rotary embedding gives cos/sin for half a head, which it applies to the two halves.
+    half_rotary: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -92,12 +114,12 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family("llama", _uniform_types),
         Family("mistral", _mistral_types),
-        Family("qwen2", _declared_types),
-        Family("qwen3", _declared_types),
+        Family("qwen2", _declared_types, attention_bias=_qwen2_bias),
+        Family("qwen3", _declared_types, qk_norm=True),
         # Both build one mask for every layer: sliding when `sliding_window` is set, else causal.
         Family("mixtral", _mistral_types, _mixtral_experts),
-        Family("qwen3_moe", _mistral_types, _qwen3_moe_experts),
-        Family("gpt_oss", _declared_types, _gpt_oss_experts),
+        Family("qwen3_moe", _mistral_types, _qwen3_moe_experts, qk_norm=True),
+        Family("gpt_oss", _declared_types, _gpt_oss_experts, attention_sinks=True, sdpa=False, half_rotary=True),
     )
 }
 
@@ -114,6 +136,7 @@ def family_for(model_type: str) -> Family:
 def parent_shapes(config: PretrainedConfig) -> list[ParentShape]:
     """Every layer's sizes, from the config alone (no weights needed)."""
     family = family_for(config.model_type)
+    attention_bias, attention_output_bias = family.attention_bias(config)
     shapes = []
     for kind, experts in zip(family.layer_types(config), family.experts(config)):
         shape = ParentShape(
@@ -123,11 +146,16 @@ def parent_shapes(config: PretrainedConfig) -> list[ParentShape]:
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
             intermediate_size=config.intermediate_size,
             window=config.sliding_window if kind is AttentionType.sliding else None,
+            attention_bias=attention_bias,
+            attention_output_bias=attention_output_bias,
+            qk_norm=family.qk_norm,
+            attention_sinks=family.attention_sinks,
         )
         if experts is not None:
             shape = replace(
                 shape, intermediate_size=experts.intermediate_size, num_experts=experts.num_experts,
                 experts_per_token=experts.experts_per_token, normalize_expert_weights=experts.normalize_expert_weights,
+                expert_bias=experts.bias, swiglu_limit=experts.swiglu_limit,
             )
         shapes.append(shape)
     return shapes
@@ -151,7 +179,8 @@ class LayerContext:
     """Everything but the hidden states that a layer needs for one forward pass."""
 
     position_ids: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # the parent's own, for the parent's attention
+    candidate_position_embeddings: tuple[torch.Tensor, torch.Tensor]  # for the project's Attention (`rotary`)
     masks: dict[AttentionType, torch.Tensor | None]
     cache: Cache | None
 
@@ -220,12 +249,24 @@ class FamilyAdapter:
             masks[AttentionType.full] = create_causal_mask(**mask_kwargs)
         if AttentionType.sliding in self.attention_types:
             masks[AttentionType.sliding] = create_sliding_window_causal_mask(**mask_kwargs)
+        position_embeddings = self._backbone.rotary_emb(hidden, position_ids=position_ids)
         return LayerContext(
             position_ids=position_ids,
-            position_embeddings=self._backbone.rotary_emb(hidden, position_ids=position_ids),
+            position_embeddings=position_embeddings,
+            candidate_position_embeddings=self._rotate_half_form(position_embeddings),
             masks=masks,
             cache=cache,
         )
+
+    def _rotate_half_form(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+        if not self.family.half_rotary:
+            return position_embeddings
+        # x·cos + rotate_half(x)·sin with each half's cos/sin repeated is GPT-OSS's rotation of the two halves.
+        return tuple(torch.cat([t, t], dim=-1) for t in position_embeddings)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary cos/sin at these positions in the form the project's Attention (every candidate, the child) takes."""
+        return self._rotate_half_form(self._backbone.rotary_emb(hidden, position_ids=position_ids))
 
     def attention_delta(self, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """What the attention subblock adds to the residual stream (pre-norm included)."""

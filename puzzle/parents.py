@@ -109,12 +109,13 @@ def load_parent(section: ParentSection) -> Parent:
     device = _device(section.device)
     path = str(Path(section.path).expanduser()) if _is_local(section.path) else section.path
     dtype = "auto" if section.dtype == "auto" else getattr(torch, section.dtype)
+    attn_implementation = section.attn_implementation if family_for(config.model_type).sdpa else "eager"
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
             dtype=dtype,
-            attn_implementation=section.attn_implementation,
+            attn_implementation=attn_implementation,
             trust_remote_code=section.trust_remote_code,
             use_safetensors=True,
         )

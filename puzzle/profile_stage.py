@@ -128,9 +128,6 @@ def cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenario
     dtype = _torch_dtype(section)
     name = _device_name(section, device)
     method = "measured" if section.device == "local" else "analytic"
-    cfg = parent.model.config
-    bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
-    qk_norm = cfg.model_type in ("qwen3", "qwen3_moe")
     timings: dict[tuple, tuple[Timing, Timing]] = {}
     specs = [(i, s) for i, layer in enumerate(library.layers) for s in (*layer.attention, *layer.ffn)]
     rows = []
@@ -141,12 +138,12 @@ def cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenario
             if (spec, shape) not in timings:
                 timings[(spec, shape)] = _times(config, parent, i, spec, scenario, dtype)
             prefill, decode = timings[(spec, shape)]
-            params = parameters(spec, shape, attention_bias=bias, qk_norm=qk_norm)
+            params = parameters(spec, shape)
             rows.append(
                 CostRow(
                     layer=i, subblock="attention" if isinstance(spec, AttentionSpec) else "ffn", candidate=spec.id,
                     params=params, experts=spec.experts if isinstance(spec, FfnSpec) else 0,
-                    active_params=active_parameters(spec, shape, attention_bias=bias, qk_norm=qk_norm),
+                    active_params=active_parameters(spec, shape),
                     weight_bytes=weight_bytes(params, scenario), kv_bytes=kv_bytes(spec, shape, scenario),
                     prefill_seconds=prefill.best, decode_seconds=decode.best, prefill_median=prefill.median,
                     decode_median=decode.median, prefill_spread=prefill.spread, decode_spread=decode.spread,
@@ -179,7 +176,7 @@ def _times(config, parent, layer: int, spec: SubblockSpec, scenario: Scenario, d
     partner = modules(lambda p: shaped_module(p.shape.ffn if is_attention else p.shape.attention, p, impl))
     baseline = modules(lambda p: shaped_module(AttentionSpec(AttentionKind.noop) if is_attention else FfnSpec(FfnKind.noop), p, impl))
     return differential_times(
-        candidate, partner, baseline, is_attention, parent.model.model.rotary_emb, scenario, shape.hidden_size,
+        candidate, partner, baseline, is_attention, parent.adapter.rotary, scenario, shape.hidden_size,
         device, dtype, section.warmup, section.repeats,
     )
 
@@ -206,7 +203,7 @@ def _fixed_row(config, parent, scenario: Scenario, dtype, method: str, name: str
             for p in (parent.adapter.parent_layer(i) for i in range(parent.adapter.num_layers))
         ]
         embed, norm, head = _outer_modules(parent, dtype)
-        model = WholeModel(embed, parent.model.model.rotary_emb, layers, norm, head, scenario, parent.model.device, dtype)
+        model = WholeModel(embed, parent.adapter.rotary, layers, norm, head, scenario, parent.model.device, dtype)
         p_t, d_t = outside_times(model, parent.model.device, config.profile.warmup, config.profile.repeats)
     return CostRow(
         layer=-1, subblock="fixed", candidate="embeddings+norm+lm_head", params=params, experts=0,
@@ -258,7 +255,7 @@ def additive_checks(config, parent, library: Library, rows, scenario: Scenario, 
                 ffn = shaped_module(spec_from_id(f), adapter.parent_layer(i), config.parent.attn_implementation)
                 layers.append((attention.to(device, dtype).eval(), ffn.to(device, dtype).eval()))
             embed, norm, head = _outer_modules(parent, dtype)
-            model = WholeModel(embed, parent.model.model.rotary_emb, layers, norm, head, sc, device, dtype)
+            model = WholeModel(embed, parent.adapter.rotary, layers, norm, head, sc, device, dtype)
             prefill, decode = time_model(model, device, section.warmup, section.repeats)
             measured = prefill.best + sc.decode_length * decode.best
             out.append(AdditiveCheck(model_name, scenario_name, predicted_latency(sc_rows, choice, sc), measured))

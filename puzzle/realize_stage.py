@@ -64,6 +64,7 @@ def block_config(choice: LayerChoice, shape: ParentShape) -> dict:
         ffn = {"no_op": False, "replace_with_linear": False, "ffn_mult": None, "moe": {
             "num_local_experts": f.num_experts, "num_experts_per_tok": f.experts_per_token,
             "intermediate_size": shape.intermediate_size, "norm_topk_prob": shape.normalize_expert_weights,
+            "bias": shape.expert_bias, "swiglu_limit": shape.swiglu_limit, "swiglu_alpha": shape.swiglu_alpha,
         }}
     else:
         ffn = {"no_op": f.removed, "replace_with_linear": f.linear, "ffn_mult": None}
@@ -72,6 +73,8 @@ def block_config(choice: LayerChoice, shape: ParentShape) -> dict:
 
 def child_config(parent_config, choices: list[LayerChoice]) -> modeling.DeciLMConfig:
     p = parent_config
+    shapes = parent_shapes(p)
+    first = shapes[0]  # what a family adds to attention is the same in every layer
     config = modeling.DeciLMConfig(
         vocab_size=p.vocab_size, hidden_size=p.hidden_size, num_hidden_layers=len(choices),
         num_attention_heads=p.num_attention_heads, num_key_value_heads=p.num_key_value_heads,
@@ -79,9 +82,9 @@ def child_config(parent_config, choices: list[LayerChoice]) -> modeling.DeciLMCo
         intermediate_size=p.intermediate_size, hidden_act=p.hidden_act,
         max_position_embeddings=p.max_position_embeddings, rms_norm_eps=p.rms_norm_eps,
         rope_parameters=dict(p.rope_parameters), tie_word_embeddings=p.tie_word_embeddings,
-        attention_bias=bool(getattr(p, "attention_bias", False)) or p.model_type == "qwen2",
-        qk_norm=p.model_type in ("qwen3", "qwen3_moe"),
-        block_configs=[block_config(c, shape) for c, shape in zip(choices, parent_shapes(p))],
+        attention_bias=first.attention_bias, attention_output_bias=first.attention_output_bias,
+        qk_norm=first.qk_norm, attention_sinks=first.attention_sinks,
+        block_configs=[block_config(c, shape) for c, shape in zip(choices, shapes)],
         bos_token_id=p.bos_token_id, eos_token_id=p.eos_token_id, pad_token_id=p.pad_token_id,
     )
     config.architectures = ["DeciLMForCausalLM"]

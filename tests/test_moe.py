@@ -11,6 +11,7 @@ from blocks.costs import Scenario, active_parameters, decode_work, parameters
 from blocks.init import init_ffn
 from blocks.specs import FfnKind, FfnSpec, spec_from_id
 from distill.experts import ImportanceMethod, expert_importance
+from distill.library import Library
 from puzzle.config import load_config
 from puzzle.distill_stage import distill_stage
 from puzzle.families import FamilyAdapter
@@ -20,7 +21,7 @@ from puzzle.score_stage import score_stage
 from puzzle.search_stage import search_stage
 from tests.test_bld import write_job
 from tests.test_cli import assert_clean_failure, cli, job
-from tests.tiny import tiny_config, tiny_model
+from tests.tiny import tiny_model
 
 ATOL = 1e-5  # float32: the same math as the parent, partly in another order
 MOE_FAMILIES = ["mixtral", "qwen3_moe", "gpt_oss"]
@@ -31,22 +32,25 @@ PIPELINE = ["bld.tokens_per_candidate=64", "scoring.validation_blocks=1", "profi
             "library.kv_heads=[2]"]
 
 
-@pytest.fixture(scope="module")
-def moe_parent_dir(tmp_path_factory):
-    """A tiny Mixtral (3 layers, 4 experts, top-2) with a project-trained tokenizer, as a Hugging Face checkpoint."""
+def _parent_dir(tmp_path_factory, model_type: str) -> Path:
+    """A tiny parent of this family with a project-trained tokenizer, as a Hugging Face checkpoint."""
     from puzzle.tokenizer import build_tokenizer
 
     root = Path(__file__).resolve().parent.parent
     tokenizer = build_tokenizer([(root / "examples/data/shakespeare/sonnets.txt").read_text()], vocab_size=384)
-    config = tiny_config("mixtral")
-    config.vocab_size = len(tokenizer)
-    config.max_position_embeddings = 128
-    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny_mixtral")
-    MixtralForCausalLM(config).save_pretrained(out)
+    model = tiny_model(model_type, "eager" if model_type == "gpt_oss" else "sdpa", vocab_size=len(tokenizer),
+                       max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    out = tmp_path_factory.mktemp(f"tiny_{model_type}")
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def moe_parent_dir(tmp_path_factory):
+    """A tiny Mixtral (3 layers, 4 experts, top-2)."""
+    return _parent_dir(tmp_path_factory, "mixtral")
 
 
 @pytest.mark.parametrize("model_type", MOE_FAMILIES)
@@ -211,34 +215,6 @@ def test_searched_child_with_mixed_expert_counts_loads_and_generates(moe_job):
     assert any("MoE FFN with 2 experts" in r for r in verdicts["vLLM"].reasons)
 
 
-class _ParentSubblocks:
-    """Stands in for a library holding only the parent's own subblocks (what a keep-everything child reads)."""
-
-    def __init__(self, adapter):
-        self.adapter = adapter
-
-    def module(self, layer, spec):
-        from blocks.init import shaped_module
-
-        return shaped_module(spec, self.adapter.parent_layer(layer))
-
-
-def test_qwen3_moe_child_with_a_dense_layer_equals_the_parent():
-    from blocks.modeling_puzzle import DeciLMForCausalLM
-    from puzzle.realize_stage import LayerChoice, child_config, child_state_dict
-
-    model = tiny_model("qwen3_moe")
-    adapter = FamilyAdapter(model)
-    parent = type("Parent", (), {"model": model})()
-    choices = [LayerChoice(s.attention, s.ffn, False) for s in (adapter.shape(i) for i in range(adapter.num_layers))]
-    child = DeciLMForCausalLM(child_config(model.config, choices))
-    child.load_state_dict(child_state_dict(parent, _ParentSubblocks(adapter), choices))
-    assert [type(layer.mlp).__name__ for layer in child.model.layers] == ["MoE", "MLP", "MoE"]
-    ids = torch.randint(0, model.config.vocab_size, (2, 20))
-    with torch.no_grad():
-        torch.testing.assert_close(child.eval()(input_ids=ids).logits, model(input_ids=ids).logits, atol=ATOL, rtol=0)
-
-
 def test_gpt_oss_experts_keep_their_biases_and_clamp():
     adapter = FamilyAdapter(tiny_model("gpt_oss"))
     parent = adapter.parent_layer(0)
@@ -254,3 +230,35 @@ def test_gpt_oss_experts_keep_their_biases_and_clamp():
         torch.testing.assert_close(whole(h), expected, atol=ATOL, rtol=0)
         whole.experts.swiglu_limit = 1e9  # the same activation unclamped: the tiny parent's low limit does clamp
         assert not torch.allclose(whole(h), expected, atol=1e-3)
+
+
+def test_gpt_oss_child_with_a_window_converted_layer_keeps_its_sinks_and_generates(tmp_path_factory):
+    """GPT-OSS: sliding (8) / full / sliding layers. Only a window on the full layer brings the KV cache to 0.6x
+    (20 cached tokens there of 36 in all), so the search must convert it; the child must keep every sink."""
+    parent_dir = _parent_dir(tmp_path_factory, "gpt_oss")
+    options = [o for o in PIPELINE if not o.startswith("library.windows")] + ["library.windows=[4]"]
+    config = load_config(write_job(tmp_path_factory.mktemp("gpt_oss"), parent_dir), options)
+    distill_stage(config)
+    score_stage(config)
+    profile_stage(config)
+    search_stage(config, ["kv=0.6x"])
+    summary = realize_stage(config, 0)
+    blocks = json.loads((summary.directory / "config.json").read_text())["block_configs"]
+    assert blocks[1]["attention"]["window_length"] == 4
+    child = AutoModelForCausalLM.from_pretrained(summary.directory, trust_remote_code=True).eval()
+    parent = AutoModelForCausalLM.from_pretrained(parent_dir).eval()
+    assert child.config.attention_sinks and child.model.layers[1].self_attn.window == 4
+    library = Library(config.run.dir / "library", FamilyAdapter(parent))
+    for i, choice in enumerate(summary.choices):
+        sinks = child.model.layers[i].self_attn.sinks
+        if choice.attention == FamilyAdapter(parent).shape(i).attention:
+            torch.testing.assert_close(sinks, parent.model.layers[i].self_attn.sinks, atol=0, rtol=0)
+        else:  # started from the parent's sinks, then trained by BLD with the rest of the window attention
+            torch.testing.assert_close(sinks, library.module(i, choice.attention).sinks, atol=0, rtol=0)
+    ids = torch.randint(0, child.config.vocab_size, (1, 10))  # longer than every window: the cache must drop keys
+    with torch.no_grad():
+        out = child.generate(ids, max_new_tokens=8, do_sample=False)
+        no_cache = child.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert out.shape == (1, 18) and torch.equal(out, no_cache)
+    verdicts = {e.engine: e for e in summary.engines}
+    assert any("attention sinks" in r for r in verdicts["vLLM"].reasons)

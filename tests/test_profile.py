@@ -1,8 +1,9 @@
 """Cost model: exact counts, KV rules, roofline monotonicity, measured profile on the tiny library."""
 
 import pytest
+import torch
 
-from blocks.costs import Scenario, decode_work, kv_cache_bytes, parameters, prefill_work
+from blocks.costs import Scenario, active_parameters, decode_work, kv_cache_bytes, parameters, prefill_work
 from blocks.errors import PuzzleError
 from blocks.init import init_attention, init_ffn
 from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
@@ -28,17 +29,21 @@ def test_parameter_counts_by_hand():
     assert parameters(FfnSpec(FfnKind.noop), SHAPE) == 0
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
-def test_parameter_counts_match_the_modules(model_type):
-    adapter = FamilyAdapter(tiny_model(model_type))
+@pytest.mark.parametrize("model_type, overrides", [
+    ("llama", {}), ("llama", {"attention_bias": True}), ("mistral", {}), ("qwen2", {}), ("qwen3", {}),
+    ("mixtral", {}), ("qwen3_moe", {}), ("gpt_oss", {}),
+])
+def test_parameter_counts_match_the_modules(model_type, overrides):
+    adapter = FamilyAdapter(tiny_model(model_type, **overrides))
     parent = adapter.parent_layer(0)
-    bias, qk = model_type == "qwen2", model_type == "qwen3"
     for spec in (parent.shape.attention, AttentionSpec(AttentionKind.attention, 1), AttentionSpec(AttentionKind.linear)):
         module = init_attention(spec, parent)
-        assert parameters(spec, parent.shape, attention_bias=bias, qk_norm=qk) == sum(p.numel() for p in module.parameters())
-    for spec in (parent.shape.ffn, FfnSpec(FfnKind.linear)):
-        module = init_ffn(spec, parent)
         assert parameters(spec, parent.shape) == sum(p.numel() for p in module.parameters())
+    kept = FfnSpec(FfnKind.moe, num_experts=2, experts_per_token=2) if parent.shape.is_moe else FfnSpec(FfnKind.linear)
+    for spec in (parent.shape.ffn, kept):
+        module = init_ffn(spec, parent, torch.arange(4.0) if parent.shape.is_moe else None)
+        assert parameters(spec, parent.shape) == sum(p.numel() for p in module.parameters())
+        assert active_parameters(spec, parent.shape) <= parameters(spec, parent.shape)
 
 
 def test_kv_bytes_by_hand_and_rules():

@@ -136,3 +136,40 @@ def test_bad_solution_index_exit_2(job, monkeypatch, capsys, tmp_path):
         main()
     assert info.value.code == 2
     assert "solution 7 does not exist: the search found 1" in capsys.readouterr().err
+
+
+class _ParentSubblocks:
+    """Stands in for a library holding only the parent's own subblocks (what a keep-everything child reads)."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def module(self, layer, spec):
+        from blocks.init import shaped_module
+
+        return shaped_module(spec, self.adapter.parent_layer(layer))
+
+
+@pytest.mark.parametrize("model_type, overrides", [
+    ("llama", {}), ("llama", {"attention_bias": True}), ("mistral", {}), ("qwen2", {}), ("qwen3", {}),
+    ("mixtral", {}), ("qwen3_moe", {}), ("gpt_oss", {}),
+])
+def test_child_of_the_parents_own_subblocks_equals_the_parent(model_type, overrides):
+    """Every family's extras reach the child config: biases, q/k norms, sinks, expert biases and clamp, YaRN rotary,
+    sliding layers, dense layers among MoE ones; 20 tokens, longer than the sliding window (8)."""
+    from blocks.modeling_puzzle import DeciLMForCausalLM
+    from puzzle.families import FamilyAdapter
+    from puzzle.realize_stage import LayerChoice, child_config, child_state_dict
+    from tests.tiny import tiny_model
+
+    model = tiny_model(model_type, "eager", **overrides)
+    adapter = FamilyAdapter(model)
+    choices = [LayerChoice(s.attention, s.ffn, False) for s in (adapter.shape(i) for i in range(adapter.num_layers))]
+    config = child_config(model.config, choices)
+    config._attn_implementation = "eager"
+    child = DeciLMForCausalLM(config).eval()
+    state = child_state_dict(type("Parent", (), {"model": model})(), _ParentSubblocks(adapter), choices)
+    child.load_state_dict(state)  # strict: a bias or a sink the config does not declare fails here
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(child(input_ids=ids).logits, model(input_ids=ids).logits, atol=ATOL, rtol=0)

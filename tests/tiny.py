@@ -38,20 +38,25 @@ def tiny_config(model_type: str):
             norm_topk_prob=False,
         )
     if model_type == "gpt_oss":
-        # Sliding and full layers alternate as in the released models; default RoPE keeps the tiny parent free of
-        # YaRN's long-context factors, which would only warn at this size. A low SwiGLU limit (7.0 released) makes
-        # the clamp cut some of this parent's activations.
+        # Sliding and full layers alternate and RoPE is YaRN-scaled, as in the released models (factor 32 over
+        # 4,096 positions there). A low SwiGLU limit (7.0 released) makes the clamp cut some of this parent's
+        # activations.
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
         return GptOssConfig(
             **COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, swiglu_limit=0.5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], rope_parameters=rope,
+            swiglu_limit=0.5,
         )
     raise ValueError(model_type)
 
 
-def tiny_model(model_type: str, attn_implementation: str = "sdpa", seed: int = 0):
+def tiny_model(model_type: str, attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+    """`overrides` set config fields, e.g. `attention_bias=True`."""
     torch.manual_seed(seed)
     config = tiny_config(model_type)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     if model_type == "gpt_oss":
         # Transformers has no sdpa path for GPT-OSS (sdpa cannot take attention sinks): eager is its reference.
         attn_implementation = "eager"
