@@ -421,16 +421,23 @@ class TokenizerSection(Section):
 
 
 class ParentArchitecture(Section):
-    model_type: Literal["llama", "mixtral"] = Field(
-        "llama", description="llama: dense FFNs; mixtral: mixture-of-experts FFNs (num_local_experts, top-k routing)."
+    model_type: Literal["llama", "mixtral", "gpt_oss"] = Field(
+        "llama",
+        description="llama: dense FFNs; mixtral: mixture-of-experts FFNs (num_local_experts, top-k routing); gpt_oss: "
+        "experts with biases and a clamped activation, attention sinks, sliding-window and full layers alternating.",
     )
     hidden_size: int = Field(192, ge=8, description="Width of the residual stream.")
     intermediate_size: int = Field(
         512, ge=1, description="FFN width (of each expert for mixtral); a multiple of 256 keeps pruned sizes servable."
     )
-    num_local_experts: int = Field(8, ge=2, description="mixtral: experts per layer.")
-    num_experts_per_tok: int = Field(2, ge=1, description="mixtral: experts each token is routed to.")
-    router_aux_loss_coef: float = Field(0.02, ge=0, description="mixtral: weight of the load-balancing loss.")
+    num_local_experts: int = Field(8, ge=2, description="mixtral, gpt_oss: experts per layer.")
+    num_experts_per_tok: int = Field(2, ge=1, description="mixtral, gpt_oss: experts each token is routed to.")
+    router_aux_loss_coef: float = Field(
+        0.02, ge=0, description="mixtral, gpt_oss: weight of the load-balancing loss."
+    )
+    sliding_window: int = Field(
+        128, ge=1, description="gpt_oss: window of the sliding layers (the first, third, … layer; the others are full)."
+    )
     num_hidden_layers: int = Field(8, ge=1, description="Decoder layers.")
     num_attention_heads: int = Field(6, ge=1, description="Query heads.")
     num_key_value_heads: int = Field(2, ge=1, description="KV heads (GQA); divides num_attention_heads.")

@@ -122,6 +122,12 @@ def load_parent(section: ParentSection) -> Parent:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=section.trust_remote_code)
     except (OSError, ValueError) as e:
         raise PuzzleError(f"parent.path: cannot load {path!r}: {_first_line(e)}") from None
+    if config.model_type == "gpt_oss" and not isinstance(getattr(model.model.layers[0].mlp.experts, "gate_up_proj", None),
+                                                         torch.nn.Parameter):
+        raise PuzzleError(
+            f"parent.path: {path!r} holds its experts in MXFP4; load it with Mxfp4Config(dequantize=True), save that "
+            "bf16 copy and give its path"
+        )
     model.to(device).eval()
     model.requires_grad_(False)
     return Parent(model=model, tokenizer=tokenizer, adapter=FamilyAdapter(model), source=path)

@@ -1,4 +1,4 @@
-"""Train the embedded default parent: a tokenizer and a small Llama with GQA, from shipped text.
+"""Train an embedded parent: a tokenizer and a small Llama (or Mixtral, or GPT-OSS) with GQA, from shipped text.
 
 Deterministic for a given config and machine: the initialization, the batch order and the data split
 all come from seeds. Checkpoints are written atomically every `checkpoint_every` steps, so a killed
@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
+    GptOssConfig,
     LlamaConfig,
     MixtralConfig,
     PretrainedConfig,
@@ -66,10 +67,16 @@ def model_config(cfg: ParentTrainingConfig, tokenizer: PreTrainedTokenizerFast) 
         pad_token_id=None,
         attn_implementation="sdpa",
     )
+    # The router's load-balancing loss keeps every expert in use; without it a few take all tokens.
+    experts = dict(num_local_experts=m.num_local_experts, num_experts_per_tok=m.num_experts_per_tok,
+                   router_aux_loss_coef=m.router_aux_loss_coef, output_router_logits=True)
     if m.model_type == "mixtral":
-        # The router's load-balancing loss keeps every expert in use; without it a few take all tokens.
-        return MixtralConfig(**common, num_local_experts=m.num_local_experts, num_experts_per_tok=m.num_experts_per_tok,
-                             router_aux_loss_coef=m.router_aux_loss_coef, output_router_logits=True)
+        return MixtralConfig(**common, **experts)
+    if m.model_type == "gpt_oss":
+        # Transformers runs GPT-OSS eagerly only (sdpa cannot take its sinks); its default head size is 64, not
+        # hidden / heads. Plain RoPE: YaRN stretches a context this parent is not trained past.
+        common.update(attn_implementation="eager", head_dim=m.hidden_size // m.num_attention_heads)
+        return GptOssConfig(**common, **experts, sliding_window=m.sliding_window)
     return LlamaConfig(**common)
 
 

@@ -232,10 +232,31 @@ def test_gpt_oss_experts_keep_their_biases_and_clamp():
         assert not torch.allclose(whole(h), expected, atol=1e-3)
 
 
-def test_gpt_oss_child_with_a_window_converted_layer_keeps_its_sinks_and_generates(tmp_path_factory):
+@pytest.fixture(scope="module")
+def gpt_oss_parent_dir(tmp_path_factory):
+    """A tiny GPT-OSS (sliding / full / sliding layers, 4 experts, top-2, sinks, biases, YaRN)."""
+    return _parent_dir(tmp_path_factory, "gpt_oss")
+
+
+def test_gpt_oss_parent_with_mxfp4_experts_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, gpt_oss_parent_dir):
+    """Where transformers keeps a released checkpoint's MXFP4 experts packed, the experts have no plain weights."""
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    def packed_init(self, config):
+        torch.nn.Module.__init__(self)
+        self.gate_up_proj_blocks = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    monkeypatch.setattr(modeling_gpt_oss.GptOssExperts, "__init__", packed_init)
+    monkeypatch.setattr(modeling_gpt_oss.GptOssPreTrainedModel, "_init_weights", lambda self, module: None)
+    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, gpt_oss_parent_dir))
+    assert code == 2 and "Traceback" not in err
+    assert "holds its experts in MXFP4; load it with Mxfp4Config(dequantize=True)" in err
+
+
+def test_gpt_oss_child_with_a_window_converted_layer_keeps_its_sinks_and_generates(tmp_path_factory, gpt_oss_parent_dir):
     """GPT-OSS: sliding (8) / full / sliding layers. Only a window on the full layer brings the KV cache to 0.6x
     (20 cached tokens there of 36 in all), so the search must convert it; the child must keep every sink."""
-    parent_dir = _parent_dir(tmp_path_factory, "gpt_oss")
+    parent_dir = gpt_oss_parent_dir
     options = [o for o in PIPELINE if not o.startswith("library.windows")] + ["library.windows=[4]"]
     config = load_config(write_job(tmp_path_factory.mktemp("gpt_oss"), parent_dir), options)
     distill_stage(config)
