@@ -107,13 +107,13 @@ def _label(block_id: str, parent_id: str) -> tuple[str, float]:
         return "removed", 0.0
     if spec.linear:
         return "linear", 0.15
-    if getattr(spec, "kind", None) is AttentionKind.attention:
+    if spec.kind is AttentionKind.attention:
         text = f"{spec.num_key_value_heads} kv" + (f"\nwin {spec.window}" if spec.window else "")
         kept = spec.num_key_value_heads / parent.num_key_value_heads
         return text, 0.3 + 0.6 * kept * (0.7 if spec.window else 1.0)
-    if getattr(spec, "kind", None) is FfnKind.dense:
+    if spec.kind is FfnKind.dense:
         return f"{spec.intermediate_size}", 0.2 + 0.8 * spec.intermediate_size / parent.intermediate_size
-    return block_id, 0.5
+    return f"{spec.num_experts} of {parent.num_experts}\nexperts", 0.2 + 0.8 * spec.num_experts / parent.num_experts
 
 
 def plot_architecture(layers: list[dict], parent_layers: list[tuple[str, str]], path: Path) -> None:

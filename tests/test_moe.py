@@ -283,3 +283,11 @@ def test_gpt_oss_child_with_a_window_converted_layer_keeps_its_sinks_and_generat
     assert out.shape == (1, 18) and torch.equal(out, no_cache)
     verdicts = {e.engine: e for e in summary.engines}
     assert any("attention sinks" in r for r in verdicts["vLLM"].reasons)
+
+
+def test_report_labels_kept_experts_and_shades_by_the_fraction_kept():
+    from puzzle.report import _label
+
+    text, shade = _label("ffn.moe2.top2", "ffn.moe8.top2")
+    assert text == "2 of 8\nexperts"
+    assert _label("ffn.moe6.top2", "ffn.moe8.top2")[1] > shade > _label("ffn.noop", "ffn.moe8.top2")[1]
