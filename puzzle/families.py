@@ -4,8 +4,9 @@ GPT-OSS (transformers 5.x).
 The adapter exposes, per layer, the attention and FFN subblocks with their norms, and builds what a
 layer needs to run alone: rotary position embeddings, the causal or sliding-window mask of its
 attention type, and the KV cache. An MoE layer's FFN subblock is the parent's sparse block (router
-`gate` and fused `experts`; GPT-OSS: `router` and biased `experts`), exposed where a dense layer exposes its MLP. Later stages run any layer, subblock or replacement candidate
-through it without depending on a family's `forward`.
+`gate` and fused `experts`; GPT-OSS: `router` and biased `experts`), exposed where a dense layer
+exposes its MLP. Later stages run any layer, subblock or replacement candidate through it without
+depending on a family's `forward`.
 """
 
 from __future__ import annotations
