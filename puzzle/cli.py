@@ -545,9 +545,22 @@ def _print_eval(summary, label: str = "") -> None:
     out.print(f"results: {summary.file} ({summary.seconds:.0f} s)")
 
 
+def _run_config_of(child: Path) -> Path:
+    """The config a run wrote beside the stage that holds this child (RUN_DIR[/jobs/NAME]/STAGE/checkpoint)."""
+    found = child.resolve().parent.parent / "config.yaml"
+    if not (child / "config.json").is_file() or not found.is_file():
+        raise PuzzleError(
+            f"{child} is a directory, but not a child checkpoint inside a run directory (no config.json, or no "
+            f"{found.name} two levels up); give the job's YAML and --child {child}"
+        )
+    return found
+
+
 @app.command()
 def fuse(
-    config: ConfigArg,
+    config: Annotated[Path, typer.Argument(
+        help="YAML config file, or a child checkpoint in a run directory (its run's config.yaml is used).",
+        show_default=False)],
     set_: SetOption = None,
     child: Annotated[Optional[Path], typer.Option(help="Child checkpoint to fuse (default: RUN_DIR/kd/checkpoint if "
                                                   "it exists, else RUN_DIR/child/checkpoint).", show_default=False)] = None,
@@ -567,6 +580,10 @@ def fuse(
     """
     from puzzle.fuse_stage import fuse_stage
 
+    if config.is_dir():
+        if child is not None:
+            raise PuzzleError(f"give the child once: as the argument ({config}) or as --child ({child})")
+        config, child = _run_config_of(config), config
     jobs = load_jobs(config, set_, job_name)
     if len(jobs) > 1 and (child is not None or output is not None):
         raise PuzzleError(f"--child and --output name one child; pick its job with --job (this file has {len(jobs)})")

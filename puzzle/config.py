@@ -251,6 +251,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError([f"{path} is a directory; give a YAML config file"], str(path))
     if not path.is_file():
         raise ConfigError([f"file not found: {path}"], str(path))
     try:

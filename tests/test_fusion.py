@@ -171,3 +171,18 @@ def test_fuse_before_realize_names_the_missing_child(tmp_path, tiny_parent_dir, 
     code, out = fuse_cli(monkeypatch, capsys, write_job(tmp_path, tiny_parent_dir))
     assert code == 2 and "no child to fuse" in out.err and "run `puzzle realize` first" in out.err
     assert len(out.err.strip().splitlines()) == 1
+
+
+def test_fuse_takes_a_child_directory_and_reads_its_runs_config(job, monkeypatch, capsys, tmp_path):
+    from puzzle.rundir import RunDir
+
+    _, config = job
+    source = with_solution(config, ["attention.noop+ffn.i96", "attention.noop+ffn.i48"]).directory
+    RunDir.of(config).write_config(config)  # as every command does
+    target = source.with_name("by-directory-fused")
+    code, out = cli(monkeypatch, capsys, "fuse", str(source), "--include-last", "--output", str(target))
+    assert code == 0, out.err
+    assert "fused layers: 0-1" in out.out and (target / "config.json").is_file()
+    code, out = cli(monkeypatch, capsys, "fuse", str(tmp_path))
+    assert code == 2 and "not a child checkpoint inside a run directory" in out.err
+    assert len(out.err.strip().splitlines()) == 1
