@@ -39,12 +39,12 @@ def tiny_config(model_type: str):
         )
     if model_type == "gpt_oss":
         # Sliding and full layers alternate and RoPE is YaRN-scaled, as in the released models (factor 32 over
-        # 4,096 positions there). A low SwiGLU limit (7.0 released) makes the clamp cut some of this parent's
-        # activations.
+        # 4,096 positions there); heads × head_dim (72) is not the hidden size, as there (64 × 64 against 2,880).
+        # A low SwiGLU limit (7.0 released) makes the clamp cut some of this parent's activations.
         rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
                 "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
         return GptOssConfig(
-            **COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+            **COMMON, head_dim=12, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"], rope_parameters=rope,
             swiglu_limit=0.5,
         )
