@@ -78,19 +78,27 @@ def test_kept_experts_are_the_most_important_with_their_router_rows():
 
 
 def _never_routed(model, layer: int, expert: int):
-    """Plant an expert that no token reaches: every FFN input of `layer` has a large positive channel 0 (the
-    embeddings carry it, attention adds little to it), and the expert's router row is strongly negative on it."""
+    """Plant an expert that no token reaches. Mixtral's router has no bias: every FFN input of `layer` gets a large
+    positive channel 0 (the embeddings carry it, attention adds little to it), and the expert's router row is
+    strongly negative on it. GPT-OSS's router bias does it alone; the others' biases are zeroed, so that this tiny
+    parent's random biases do not shut out a second expert as well."""
+    mlp = model.model.layers[layer].mlp
     with torch.no_grad():
+        if hasattr(mlp, "router"):
+            mlp.router.bias.zero_()
+            mlp.router.bias[expert] = -1e4
+            return model
         model.model.embed_tokens.weight[:, 0] = 1.0
         row = torch.zeros(model.config.hidden_size)
         row[0] = -100.0
-        model.model.layers[layer].mlp.gate.weight[expert] = row
+        mlp.gate.weight[expert] = row
     return model
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("method", list(ImportanceMethod))
-def test_a_never_routed_expert_ranks_last(method):
-    model = _never_routed(tiny_model("mixtral"), layer=0, expert=2)
+def test_a_never_routed_expert_ranks_last(method, model_type):
+    model = _never_routed(tiny_model(model_type), layer=0, expert=2)
     adapter = FamilyAdapter(model)
     calibration = torch.randint(0, model.config.vocab_size, (4, 16))
     scores = expert_importance(adapter, calibration, batch_size=2, method=method)
