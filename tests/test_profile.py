@@ -14,7 +14,7 @@ from puzzle.profile_stage import profile_stage
 from search.hardware import GPUS, gpu
 from search.profile import analytic_times
 from tests.test_bld import write_job
-from tests.tiny import tiny_model
+from tests.tiny import VARIANTS, tiny_model
 
 # hidden 48, 6 heads of 8, 2 KV heads, FFN 96 (tests/tiny.py)
 SHAPE = ParentShape(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8, intermediate_size=96)
@@ -29,10 +29,7 @@ def test_parameter_counts_by_hand():
     assert parameters(FfnSpec(FfnKind.noop), SHAPE) == 0
 
 
-@pytest.mark.parametrize("model_type, overrides", [
-    ("llama", {}), ("llama", {"attention_bias": True}), ("mistral", {}), ("qwen2", {}), ("qwen3", {}),
-    ("mixtral", {}), ("qwen3_moe", {}), ("gpt_oss", {}),
-])
+@pytest.mark.parametrize("model_type, overrides", VARIANTS)
 def test_parameter_counts_match_the_modules(model_type, overrides):
     adapter = FamilyAdapter(tiny_model(model_type, **overrides))
     parent = adapter.parent_layer(0)

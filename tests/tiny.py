@@ -7,6 +7,10 @@ from transformers import (
     AutoModelForCausalLM, GptOssConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig,
 )
 
+# Every supported family, and Llama once more with attention_bias (biases on q, k, v and o).
+VARIANTS = [("llama", {}), ("llama", {"attention_bias": True}), ("mistral", {}), ("qwen2", {}), ("qwen3", {}),
+            ("mixtral", {}), ("qwen3_moe", {}), ("gpt_oss", {})]
+
 COMMON = dict(
     vocab_size=128,
     hidden_size=48,
