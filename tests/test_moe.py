@@ -299,3 +299,18 @@ def test_report_labels_kept_experts_and_shades_by_the_fraction_kept():
     text, shade = _label("ffn.moe2.top2", "ffn.moe8.top2")
     assert text == "2 of 8\nexperts"
     assert _label("ffn.moe6.top2", "ffn.moe8.top2")[1] > shade > _label("ffn.noop", "ffn.moe8.top2")[1]
+
+
+def test_puzzle_run_takes_a_gpt_oss_parent_to_a_distilled_child_and_a_report(monkeypatch, capsys, tmp_path,
+                                                                              gpt_oss_parent_dir):
+    path = job(tmp_path, gpt_oss_parent_dir, library={"windows": [4], "experts": [2]},
+               profile={"device": "h100"}, search={"budgets": {"kv": "0.6x", "experts": "0.75x"}},
+               eval={"kv_dtype": "fp8", "speed_repeats": 1, "speed_warmup": 0})
+    code, out, err = cli(monkeypatch, capsys, "run", path)
+    assert code == 0, err
+    results = json.loads((tmp_path / "run/eval/results.json").read_text())
+    models = {m["name"]: m for m in results["models"]}
+    assert set(models) == {"parent", "child", "child + KD"}
+    assert all(m["kl"] >= 0 and m["kv_fp8_added_kl"] is not None for m in models.values())
+    assert models["child"]["parameters"] < models["parent"]["parameters"]
+    assert (tmp_path / "run/report/report.html").is_file()
