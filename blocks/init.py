@@ -63,12 +63,12 @@ def init_attention(spec: AttentionSpec, parent: ParentLayer, attn_implementation
         return NoOp()
     if spec.kind is AttentionKind.linear:
         return _linear_attention(parent)
-    bias = src.q_proj.bias is not None
+    # The family's parts come from the shape, as the child config's do, so a candidate always fits its child.
+    bias = shape.attention_bias
     module = Attention(
         shape.hidden_size, shape.num_attention_heads, spec.num_key_value_heads, shape.head_dim, spec.window,
-        parent.rms_norm_eps, attention_bias=bias, output_bias=src.o_proj.bias is not None,
-        qk_norm=getattr(src, "q_norm", None) is not None,
-        attn_implementation=attn_implementation, sinks=getattr(src, "sinks", None) is not None,
+        parent.rms_norm_eps, attention_bias=bias, output_bias=shape.attention_output_bias, qk_norm=shape.qk_norm,
+        attn_implementation=attn_implementation, sinks=shape.attention_sinks,
     )
     _copy(module.input_layernorm, parent.input_norm)
     _copy(module.q_proj, src.q_proj)
@@ -92,16 +92,16 @@ def _linear_attention(parent: ParentLayer) -> LinearAttention:
     shape, src = parent.shape, parent.attention
     w_v = expand_kv_heads(src.v_proj.weight.data, shape.num_key_value_heads, shape.num_attention_heads, shape.head_dim)
     w_o = src.o_proj.weight.data
-    bias = src.v_proj.bias is not None or src.o_proj.bias is not None
+    bias = shape.attention_bias or shape.attention_output_bias
     module = LinearAttention(shape.hidden_size, parent.rms_norm_eps, bias=bias)
     _copy(module.input_layernorm, parent.input_norm)
     module.linear_attn.weight.data.copy_(w_o @ w_v)
     if bias:
         b = torch.zeros(shape.hidden_size, dtype=w_o.dtype)
-        if src.v_proj.bias is not None:
+        if shape.attention_bias:
             b_v = expand_kv_heads(src.v_proj.bias.data, shape.num_key_value_heads, shape.num_attention_heads, shape.head_dim)
             b = b + w_o @ b_v
-        if src.o_proj.bias is not None:
+        if shape.attention_output_bias:
             b = b + src.o_proj.bias.data
         module.linear_attn.bias.data.copy_(b)
     return module
@@ -148,11 +148,10 @@ def _init_moe(spec: FfnSpec, parent: ParentLayer, expert_scores: torch.Tensor | 
         raise PuzzleError(f"{spec.id} does not fit a parent layer with FFN {shape.ffn.id}")
     if spec.num_experts > shape.num_experts:
         raise PuzzleError(f"{spec.num_experts} experts are more than the parent layer's {shape.num_experts}")
-    gpt_oss = hasattr(src, "router")
     module = MoE(
         shape.hidden_size, spec.num_experts, spec.experts_per_token, shape.intermediate_size, parent.rms_norm_eps,
-        shape.normalize_expert_weights, bias=gpt_oss,
-        swiglu_limit=src.experts.limit if gpt_oss else None, swiglu_alpha=src.experts.alpha if gpt_oss else 1.702,
+        shape.normalize_expert_weights, bias=shape.expert_bias, swiglu_limit=shape.swiglu_limit,
+        swiglu_alpha=shape.swiglu_alpha,
     )
     _copy(module.post_attention_layernorm, parent.post_attention_norm)
     if spec.num_experts == shape.num_experts:
@@ -162,7 +161,7 @@ def _init_moe(spec: FfnSpec, parent: ParentLayer, expert_scores: torch.Tensor | 
             raise PuzzleError("keeping fewer experts needs expert importances measured on calibration tokens")
         # Sorted so that the kept experts stay in the parent's order (keeping all is exactly the parent).
         keep = expert_scores.topk(spec.num_experts).indices.sort().values
-    if gpt_oss:
+    if hasattr(src, "router"):  # GPT-OSS's names and weight layout
         _copy_gpt_oss_experts(module, src, keep)
         return module
     module.gate.weight.data.copy_(src.gate.weight.data[keep])
