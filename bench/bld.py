@@ -18,7 +18,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from distill.bld import parent_activations, train_step
+from puzzle.distill.bld import parent_activations, train_step
 from puzzle.config import load_config
 from puzzle.distill_stage import bld_candidates, layer_spaces, prepare_bld
 from puzzle.parents import load_parent

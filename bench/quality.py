@@ -31,7 +31,7 @@ from puzzle.realize_stage import realize_stage
 from puzzle.score_stage import score_stage
 from puzzle.search_stage import search_stage
 from puzzle.stages import check_inputs
-from search.mip import InfeasibleBudget
+from puzzle.search.mip import InfeasibleBudget
 
 METHODS = ["mip", "greedy", "shortgpt", "llm-drop", "uniform-ffn", "random"]
 

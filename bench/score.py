@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from distill.library import Library
-from distill.scoring import ParentReference
+from puzzle.distill.library import Library
+from puzzle.distill.scoring import ParentReference
 from puzzle.config import load_config
 from puzzle.data import job_blocks
 from puzzle.parents import load_parent

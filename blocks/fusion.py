@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from blocks.errors import PuzzleError
-from blocks.modeling_puzzle import MLP, DeciLMForCausalLM, RMSNorm
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.modeling_puzzle import MLP, DeciLMForCausalLM, RMSNorm
 
 
 @dataclass(frozen=True)

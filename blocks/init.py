@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from blocks.errors import PuzzleError
-from blocks.modeling_puzzle import MLP, Attention, LinearAttention, LinearMLP, MoE, NoOp
-from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.modeling_puzzle import MLP, Attention, LinearAttention, LinearMLP, MoE, NoOp
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
 
 
 @dataclass(frozen=True)

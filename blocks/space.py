@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from blocks.errors import PuzzleError
-from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
 
 
 @dataclass(frozen=True)

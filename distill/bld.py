@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from blocks.init import init_attention, init_ffn
-from blocks.specs import AttentionSpec, FfnSpec
-from distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
-from distill.schedule import TrainingSettings, batch_indices
+from puzzle.blocks.init import init_attention, init_ffn
+from puzzle.blocks.specs import AttentionSpec, FfnSpec
+from puzzle.distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from puzzle.distill.schedule import TrainingSettings, batch_indices
 
 
 @dataclass(frozen=True, order=True)

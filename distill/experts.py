@@ -16,10 +16,10 @@ import enum
 
 import torch
 
-from blocks.errors import PuzzleError
-from blocks.init import init_ffn
-from blocks.modeling_puzzle import MoE
-from distill.bld import parent_activations
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.init import init_ffn
+from puzzle.blocks.modeling_puzzle import MoE
+from puzzle.distill.bld import parent_activations
 
 
 class ImportanceMethod(str, enum.Enum):

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
-from distill.schedule import TrainingSettings, batch_indices
+from puzzle.distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from puzzle.distill.schedule import TrainingSettings, batch_indices
 
 # (hidden states: the residual stream entering each layer and leaving the last, logits) of the parent.
 ParentStates = Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]

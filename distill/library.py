@@ -19,11 +19,11 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from blocks.errors import PuzzleError
-from blocks.init import shaped_module
-from blocks.io import atomic_path, atomic_write_json, sha256_file
-from blocks.specs import AttentionSpec, FfnKind, FfnSpec, SubblockSpec, spec_from_id
-from distill.bld import Candidate, CandidateResult
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.init import shaped_module
+from puzzle.blocks.io import atomic_path, atomic_write_json, sha256_file
+from puzzle.blocks.specs import AttentionSpec, FfnKind, FfnSpec, SubblockSpec, spec_from_id
+from puzzle.distill.bld import Candidate, CandidateResult
 
 
 # Bumped whenever the code changes what a trained entry holds (module layout, weight names), so that

@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blocks.errors import PuzzleError
-from blocks.io import atomic_path
-from blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates
-from blocks.specs import AttentionSpec, FfnKind, FfnSpec, ParentShape, needs_training, spec_from_id
-from distill.bld import Candidate, build_module, ffn_channel_scores, train_candidates
-from distill.experts import expert_importance
-from distill.library import ENTRY_FORMAT, LayerSpace, init_name, read_entry, write_entry, write_space
-from distill.schedule import TrainingSettings
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.io import atomic_path
+from puzzle.blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates
+from puzzle.blocks.specs import AttentionSpec, FfnKind, FfnSpec, ParentShape, needs_training, spec_from_id
+from puzzle.distill.bld import Candidate, build_module, ffn_channel_scores, train_candidates
+from puzzle.distill.experts import expert_importance
+from puzzle.distill.library import ENTRY_FORMAT, LayerSpace, init_name, read_entry, write_entry, write_space
+from puzzle.distill.schedule import TrainingSettings
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.distributed import Workers, workers

@@ -1,6 +1,6 @@
 """Errors a user can fix. The CLI prints them as one line each and exits with code 2."""
 
-from blocks.errors import PuzzleError
+from puzzle.blocks.errors import PuzzleError
 
 __all__ = ["PuzzleError", "ConfigError"]
 

@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from blocks.costs import DTYPE_BYTES, Scenario, kv_cache_bytes
-from blocks.errors import PuzzleError
-from blocks.io import atomic_path, atomic_write_json
-from blocks.specs import ParentShape, spec_from_id
-from distill.library import Library
+from puzzle.blocks.costs import DTYPE_BYTES, Scenario, kv_cache_bytes
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.io import atomic_path, atomic_write_json
+from puzzle.blocks.specs import ParentShape, spec_from_id
+from puzzle.distill.library import Library
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.parents import load_parent
@@ -33,7 +33,7 @@ from puzzle.profile_stage import predicted_latency, read_profile, scenario_of
 from puzzle.progress import progress_bar
 from puzzle.realize_stage import LayerChoice, build_child, load_child
 from puzzle.rundir import RunDir, Stage, fingerprint
-from search.profile import local_device_name, sync
+from puzzle.search.profile import local_device_name, sync
 
 
 @dataclass(frozen=True)

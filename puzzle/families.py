@@ -21,8 +21,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from blocks.init import ParentLayer
-from blocks.specs import ParentShape
+from puzzle.blocks.init import ParentLayer
+from puzzle.blocks.specs import ParentShape
 from puzzle.errors import PuzzleError
 
 

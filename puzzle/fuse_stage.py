@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from blocks.errors import PuzzleError
-from blocks.fusion import Dependency, attention_free_runs, ffn_dependencies, fuse_mlp, fusion_groups, is_fusable
-from blocks.io import atomic_write_json
-from blocks.modeling_puzzle import DeciLMForCausalLM
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.fusion import Dependency, attention_free_runs, ffn_dependencies, fuse_mlp, fusion_groups, is_fusable
+from puzzle.blocks.io import atomic_write_json
+from puzzle.blocks.modeling_puzzle import DeciLMForCausalLM
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.engines import servability

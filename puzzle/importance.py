@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.bld import parent_activations
+from puzzle.distill.bld import parent_activations
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.parents import load_parent

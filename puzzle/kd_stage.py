@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from blocks.errors import PuzzleError
-from blocks.io import atomic_path, atomic_write_json
-from distill.kd import KdSettings, distill
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.io import atomic_path, atomic_write_json
+from puzzle.distill.kd import KdSettings, distill
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.distributed import workers

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from blocks.errors import PuzzleError
-from blocks.modeling_puzzle import FP8_E4M3_MAX, Attention, DeciLMForCausalLM
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.modeling_puzzle import FP8_E4M3_MAX, Attention, DeciLMForCausalLM
 from puzzle.eval_stage import quality
 
 # A layer whose K or V is zero on every calibration token would get a zero scale; any positive one is exact.

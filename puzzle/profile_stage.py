@@ -11,18 +11,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from blocks.costs import Scenario, active_parameters, parameters
-from blocks.errors import PuzzleError
-from blocks.init import shaped_module
-from blocks.io import atomic_path
-from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, SubblockSpec, spec_from_id
-from distill.library import Library
+from puzzle.blocks.costs import Scenario, active_parameters, parameters
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.init import shaped_module
+from puzzle.blocks.io import atomic_path
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, SubblockSpec, spec_from_id
+from puzzle.distill.library import Library
 from puzzle.config import ProfileSection, PuzzleConfig
 from puzzle.parents import load_parent
 from puzzle.progress import progress_bar
 from puzzle.rundir import RunDir, Stage, fingerprint
-from search.hardware import gpu
-from search.profile import (
+from puzzle.search.hardware import gpu
+from puzzle.search.profile import (
     CostRow,
     Timing,
     WholeModel,

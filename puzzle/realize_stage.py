@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-import blocks.modeling_puzzle as modeling
-from blocks.errors import PuzzleError
-from blocks.io import atomic_dir
-from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape, spec_from_id
-from distill.library import Library
+import puzzle.blocks.modeling_puzzle as modeling
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.io import atomic_dir
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape, spec_from_id
+from puzzle.distill.library import Library
 from puzzle.config import PuzzleConfig
 from puzzle.engines import EngineVerdict, servability
 from puzzle.families import parent_shapes

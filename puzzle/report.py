@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from blocks.errors import PuzzleError
-from blocks.io import atomic_path, atomic_write_text
-from blocks.specs import AttentionKind, FfnKind, spec_from_id
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.io import atomic_path, atomic_write_text
+from puzzle.blocks.specs import AttentionKind, FfnKind, spec_from_id
 from puzzle.config import PuzzleConfig
 from puzzle.families import parent_shapes
 from puzzle.parents import parent_config
 from puzzle.rundir import RunDir, Stage
 from puzzle.search_stage import QUANTITY, frontier_points, plot_frontier
-from search.budgets import parse_budget
+from puzzle.search.budgets import parse_budget
 
 PLOTS = ("architecture.png", "frontier.png", "kd.png")
 

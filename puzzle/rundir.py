@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 from puzzle.config import PuzzleConfig, dump_config
 from puzzle.errors import PuzzleError
-from blocks.io import atomic_write_json, atomic_write_text
+from puzzle.blocks.io import atomic_write_json, atomic_write_text
 
 
 class Stage(str, enum.Enum):

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from blocks.errors import PuzzleError
-from blocks.io import atomic_path, atomic_write_json
-from blocks.specs import spec_from_id
-from distill.library import Library
-from distill.scoring import METRICS, ParentReference
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.io import atomic_path, atomic_write_json
+from puzzle.blocks.specs import spec_from_id
+from puzzle.distill.library import Library
+from puzzle.distill.scoring import METRICS, ParentReference
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.parents import load_parent

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from blocks.costs import Scenario
-from blocks.errors import PuzzleError
-from blocks.io import atomic_path, atomic_write_json
-from distill.library import Library
+from puzzle.blocks.costs import Scenario
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.io import atomic_path, atomic_write_json
+from puzzle.distill.library import Library
 from puzzle.config import PuzzleConfig
 from puzzle.importance import BlockInfluence, job_block_influence
 from puzzle.parents import load_parent
 from puzzle.profile_stage import check_profile_section, cost_rows, scenario_of
 from puzzle.rundir import RunDir, Stage, fingerprint
-from search import baselines
-from search.budgets import Budget, BudgetKind, parse_budget
-from search.mip import Block, InfeasibleBudget, Solution, greedy, solve
+from puzzle.search import baselines
+from puzzle.search.budgets import Budget, BudgetKind, parse_budget
+from puzzle.search.mip import Block, InfeasibleBudget, Solution, greedy, solve
 
 # Budgets become upper bounds on these summed quantities; throughput is bounded through latency.
 QUANTITY = {

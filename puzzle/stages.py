@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from blocks.io import atomic_write_json
+from puzzle.blocks.io import atomic_write_json
 from puzzle.config import PuzzleConfig
 from puzzle.data import check_files, job_blocks
 from puzzle.distill_stage import layer_spaces

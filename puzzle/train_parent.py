@@ -25,8 +25,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from blocks.io import atomic_dir, atomic_write_text
-from distill.schedule import batch_indices, warmup_cosine
+from puzzle.blocks.io import atomic_dir, atomic_write_text
+from puzzle.distill.schedule import batch_indices, warmup_cosine
 from puzzle.config import ParentTrainingConfig, dump_config
 from puzzle.data import TokenBlocks, load_blocks, read_documents
 from puzzle.progress import progress_bar

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import random
 
-from blocks.errors import PuzzleError
-from blocks.specs import FfnKind, FfnSpec, spec_from_id
-from search.mip import Block, InfeasibleBudget, Solution, Status, greedy, usage
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.specs import FfnKind, FfnSpec, spec_from_id
+from puzzle.search.mip import Block, InfeasibleBudget, Solution, Status, greedy, usage
 
 COUPLED = " (coupled)"
 NOOP_ATTENTION = "attention.noop"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blocks.errors import PuzzleError
+from puzzle.blocks.errors import PuzzleError
 
 
 @dataclass(frozen=True)

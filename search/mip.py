@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pulp
 
-from blocks.errors import PuzzleError
+from puzzle.blocks.errors import PuzzleError
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from blocks.costs import DTYPE_BYTES, Scenario, decode_work, kv_cache_bytes, prefill_work
-from blocks.modeling_puzzle import new_kv_cache
-from blocks.specs import ParentShape, SubblockSpec
-from search.hardware import GpuSpec
+from puzzle.blocks.costs import DTYPE_BYTES, Scenario, decode_work, kv_cache_bytes, prefill_work
+from puzzle.blocks.modeling_puzzle import new_kv_cache
+from puzzle.blocks.specs import ParentShape, SubblockSpec
+from puzzle.search.hardware import GpuSpec
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from blocks.errors import PuzzleError
+from puzzle.blocks.errors import PuzzleError
 from puzzle.config import ParentSection, apply_overrides, validate
 from puzzle.importance import block_influence
 from puzzle.parents import load_parent
 from puzzle.realize_stage import realize_stage
 from puzzle.search_stage import search_stage
-from search.baselines import llm_drop, random_search, shortgpt, uniform_ffn
-from search.mip import Block, InfeasibleBudget, Status
+from puzzle.search.baselines import llm_drop, random_search, shortgpt, uniform_ffn
+from puzzle.search.mip import Block, InfeasibleBudget, Status
 from tests.test_search import FAST, cli, scored_job
 
 # The roofline profile: latency costs are the same on every run, so the budgets below are met or not for sure.

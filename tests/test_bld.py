@@ -13,13 +13,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import distill.bld as bld
-from distill.schedule import TrainingSettings
-from distill.library import Library
+import puzzle.distill.bld as bld
+from puzzle.distill.schedule import TrainingSettings
+from puzzle.distill.library import Library
 from puzzle.config import load_config
 from puzzle.distill_stage import bld_candidates, distill_stage, layer_spaces
 from puzzle.parents import load_parent
-from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 

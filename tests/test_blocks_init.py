@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from blocks.errors import PuzzleError
-from blocks.init import channel_contribution, expand_kv_heads, init_attention, init_ffn, mean_pool_kv_heads
-from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.init import channel_contribution, expand_kv_heads, init_attention, init_ffn, mean_pool_kv_heads
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec
 from puzzle.families import FamilyAdapter
 from tests.tiny import tiny_model
 
@@ -116,7 +116,7 @@ def test_noop_adds_nothing():
 @pytest.mark.parametrize("window", [None, 5])
 def test_candidate_attention_decodes_with_its_kv_cache(window):
     """Token-by-token decoding through the child's cache (a windowed slot keeps only its window) equals one full pass."""
-    from blocks.modeling_puzzle import new_kv_cache
+    from puzzle.blocks.modeling_puzzle import new_kv_cache
 
     adapter, h, ctx = setup("llama", seq=12)
     parent = adapter.parent_layer(0)
@@ -153,7 +153,7 @@ def test_gpt_oss_attention_with_sinks_equals_the_parent_attention(attn):
 
 
 def test_gpt_oss_sinks_survive_kv_pooling_and_decode_with_a_cache():
-    from blocks.modeling_puzzle import new_kv_cache
+    from puzzle.blocks.modeling_puzzle import new_kv_cache
 
     adapter, h, ctx = setup("gpt_oss")
     module = init_attention(AttentionSpec(AttentionKind.attention, 1, 8), adapter.parent_layer(1))

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from blocks.fusion import Dependency, attention_free_runs, ffn_dependencies, fuse_mlp, fusion_groups
-from blocks.modeling_puzzle import MLP, DeciLMConfig, DeciLMForCausalLM, RMSNorm
+from puzzle.blocks.fusion import Dependency, attention_free_runs, ffn_dependencies, fuse_mlp, fusion_groups
+from puzzle.blocks.modeling_puzzle import MLP, DeciLMConfig, DeciLMForCausalLM, RMSNorm
 from puzzle.config import load_config
 from puzzle.distill_stage import distill_stage
 from puzzle.fuse_stage import fuse_child

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import distill.kd as kd
-from distill.kd import cosine_loss, kl_divergence
+import puzzle.distill.kd as kd
+from puzzle.distill.kd import cosine_loss, kl_divergence
 from puzzle.config import load_config
 from puzzle.kd_stage import kd_stage
 from tests.test_bld import write_job

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blocks.modeling_puzzle import FP8_E4M3_MAX, DeciLMConfig, DeciLMForCausalLM, fp8_round_trip
+from puzzle.blocks.modeling_puzzle import FP8_E4M3_MAX, DeciLMConfig, DeciLMForCausalLM, fp8_round_trip
 from puzzle.config import load_config
 from puzzle.distill_stage import distill_stage
 from puzzle.kv_fp8 import calibrate_kv_scales

@@ -3,9 +3,9 @@ import random
 
 import pytest
 
-from blocks.errors import PuzzleError
-from search.budgets import BudgetKind, parse_budget
-from search.mip import Block, InfeasibleBudget, Status, greedy, solve
+from puzzle.blocks.errors import PuzzleError
+from puzzle.search.budgets import BudgetKind, parse_budget
+from puzzle.search.mip import Block, InfeasibleBudget, Status, greedy, solve
 
 
 def toy():

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-from blocks.costs import Scenario, active_parameters, decode_work, parameters
-from blocks.init import init_ffn
-from blocks.specs import FfnKind, FfnSpec, spec_from_id
-from distill.experts import ImportanceMethod, expert_importance
-from distill.library import Library
+from puzzle.blocks.costs import Scenario, active_parameters, decode_work, parameters
+from puzzle.blocks.init import init_ffn
+from puzzle.blocks.specs import FfnKind, FfnSpec, spec_from_id
+from puzzle.distill.experts import ImportanceMethod, expert_importance
+from puzzle.distill.library import Library
 from puzzle.config import load_config
 from puzzle.distill_stage import distill_stage
 from puzzle.families import FamilyAdapter

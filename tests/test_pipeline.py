@@ -9,8 +9,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import distill.bld as bld
-import distill.kd as kd
+import puzzle.distill.bld as bld
+import puzzle.distill.kd as kd
 from tests.test_bld import library_tensors
 from tests.test_cli import cli, job
 

@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from blocks.costs import Scenario, active_parameters, decode_work, kv_cache_bytes, parameters, prefill_work
-from blocks.errors import PuzzleError
-from blocks.init import init_attention, init_ffn
-from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
+from puzzle.blocks.costs import Scenario, active_parameters, decode_work, kv_cache_bytes, parameters, prefill_work
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.init import init_attention, init_ffn
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
 from puzzle.config import load_config
 from puzzle.distill_stage import distill_stage
 from puzzle.families import FamilyAdapter
 from puzzle.profile_stage import profile_stage
-from search.hardware import GPUS, gpu
-from search.profile import analytic_times
+from puzzle.search.hardware import GPUS, gpu
+from puzzle.search.profile import analytic_times
 from tests.test_bld import write_job
 from tests.tiny import VARIANTS, tiny_model
 

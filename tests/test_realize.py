@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from blocks.modeling_puzzle import DeciLMConfig
-from distill.library import Library
+from puzzle.blocks.modeling_puzzle import DeciLMConfig
+from puzzle.distill.library import Library
 from puzzle.cli import main
 from puzzle.engines import servability
 from puzzle.parents import load_parent
@@ -146,7 +146,7 @@ class _ParentSubblocks:
         self.adapter = adapter
 
     def module(self, layer, spec):
-        from blocks.init import shaped_module
+        from puzzle.blocks.init import shaped_module
 
         return shaped_module(spec, self.adapter.parent_layer(layer))
 
@@ -158,7 +158,7 @@ class _ParentSubblocks:
 def test_child_of_the_parents_own_subblocks_equals_the_parent(model_type, overrides, attn):
     """Every family's extras reach the child config: biases, q/k norms, sinks, expert biases and clamp, YaRN rotary,
     sliding layers, dense layers among MoE ones; 20 tokens, longer than the sliding window (8)."""
-    from blocks.modeling_puzzle import DeciLMForCausalLM
+    from puzzle.blocks.modeling_puzzle import DeciLMForCausalLM
     from puzzle.families import FamilyAdapter
     from puzzle.realize_stage import LayerChoice, child_config, child_state_dict
 

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 import torch
 
-from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec
-from distill.scoring import ParentReference
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec
+from puzzle.distill.scoring import ParentReference
 from puzzle.config import load_config
 from puzzle.distill_stage import distill_stage
 from puzzle.parents import load_parent
@@ -54,7 +54,7 @@ def test_rescoring_reuses_finished_layers(scored):
 
 def test_noop_everywhere_is_worse_than_noop_in_one_layer(tiny_parent_dir):
     """Sanity of the cached-prefix path: replacing layer 0 by the parent's own layer changes nothing."""
-    from blocks.init import init_attention, init_ffn
+    from puzzle.blocks.init import init_attention, init_ffn
 
     parent = load_parent(load_config_for(tiny_parent_dir).parent)
     ids = torch.randint(0, 300, (2, 16))

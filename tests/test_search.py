@@ -11,7 +11,7 @@ from puzzle.distill_stage import distill_stage
 from puzzle.profile_stage import profile_stage
 from puzzle.score_stage import score_stage
 from puzzle.search_stage import search_stage
-from search.mip import InfeasibleBudget
+from puzzle.search.mip import InfeasibleBudget
 from tests.test_bld import write_job
 
 FAST = ["bld.tokens_per_candidate=64", "scoring.validation_blocks=1", "profile.weight_dtype=float32",

@@ -1,8 +1,8 @@
 import pytest
 
-from blocks.errors import PuzzleError
-from blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates, pruned_size
-from blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape, needs_training, spec_from_id
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates, pruned_size
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape, needs_training, spec_from_id
 
 SHAPE = ParentShape(hidden_size=192, num_attention_heads=6, num_key_value_heads=2, head_dim=32, intermediate_size=512)
 DEFAULT = SpaceOptions(
