@@ -20,7 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from puzzle.distill.bld import parent_activations, train_step
 from puzzle.config import load_config
-from puzzle.distill_stage import bld_candidates, layer_spaces, prepare_bld
+from puzzle.distill.library import bld_candidates
+from puzzle.stages.library import job_spaces, prepare_bld
 from puzzle.parents import load_parent
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     parent = load_parent(config.parent)
     adapter = parent.adapter
     shapes = [adapter.shape(i) for i in range(adapter.num_layers)]
-    candidates = bld_candidates(layer_spaces(shapes, config), shapes)
+    candidates = bld_candidates(job_spaces(config, shapes), shapes)
     job = prepare_bld(config, parent, candidates)
     x = job.train[: config.bld.batch_size]
     params = [p for p in job.modules.parameters() if p.requires_grad]

@@ -23,14 +23,14 @@ import pandas as pd
 import yaml
 
 from puzzle.config import load_jobs, read_yaml
-from puzzle.distill_stage import distill_stage
-from puzzle.eval_stage import eval_stage
-from puzzle.kd_stage import kd_stage
-from puzzle.profile_stage import profile_stage
-from puzzle.realize_stage import realize_stage
-from puzzle.score_stage import score_stage
-from puzzle.search_stage import search_stage
-from puzzle.stages import check_inputs
+from puzzle.api import distill_stage
+from puzzle.api import eval_stage
+from puzzle.api import kd_stage
+from puzzle.api import profile_stage
+from puzzle.api import realize_stage
+from puzzle.api import score_stage
+from puzzle.api import search_stage
+from puzzle.preflight import check_inputs
 from puzzle.search.mip import InfeasibleBudget
 
 METHODS = ["mip", "greedy", "shortgpt", "llm-drop", "uniform-ffn", "random"]

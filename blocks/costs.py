@@ -29,6 +29,10 @@ class Scenario:
         if min(self.batch_size, self.prefill_length, self.decode_length) <= 0:
             raise ValueError("batch size, prefill length and decode length must be positive")
 
+    def latency(self, prefill_seconds: float, decode_step_seconds: float) -> float:
+        """Seconds per batch: the prefill and every decode step. The one latency every stage uses."""
+        return prefill_seconds + self.decode_length * decode_step_seconds
+
     @property
     def decode_context(self) -> int:
         """Tokens in the cache at the average decode step."""

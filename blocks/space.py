@@ -3,26 +3,50 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from puzzle.blocks.errors import PuzzleError
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
 
 
-@dataclass(frozen=True)
-class SpaceOptions:
-    """Typed mirror of the config's `library` section (blocks does not import the config)."""
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
 
-    kv_heads: tuple[int, ...] | None  # None: every divisor of the parent's KV-head count
-    windows: tuple[int, ...]
-    linear_attention: bool
-    noop_attention: bool
-    ffn_fractions: tuple[float, ...]
-    ffn_sizes: tuple[int, ...]
-    ffn_grid: int | None
-    linear_ffn: bool
-    noop_ffn: bool
-    experts: tuple[int, ...] = ()  # MoE layers: numbers of experts to keep
+
+class SpaceOptions(BaseModel):
+    """The candidates every layer offers: the job config's `library` section, defined once here (and
+    validated when the config loads) so that `blocks` needs nothing from the config module."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    kv_heads: list[PositiveInt] | Literal["divisors"] = Field(
+        "divisors", description="KV-head counts for GQA candidates: a list, or every divisor of the parent's count."
+    )
+    windows: list[PositiveInt] = Field(default_factory=lambda: [64, 128], description="Window widths for window attention.")
+    linear_attention: bool = Field(True, description="Include attention replaced by one hidden×hidden Linear.")
+    noop_attention: bool = Field(True, description="Include removing attention.")
+    ffn_fractions: list[Fraction] = Field(
+        default_factory=lambda: [0.875, 0.75, 0.5, 0.25, 0.1],
+        description="Pruned FFN sizes as fractions of the parent's intermediate size, in (0, 1].",
+    )
+    ffn_sizes: list[PositiveInt] = Field(default_factory=list, description="Pruned FFN sizes given exactly.")
+    ffn_grid: int | None = Field(
+        None, ge=1, description="Round pruned FFN sizes up to this multiple (256 = what serving engines accept)."
+    )
+    linear_ffn: bool = Field(True, description="Include FFN replaced by one hidden×hidden Linear.")
+    noop_ffn: bool = Field(True, description="Include removing the FFN.")
+    experts: list[PositiveInt] = Field(
+        default_factory=list,
+        description="MoE parents: numbers of experts k to keep per layer (the k most important; from the parent's "
+        "experts per token up to its expert count).",
+    )
+    expert_importance: Literal["routed", "masking"] = Field(
+        "routed",
+        description="How experts are ranked: routed = mean gate weight × ‖expert output‖; masking = output damage "
+        "when the expert is masked and its tokens re-routed.",
+    )
 
 
 def divisors(n: int) -> list[int]:
@@ -31,16 +55,14 @@ def divisors(n: int) -> list[int]:
 
 def attention_candidates(shape: ParentShape, options: SpaceOptions) -> list[AttentionSpec]:
     """The parent's attention first, then every variant, without duplicates."""
-    kv_counts = list(options.kv_heads) if options.kv_heads is not None else divisors(shape.num_key_value_heads)
+    divisor_counts = options.kv_heads == "divisors"
+    kv_counts = divisors(shape.num_key_value_heads) if divisor_counts else list(options.kv_heads)
     for kv in kv_counts:
-        if kv <= 0 or shape.num_key_value_heads % kv:
+        if shape.num_key_value_heads % kv:
             raise PuzzleError(
                 f"library.kv_heads: {kv} does not divide the parent's {shape.num_key_value_heads} KV heads; "
                 f"use divisors of it: {divisors(shape.num_key_value_heads)}"
             )
-    for w in options.windows:
-        if w <= 0:
-            raise PuzzleError(f"library.windows: {w} is not a positive window width")
     specs = [shape.attention]
     specs += [AttentionSpec(AttentionKind.attention, kv, shape.window) for kv in sorted(kv_counts, reverse=True)]
     specs += [
@@ -66,13 +88,9 @@ def ffn_candidates(shape: ParentShape, options: SpaceOptions) -> list[FfnSpec]:
     """The parent's FFN first, then pruned sizes (largest first), linear and no-op."""
     if shape.is_moe:
         return moe_candidates(shape, options)
-    sizes = []
-    for f in options.ffn_fractions:
-        if not 0 < f <= 1:
-            raise PuzzleError(f"library.ffn_fractions: {f} is outside (0, 1]")
-        sizes.append(pruned_size(f, shape.intermediate_size, options.ffn_grid))
+    sizes = [pruned_size(f, shape.intermediate_size, options.ffn_grid) for f in options.ffn_fractions]
     for size in options.ffn_sizes:
-        if not 0 < size <= shape.intermediate_size:
+        if size > shape.intermediate_size:
             raise PuzzleError(
                 f"library.ffn_sizes: {size} is outside 1..{shape.intermediate_size} (the parent's intermediate size)"
             )

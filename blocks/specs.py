@@ -45,10 +45,6 @@ class AttentionSpec:
         return f"attention.kv{self.num_key_value_heads}{suffix}"
 
     @property
-    def holds_kv_cache(self) -> bool:
-        return self.kind is AttentionKind.attention
-
-    @property
     def removed(self) -> bool:
         return self.kind is AttentionKind.noop
 
@@ -141,6 +137,47 @@ class ParentShape:
         if self.is_moe:
             return FfnSpec(FfnKind.moe, num_experts=self.num_experts, experts_per_token=self.experts_per_token)
         return FfnSpec(FfnKind.dense, self.intermediate_size)
+
+
+@dataclass(frozen=True)
+class BlockChoice:
+    """What one layer of a child is: an attention spec, an FFN spec, and whether the two were trained as a
+    pair (a coupled library entry) or apart. Travels typed from the search to solutions.json, realize, eval
+    and the report (docs/design.md §2)."""
+
+    attention: AttentionSpec
+    ffn: FfnSpec
+    coupled: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.attention, AttentionSpec) and isinstance(self.ffn, FfnSpec)):
+            raise ValueError("a block is an attention spec and an FFN spec")
+
+    @property
+    def id(self) -> str:
+        """`attention.kv1+ffn.i256`: the pair, without the coupled flag."""
+        return f"{self.attention.id}+{self.ffn.id}"
+
+    def __str__(self) -> str:
+        return self.id + (" (coupled)" if self.coupled else "")
+
+    @classmethod
+    def from_id(cls, text: str, coupled: bool = False) -> BlockChoice:
+        """Inverse of `.id`: 'attention.kv1+ffn.i256'."""
+        attention, sep, ffn = text.partition("+")
+        if not sep:
+            raise ValueError(f"{text!r} is not a block (expected 'attention.…+ffn.…', e.g. attention.kv1+ffn.i256)")
+        a, f = spec_from_id(attention.strip()), spec_from_id(ffn.strip())
+        if not (isinstance(a, AttentionSpec) and isinstance(f, FfnSpec)):
+            raise ValueError(f"{text!r} is not a block (expected 'attention.…+ffn.…', e.g. attention.kv1+ffn.i256)")
+        return cls(a, f, coupled)
+
+    def to_json(self) -> dict:
+        return {"attention": self.attention.id, "ffn": self.ffn.id, "coupled": self.coupled}
+
+    @classmethod
+    def from_json(cls, data: dict) -> BlockChoice:
+        return cls(spec_from_id(data["attention"]), spec_from_id(data["ffn"]), bool(data["coupled"]))
 
 
 def is_parent(spec: SubblockSpec, shape: ParentShape) -> bool:

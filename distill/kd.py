@@ -1,4 +1,4 @@
-"""Global knowledge distillation of the assembled child against the parent (DESIGN §9).
+"""Global knowledge distillation of the assembled child against the parent (docs/design.md §9).
 
 Loss = kl_weight · KL(parent ‖ child) on next-token distributions
      + cosine_weight · Σ over layers of mean(1 − cos(h_child, h_parent)) on the residual stream
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from puzzle.distill.metrics import kl_divergence
 from puzzle.distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from puzzle.distill.schedule import TrainingSettings, batch_indices
 
@@ -48,13 +49,6 @@ class KdOutcome:
     before: dict[str, float]  # held-out losses of the child as it came in (total, kl, cosine, lm)
     after: dict[str, float]
     train_loss: dict[str, list[float]]  # per step
-
-
-def kl_divergence(parent_logits: torch.Tensor, child_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(parent ‖ child)."""
-    p = F.log_softmax(parent_logits.float(), dim=-1)
-    q = F.log_softmax(child_logits.float(), dim=-1)
-    return F.kl_div(q.flatten(0, -2), p.flatten(0, -2), log_target=True, reduction="batchmean")
 
 
 def cosine_loss(child_states, parent_states) -> torch.Tensor:

@@ -22,7 +22,10 @@ from torch import nn
 from puzzle.blocks.errors import PuzzleError
 from puzzle.blocks.init import shaped_module
 from puzzle.blocks.io import atomic_path, atomic_write_json, sha256_file
-from puzzle.blocks.specs import AttentionSpec, FfnKind, FfnSpec, SubblockSpec, spec_from_id
+from puzzle.blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates
+from puzzle.blocks.specs import (
+    AttentionSpec, BlockChoice, FfnKind, FfnSpec, ParentShape, SubblockSpec, needs_training, spec_from_id,
+)
 from puzzle.distill.bld import Candidate, CandidateResult
 
 
@@ -92,9 +95,50 @@ def init_name(spec: SubblockSpec, parent_spec: SubblockSpec) -> str:
 
 @dataclass(frozen=True)
 class LayerSpace:
+    """A layer's candidates: attention and FFN apart, and the pairs also trained together."""
+
     attention: list[AttentionSpec]
     ffn: list[FfnSpec]
-    coupled: list[tuple[AttentionSpec, FfnSpec]]
+    coupled: list[BlockChoice]
+
+    def blocks(self) -> list[BlockChoice]:
+        """Every block the layer offers: each attention with each FFN (decoupled), then the coupled pairs."""
+        return [BlockChoice(a, f) for a in self.attention for f in self.ffn] + list(self.coupled)
+
+
+def layer_spaces(shapes: list[ParentShape], options: SpaceOptions, pairs: list[BlockChoice],
+                 every_pair: bool) -> list[LayerSpace]:
+    """Each layer's space; `pairs` are trained together in every layer, or every pair when `every_pair`
+    (bld.mode coupled)."""
+    if options.experts and not any(s.is_moe for s in shapes):
+        raise PuzzleError("library.experts: the parent has no MoE layers; leave it empty for a dense parent")
+    spaces = []
+    for shape in shapes:
+        attention, ffn = attention_candidates(shape, options), ffn_candidates(shape, options)
+        check_not_empty(attention, ffn)
+        if every_pair:
+            coupled = [BlockChoice(a, f, coupled=True) for a in attention for f in ffn]
+        else:
+            for pair in pairs:
+                if pair.attention not in attention or pair.ffn not in ffn:
+                    raise PuzzleError(f"bld.coupled_pairs: {pair.id!r} names a candidate that is not in the library")
+            coupled = list(pairs)
+        spaces.append(LayerSpace(attention, ffn, coupled))
+    return spaces
+
+
+def bld_candidates(spaces: list[LayerSpace], shapes: list[ParentShape]) -> list[Candidate]:
+    """What BLD trains: every candidate but the parent's own and removed subblocks, and every coupled pair."""
+    out = []
+    for i, (space, shape) in enumerate(zip(spaces, shapes)):
+        out += [Candidate(i, attention=a) for a in space.attention if needs_training(a, shape)]
+        out += [Candidate(i, ffn=f) for f in space.ffn if needs_training(f, shape)]
+        out += [
+            Candidate(i, attention=c.attention, ffn=c.ffn)
+            for c in space.coupled
+            if needs_training(c.attention, shape) or needs_training(c.ffn, shape)
+        ]
+    return list(dict.fromkeys(out))
 
 
 def write_space(directory: Path, space: list[LayerSpace], fingerprint: str) -> None:
@@ -106,7 +150,7 @@ def write_space(directory: Path, space: list[LayerSpace], fingerprint: str) -> N
                 {
                     "attention": [s.id for s in layer.attention],
                     "ffn": [s.id for s in layer.ffn],
-                    "coupled": [f"{a.id}+{f.id}" for a, f in layer.coupled],
+                    "coupled": [c.id for c in layer.coupled],
                 }
                 for layer in space
             ],
@@ -134,7 +178,7 @@ class Library:
             LayerSpace(
                 attention=[spec_from_id(s) for s in layer["attention"]],
                 ffn=[spec_from_id(s) for s in layer["ffn"]],
-                coupled=[tuple(spec_from_id(p) for p in pair.split("+")) for pair in layer["coupled"]],
+                coupled=[BlockChoice.from_id(pair, coupled=True) for pair in layer["coupled"]],
             )
             for layer in data["layers"]
         ]

@@ -1,31 +1,36 @@
-"""The `puzzle` command line: a thin layer over the stage functions.
+"""The `puzzle` command line: a thin layer over the typed stage functions of `puzzle.api`.
 
-Every command takes a YAML config and `--set key.sub=value` overrides. A problem with the user's
-input is printed as one line per problem on stderr with exit code 2, and nothing is written.
+Every command takes a YAML config and `--set key.sub=value` overrides; its own flags are overrides of
+config keys too (`--budget latency=0.5x` sets search.budgets.latency), so they are checked with the
+config before any work. A problem with the user's input is printed as one line per problem on stderr
+with exit code 2, and nothing is written. Heavy libraries (torch, transformers) are imported only when a
+stage runs, so `puzzle validate` answers at once.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
+from puzzle import render
 from puzzle.config import (
     ParentTrainingConfig,
     PuzzleConfig,
     Section,
     apply_overrides,
+    budget_overrides,
     describe_fields,
     read_yaml,
     validate,
 )
 from puzzle.errors import ConfigError, PuzzleError
 from puzzle.progress import console, out
-from puzzle.rundir import RunDir, Stage
+from puzzle.rundir import JOB_STAGES, RunDir, Stage
 
 app = typer.Typer(
     name="puzzle",
@@ -46,6 +51,29 @@ SetOption = Annotated[
         show_default=False,
     ),
 ]
+JobOption = Annotated[
+    Optional[str],
+    typer.Option("--job", help="In a file with several jobs, only this one (default: every job in turn).", show_default=False),
+]
+BudgetOption = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        help="A budget, repeatable: latency=0.5x, throughput=2x or 1200tok/s, memory=40GiB, params=2.5M, kv=1MiB; "
+        "for MoE parents also experts=24 (experts kept over all layers) and active_params=0.5x. 'x' is a ratio of "
+        "the parent. Sets search.budgets of its kind (replacing the config file's); each kind once.",
+        show_default=False,
+    ),
+]
+SweepOption = Annotated[
+    Optional[str],
+    typer.Option(help="Frontier instead of one search: KIND=LOW:HIGH:STEPS, e.g. latency=0.3x:1.0x:8 (other budgets "
+                 "held). Writes search/frontier.csv and frontier.png."),
+]
+ProcessesOption = Annotated[
+    int,
+    typer.Option("--num-processes", help="Run on N processes (torch.distributed; gloo on CPU, NCCL on GPU). Under "
+                 "torchrun or `accelerate launch` leave it at 1."),
+]
 
 
 def _key_reference(model: type[Section]) -> str:
@@ -58,12 +86,6 @@ def _key_reference(model: type[Section]) -> str:
 
 def _is_training_config(raw: dict) -> bool:
     return "training" in raw or "model" in raw or "output" in raw
-
-
-JobOption = Annotated[
-    Optional[str],
-    typer.Option("--job", help="In a file with several jobs, only this one (default: every job in turn).", show_default=False),
-]
 
 
 def load_jobs(path: Path, overrides: list[str] | None, job: str | None = None) -> list[PuzzleConfig]:
@@ -80,14 +102,47 @@ def load_jobs(path: Path, overrides: list[str] | None, job: str | None = None) -
     return chosen
 
 
-def load_job(path: Path, overrides: list[str] | None) -> PuzzleConfig:
-    """For the stages the jobs of a file share (parent, library, scores, profile): the first job's config."""
-    return load_jobs(path, overrides)[0]
+def _checked_jobs(path: Path, overrides: list[str] | None, job: str | None = None) -> list[PuzzleConfig]:
+    """The jobs, with every input problem reported before anything is written."""
+    from puzzle.preflight import check_inputs
+
+    jobs = load_jobs(path, overrides, job)
+    check_inputs(jobs)
+    return jobs
+
+
+def _started(jobs: list[PuzzleConfig]) -> list[PuzzleConfig]:
+    for j in jobs:
+        RunDir.of(j).write_config(j)
+    return jobs
+
+
+def _job_label(job: PuzzleConfig) -> str:
+    return f"job {job.run.job}: " if job.run.job else ""
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _relaunched(num_processes: int, argv: list[str], set_: list[str] | None) -> bool:
+    """Run this command again in `num_processes` processes (unless already inside a launcher); True if it did."""
+    if num_processes < 1:
+        raise PuzzleError(f"--num-processes: got {num_processes}; expected a positive count of processes")
+    if num_processes == 1 or "WORLD_SIZE" in os.environ:
+        return False
+    from puzzle.distributed import relaunch
+
+    code = relaunch(num_processes, argv + [arg for s in (set_ or []) for arg in ("--set", s)])
+    if code:
+        raise PuzzleError(f"distributed `puzzle {argv[0]}` failed (exit code {code}); see the messages above")
+    return True
 
 
 @app.command("train-parent")
 def train_parent_command(config: ConfigArg, set_: SetOption = None) -> None:
-    """Train a tokenizer and a small Llama parent on text (the embedded default: examples/train_parent.yaml).
+    """Train a tokenizer and a small Llama, Mixtral or GPT-OSS parent on text (the embedded default:
+    examples/train_parent.yaml).
 
     Resumable: checkpoints go to work_dir every training.checkpoint_every steps.
     """
@@ -109,25 +164,38 @@ def train_parent_command(config: ConfigArg, set_: SetOption = None) -> None:
     + "\n\nConfig keys of train-parent files:\n\n"
     + _key_reference(ParentTrainingConfig),
 )
-def validate_command(config: ConfigArg, set_: SetOption = None) -> None:
+def validate_command(config: ConfigArg, set_: SetOption = None, budget: BudgetOption = None,
+                     sweep: SweepOption = None) -> None:
     """Check a config: every problem is listed with its key, the value given and what is expected.
 
-    Job files are also checked against the disk: the parent's path and family, the data files.
+    Job files are also checked against the disk: the parent's path and family, the data files. --budget
+    and --sweep are checked as `puzzle search` would take them.
     """
-    from puzzle.stages import preflight
+    from puzzle.preflight import preflight
 
     raw = apply_overrides(read_yaml(config), set_ or [])
     if _is_training_config(raw):
         validate(raw, ParentTrainingConfig, str(config))
         out.print(f"{config}: valid parent-training config")
         return
-    jobs = load_jobs(config, set_)
-    problems = list(dict.fromkeys(p for job in jobs for p in preflight(job)))
+    jobs = load_jobs(config, (set_ or []) + budget_overrides(budget or []))
+    problems = _sweep_problems(sweep) + list(dict.fromkeys(p for job in jobs for p in preflight(job)))
     if problems:
         raise ConfigError(problems, str(config))
     names = [job.run.job for job in jobs if job.run.job]
     out.print(f"{config}: valid job config" + (f" with {len(names)} jobs: {', '.join(names)}" if names else ""))
 
+
+def _sweep_problems(sweep: str | None) -> list[str]:
+    from puzzle.search.budgets import parse_sweep
+
+    if sweep is None:
+        return []
+    try:
+        parse_sweep(sweep)
+    except PuzzleError as e:
+        return [str(e)]
+    return []
 
 
 @app.command()
@@ -138,47 +206,26 @@ def run(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None) -
     Every stage already done in run.dir is reused, and a killed run resumes where it stopped. A file with
     a `jobs:` mapping (e.g. three budgets) runs each job on the shared library, scores and profile.
     """
-    import time
+    from puzzle.pipeline import RUN_ORDER, SPECS, run_stage
 
-    from puzzle.distill_stage import distill_stage
-    from puzzle.eval_stage import eval_stage
-    from puzzle.kd_stage import kd_stage
-    from puzzle.profile_stage import check_profile_section, profile_stage
-    from puzzle.realize_stage import realize_stage
-    from puzzle.report import report_stage
-    from puzzle.score_stage import score_stage
-    from puzzle.search_stage import search_stage
-    from puzzle.stages import check_inputs, parent_stage
-
-    jobs = load_jobs(config, set_, job_name)
-    for j in jobs:
-        check_inputs(j)
-        check_profile_section(j.profile)
-        if not j.search.budgets:
-            raise ConfigError([f"search.budgets: {_job_label(j)}has none; `puzzle run` needs a budget, "
-                               "e.g. search.budgets: {latency: 0.5x}"], str(config))
-    shared = jobs[0]
-    steps = [(None, "parent", lambda: _print_parent(parent_stage(shared))),
-             (None, "library (BLD)", lambda: _print_library(distill_stage(shared))),
-             (None, "scores", lambda: _print_scores(shared, score_stage(shared))),
-             (None, "profile", lambda: _print_profile(profile_stage(shared)))]
-    for j in jobs:
-        label = _job_label(j)
-        steps += [(j, f"{label}search", lambda j=j: _print_search(j, search_stage(j, []))),
-                  (j, f"{label}realize", lambda j=j: _print_child(realize_stage(j))),
-                  (j, f"{label}global KD", lambda j=j: _print_kd(kd_stage(j))),
-                  (j, f"{label}eval", lambda j=j: _print_eval(eval_stage(j))),
-                  (j, f"{label}report", lambda j=j: _print_report(report_stage(j)))]
-    for j in jobs:
-        RunDir.of(j).write_config(j)
+    jobs = _checked_jobs(config, set_, job_name)
+    missing = [f"search.budgets: {_job_label(j)}has none; `puzzle run` needs a budget, e.g. search.budgets: "
+               "{latency: 0.5x}" for j in jobs if not j.search.budgets]
+    if missing:
+        raise ConfigError(missing, str(config))
+    steps = [(None, stage) for stage in RUN_ORDER if stage not in JOB_STAGES]
+    steps += [(j, stage) for j in jobs for stage in RUN_ORDER if stage in JOB_STAGES]
+    _started(jobs)
     started = time.time()
     failed: dict[str, str] = {}
-    for n, (owner, name, step) in enumerate(steps, 1):
+    for n, (owner, stage) in enumerate(steps, 1):
         if owner is not None and owner.run.job in failed:
             continue
-        console.rule(f"[bold]stage {n}/{len(steps)}: {name}[/bold] ({time.time() - started:.0f} s so far)")
+        job = owner or jobs[0]
+        title = f"{_job_label(owner) if owner else ''}{SPECS[stage].title}"
+        console.rule(f"[bold]stage {n}/{len(steps)}: {title}[/bold] ({time.time() - started:.0f} s so far)")
         try:
-            step()
+            _show(stage, job, run_stage(stage, job))
         except PuzzleError as e:
             # One job's impossible budget must not cost the other jobs of the file their results.
             if owner is None or len(jobs) == 1:
@@ -188,94 +235,49 @@ def run(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None) -
     for j in jobs:
         if j.run.job in failed:
             continue
-        run = RunDir.of(j)
-        out.print(f"{_job_label(j)}child: {run.stage_dir(Stage.kd) / 'checkpoint'}")
-        out.print(f"{_job_label(j)}report: {run.stage_dir(Stage.report) / 'report.html'}")
-    out.print(f"run directory: {shared.run.dir} ({time.time() - started:.0f} s)")
+        run_dir = RunDir.of(j)
+        out.print(f"{_job_label(j)}child: {run_dir.stage_dir(Stage.kd) / 'checkpoint'}")
+        out.print(f"{_job_label(j)}report: {run_dir.stage_dir(Stage.report) / 'report.html'}")
+    out.print(f"run directory: {jobs[0].run.dir} ({time.time() - started:.0f} s)")
     if failed:
         raise PuzzleError("; ".join(f"job {name} stopped: {reason}" for name, reason in failed.items()))
 
 
-def _job_label(job: PuzzleConfig) -> str:
-    return f"job {job.run.job}: " if job.run.job else ""
-
-
-def _print_parent(summary) -> None:
-    table = Table(title=f"parent {summary.source} ({summary.model_type}, {summary.parameters:,} parameters)")
-    for column in ("layer", "attention", "heads", "kv heads", "intermediate"):
-        table.add_column(column, justify="right")
-    for layer in summary.layers:
-        table.add_row(
-            str(layer.index), layer.attention_type, str(layer.num_attention_heads), str(layer.num_key_value_heads),
-            str(layer.intermediate_size),
-        )
-    out.print(table)
-    out.print(
-        f"validation loss {summary.validation_loss:.4f}, perplexity {summary.validation_perplexity:.2f} "
-        f"on {summary.validation_tokens:,} tokens"
-    )
+def _show(stage: Stage, job: PuzzleConfig, summary) -> None:
+    """Print a stage's summary as its own command does."""
+    label = _job_label(job)
+    shown = {
+        Stage.parent: lambda: render.parent(summary),
+        Stage.library: lambda: render.library(summary),
+        Stage.scores: lambda: render.scores(job, summary),
+        Stage.profile: lambda: render.profile(summary),
+        Stage.search: lambda: render.search(job, summary),
+        Stage.child: lambda: render.child(summary),
+        Stage.kd: lambda: render.kd(summary, label),
+        Stage.eval: lambda: render.evaluation(summary, label),
+        Stage.report: lambda: render.report(summary),
+        Stage.fuse: lambda: render.fusion(summary, label),
+    }
+    shown[stage]()
 
 
 @app.command()
-def distill(
-    config: ConfigArg,
-    set_: SetOption = None,
-    num_processes: Annotated[
-        int,
-        typer.Option(
-            "--num-processes",
-            help="Train on N processes (torch.distributed; gloo on CPU, NCCL on GPU). Candidates are sharded; "
-            "the library equals a one-process run. Under torchrun or `accelerate launch` leave it at 1.",
-        ),
-    ] = 1,
-) -> None:
+def distill(config: ConfigArg, set_: SetOption = None, num_processes: ProcessesOption = 1) -> None:
     """Build the replacement library and train it by blockwise local distillation (BLD).
 
     Resumable: finished candidates are kept, a killed run continues from its last checkpoint, and a
-    damaged entry is retrained. Writes RUN_DIR/library/ (see docs/run-directory.md).
+    damaged entry is retrained. Candidates are sharded over --num-processes; the library equals a
+    one-process run. Writes RUN_DIR/library/ (see docs/run-directory.md).
     """
-    from puzzle.distill_stage import distill_stage
-    from puzzle.stages import check_inputs
+    from puzzle.api import distill_stage
 
-    job = load_job(config, set_)
-    check_inputs(job)
+    [job] = _checked_jobs(config, set_)[:1]
     if _relaunched(num_processes, ["distill", str(config)], set_):
         return
-    RunDir.of(job).write_config(job)
+    _started([job])
     summary = distill_stage(job)
-    if int(os.environ.get("RANK", "0")) == 0:
-        _print_library(summary)
-
-
-def _relaunched(num_processes: int, argv: list[str], set_: list[str] | None) -> bool:
-    """Run this command again in `num_processes` processes (unless already inside a launcher); True if it did."""
-    from puzzle.distributed import relaunch
-
-    if num_processes <= 1 or "WORLD_SIZE" in os.environ:
-        return False
-    code = relaunch(num_processes, argv + [arg for s in (set_ or []) for arg in ("--set", s)])
-    if code:
-        raise PuzzleError(f"distributed `puzzle {argv[0]}` failed (exit code {code}); see the messages above")
-    return True
-
-
-def _print_library(summary) -> None:
-    table = Table(title=f"library: {len(summary.rows)} trained candidates ({summary.trained_now} trained now)")
-    for column in ("layer", "candidate", "init", "initial nMSE", "final nMSE"):
-        table.add_column(column, justify="left" if column in ("candidate", "init") else "right")
-    for row, following in zip(summary.rows, summary.rows[1:] + [None]):
-        last_of_layer = following is not None and following.layer != row.layer
-        table.add_row(
-            str(row.layer), row.subblocks, row.init, f"{row.initial_nmse:.4g}", f"{row.final_nmse:.4g}",
-            end_section=last_of_layer,
-        )
-    out.print(table)
-    improved = sum(r.final_nmse < r.initial_nmse for r in summary.rows)
-    kept = [r.key for r in summary.rows if r.kept_initialization]
-    out.print(f"{improved}/{len(summary.rows)} candidates improved on their initialization; {summary.seconds:.0f} s")
-    if kept:
-        out.print(f"kept the initialization (training did not improve held-out nMSE): {', '.join(kept)}")
-    out.print(f"library: {summary.directory}")
+    if _is_main_rank():
+        render.library(summary)
 
 
 @app.command()
@@ -285,29 +287,10 @@ def score(config: ConfigArg, set_: SetOption = None) -> None:
     Metrics on held-out text: KL(parent ‖ child) (default for the search), LM loss, top-1/5/10
     agreement with the parent's greedy token. Writes RUN_DIR/scores/scores.csv; resumable per layer.
     """
-    from puzzle.score_stage import score_stage
-    from puzzle.stages import check_inputs
+    from puzzle.api import score_stage
 
-    job = load_job(config, set_)
-    check_inputs(job)
-    RunDir.of(job).write_config(job)
-    _print_scores(job, score_stage(job))
-
-
-def _print_scores(job: PuzzleConfig, summary) -> None:
-    frame = summary.frame
-    table = Table(title=f"best blocks per layer by {job.scoring.metric} ({len(frame)} blocks scored)")
-    for column in ("layer", "attention", "ffn", "kl", "lm_loss", "top1"):
-        table.add_column(column, justify="right")
-    metric = job.scoring.metric
-    ascending = not metric.startswith("top")
-    for layer, group in frame.groupby("layer"):
-        cheapest = group[(group.attention != group.attention.iloc[0]) | (group.ffn != group.ffn.iloc[0])]
-        for _, row in cheapest.sort_values(metric, ascending=ascending).head(3).iterrows():
-            table.add_row(str(layer), row.attention, row.ffn, f"{row.kl:.4f}", f"{row.lm_loss:.3f}", f"{row.top1:.3f}")
-        table.rows[-1].end_section = True
-    out.print(table)
-    out.print(f"scores: {summary.table} ({summary.scored_now} scored now, {summary.seconds:.0f} s)")
+    [job] = _started(_checked_jobs(config, set_)[:1])
+    render.scores(job, score_stage(job))
 
 
 @app.command()
@@ -317,77 +300,41 @@ def profile(
     device: Annotated[
         Optional[str],
         typer.Option(help="'local' to measure here, or a GPU for the roofline: h100, h200, a100, l40s, b200, rtx4090. "
-                     "Overrides profile.device."),
+                     "Sets profile.device."),
     ] = None,
     check: Annotated[
         int,
         typer.Option(help="Also time the parent and this many random children whole, at two scenarios, and print "
-                     "the error of the additive cost model (local device only)."),
+                     "the error of the additive cost model (local device only; the profile is not measured again)."),
     ] = 0,
 ) -> None:
     """Cost of every subblock candidate: parameters, weight and KV-cache bytes, prefill and decode time.
 
-    Measured on the local device (warm-up, repeats, median and spread), or analytic (roofline) for a named
-    GPU. Embeddings, final norm and lm_head are their own row. Writes RUN_DIR/profile/profile.csv.
+    Measured on the local device (warm-up, repeats, the fastest kept, median and spread), or analytic
+    (roofline) for a named GPU. Embeddings, final norm and lm_head are their own row. Writes
+    RUN_DIR/profile/profile.csv.
     """
-    from puzzle.profile_stage import check_profile_section, profile_stage
-    from puzzle.stages import check_inputs
+    from puzzle.api import profile_stage
 
+    if check < 0:
+        raise PuzzleError(f"--check: got {check}; expected a count of random children (0 for none)")
     overrides = list(set_ or []) + ([f"profile.device={device}"] if device else [])
-    job = load_job(config, overrides)
-    check_inputs(job)
-    check_profile_section(job.profile)
-    RunDir.of(job).write_config(job)
-    summary = profile_stage(job, check_models=check)
-    _print_profile(summary)
-
-
-def _print_profile(summary) -> None:
-    rows = [r for r in summary.rows if r.layer <= 0]
-    method = summary.rows[0].method
-    table = Table(title=f"profile of layer 0 and fixed costs ({method}, {summary.device})")
-    for column in ("subblock", "candidate", "params", "weight MiB", "KV MiB", "prefill ms", "decode ms/step", "spread"):
-        table.add_column(column, justify="left" if column in ("subblock", "candidate") else "right")
-    for r in rows:
-        table.add_row(
-            r.subblock, r.candidate, f"{r.params:,}", f"{r.weight_bytes / 2**20:.3f}", f"{r.kv_bytes / 2**20:.3f}",
-            f"{r.prefill_seconds * 1e3:.3f}", f"{r.decode_seconds * 1e3:.4f}",
-            f"{max(r.prefill_spread, r.decode_spread):.0%}",
-        )
-    out.print(table)
-    if summary.checks:
-        check_table = Table(title="additive cost model: predicted (sum of blocks + fixed) vs measured latency per batch")
-        for column in ("model", "scenario", "predicted s", "measured s", "error"):
-            check_table.add_column(column, justify="right")
-        for c in summary.checks:
-            check_table.add_row(c.model, c.scenario, f"{c.predicted_seconds:.4f}", f"{c.measured_seconds:.4f}",
-                                f"{c.error:+.1%}")
-        out.print(check_table)
-    out.print(f"profile: {summary.table} ({summary.seconds:.1f} s)")
+    [job] = _started(_checked_jobs(config, overrides)[:1])
+    if check and job.profile.device != "local":
+        raise PuzzleError(f"--check: times whole models here; profile.device is {job.profile.device}")
+    render.profile(profile_stage(job, check_models=check))
 
 
 @app.command()
 def search(
     config: ConfigArg,
     set_: SetOption = None,
-    budget: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            help="A budget, repeatable: latency=0.5x, throughput=2x or 1200tok/s, memory=40GiB, params=2.5M, kv=1MiB; "
-            "for MoE parents also experts=24 (experts kept over all layers) and active_params=0.5x. "
-            "'x' is a ratio of the parent; adds to search.budgets.",
-            show_default=False,
-        ),
-    ] = None,
+    budget: BudgetOption = None,
     solutions: Annotated[Optional[int], typer.Option(help="Number of diverse solutions (search.solutions).")] = None,
     min_diff: Annotated[
         Optional[int], typer.Option(help="Layers in which each solution differs from every earlier one (search.min_diff).")
     ] = None,
-    sweep: Annotated[
-        Optional[str],
-        typer.Option(help="Frontier instead of one search: KIND=LOW:HIGH:STEPS, e.g. latency=0.3x:1.0x:8 (other budgets "
-                     "held). Writes search/frontier.csv and frontier.png."),
-    ] = None,
+    sweep: SweepOption = None,
     job_name: JobOption = None,
 ) -> None:
     """Choose one block per layer: the best total score within the budgets (MIP, PuLP/CBC).
@@ -395,25 +342,28 @@ def search(
     Reads RUN_DIR/scores and RUN_DIR/profile; writes RUN_DIR/search/solutions.json. The paper's greedy
     search runs on the same inputs and is printed beside the MIP's result.
     """
-    for job in load_jobs(config, set_, job_name):
-        _search_job(job, budget, solutions, min_diff, sweep)
+    overrides = list(set_ or []) + budget_overrides(budget or [])
+    overrides += [f"search.solutions={solutions}"] if solutions is not None else []
+    overrides += [f"search.min_diff={min_diff}"] if min_diff is not None else []
+    problems = _sweep_problems(sweep)
+    if problems:
+        raise ConfigError(problems, "--sweep")
+    for job in _checked_jobs(config, overrides, job_name):
+        _search_job(job, sweep)
 
 
-def _search_job(job: PuzzleConfig, budget, solutions, min_diff, sweep) -> None:
-    from puzzle.search_stage import frontier, search_stage
+def _search_job(job: PuzzleConfig, sweep: str | None) -> None:
+    from puzzle.api import search_stage
 
-    if sweep is not None:
-        points, table_file, plot_file = frontier(job, sweep, budget or [])
-        table = Table(title=f"frontier {sweep} ({job.search.metric}, lower is better)")
-        for column in ("budget", "limit", "MIP objective", "used", "greedy objective"):
-            table.add_column(column, justify="right")
-        for p in points:
-            fmt = lambda v: "infeasible" if v is None else f"{v:.6g}"  # noqa: E731
-            table.add_row(p.budget, f"{p.limit:.6g}", fmt(p.objective), fmt(p.used), fmt(p.greedy_objective))
-        out.print(table)
-        out.print(f"frontier: {table_file}, plot: {plot_file}")
+    if sweep is None:
+        render.search(job, search_stage(job))
         return
-    _print_search(job, search_stage(job, budget or [], solutions, min_diff))
+    from puzzle.pipeline import SPECS, check_requirements
+    from puzzle.problem import write_frontier
+    from puzzle.search.budgets import parse_sweep
+
+    check_requirements(SPECS[Stage.search], RunDir.of(job))
+    render.frontier(job, sweep, *write_frontier(job, parse_sweep(sweep)))
 
 
 @app.command()
@@ -422,11 +372,8 @@ def baseline(
                                           show_default=False)],
     config: ConfigArg,
     set_: SetOption = None,
-    budget: Annotated[
-        Optional[list[str]],
-        typer.Option(help="A budget, repeatable, as for `puzzle search` (latency=0.5x, params=2.5M, …).",
-                     show_default=False),
-    ] = None,
+    budget: BudgetOption = None,
+    job_name: JobOption = None,
 ) -> None:
     """A simpler architecture choice than the MIP on the same scores, profile and budgets: `puzzle search`
     with search.method=METHOD.
@@ -434,10 +381,9 @@ def baseline(
     Writes RUN_DIR/search/solutions.json as the search does, so `puzzle realize` builds the baseline's child.
     shortgpt and llm-drop rank layers by the parent's Block Influence on the held-out blocks.
     """
-    from puzzle.search_stage import search_stage
-
-    job = load_job(config, [*(set_ or []), f"search.method={method}"])
-    _print_search(job, search_stage(job, budget or []))
+    overrides = [*(set_ or []), f"search.method={method}", *budget_overrides(budget or [])]
+    for job in _checked_jobs(config, overrides, job_name):
+        _search_job(job, None)
 
 
 @app.command()
@@ -453,50 +399,31 @@ def realize(
     config, and the project's modeling file via auto_map: load it with
     AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True). Prints which engines can serve it.
     """
-    from puzzle.realize_stage import realize_stage
+    from puzzle.api import realize_stage
 
-    for job in load_jobs(config, set_, job_name):
-        _print_child(realize_stage(job, solution))
+    overrides = list(set_ or []) + ([f"realize.solution={solution}"] if solution is not None else [])
+    for job in _checked_jobs(config, overrides, job_name):
+        render.child(realize_stage(job))
 
 
 @app.command()
-def kd(
-    config: ConfigArg,
-    set_: SetOption = None,
-    job_name: JobOption = None,
-    num_processes: Annotated[
-        int,
-        typer.Option("--num-processes", help="Train on N processes (torch.distributed; each takes an equal share of "
-                     "every batch). Under torchrun or `accelerate launch` leave it at 1."),
-    ] = 1,
-) -> None:
+def kd(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None,
+       num_processes: ProcessesOption = 1) -> None:
     """Global knowledge distillation of the realized child against the parent.
 
     Loss: kd.kl_weight · KL(parent ‖ child) + kd.cosine_weight · Σ layers (1 − cos) of hidden states
-    (+ kd.lm_weight · LM loss). Writes RUN_DIR/kd/checkpoint in the child's format; resumable after a kill.
+    (+ kd.lm_weight · LM loss). Each of --num-processes processes takes an equal share of every batch.
+    Writes RUN_DIR/kd/checkpoint in the child's format; resumable after a kill.
     """
-    from puzzle.kd_stage import kd_stage
-    from puzzle.stages import check_inputs
+    from puzzle.api import kd_stage
 
-    jobs = load_jobs(config, set_, job_name)
-    for j in jobs:
-        check_inputs(j)
+    jobs = _checked_jobs(config, set_, job_name)
     if _relaunched(num_processes, ["kd", str(config)] + (["--job", job_name] if job_name else []), set_):
         return
     for j in jobs:
         summary = kd_stage(j)
-        if int(os.environ.get("RANK", "0")) == 0:
-            _print_kd(summary, _job_label(j))
-
-
-def _print_kd(summary, label: str = "") -> None:
-    table = Table(title=f"{label}global KD: {summary.steps} steps, {summary.tokens:,} tokens (held-out losses)")
-    for column in ("loss", "before", "after"):
-        table.add_column(column, justify="right")
-    for k in ("kl", "cosine", "lm", "total"):
-        table.add_row(k, f"{summary.before[k]:.4f}", f"{summary.after[k]:.4f}")
-    out.print(table)
-    out.print(f"distilled child: {summary.directory} ({summary.seconds:.0f} s)")
+        if _is_main_rank():
+            render.kd(summary, _job_label(j))
 
 
 @app.command("eval")
@@ -513,36 +440,11 @@ def eval_command(
     lm-evaluation-harness tasks (eval.tasks) run on every model when it is installed. Writes
     RUN_DIR/eval/results.json and results.csv.
     """
-    from puzzle.eval_stage import eval_stage
-    from puzzle.stages import check_inputs
+    from puzzle.api import eval_stage
 
     overrides = list(set_ or []) + ([f"eval.kv_dtype={kv_dtype}"] if kv_dtype is not None else [])
-    for j in load_jobs(config, overrides, job_name):
-        check_inputs(j)
-        _print_eval(eval_stage(j), _job_label(j))
-
-
-def _print_eval(summary, label: str = "") -> None:
-    s = summary.scenario
-    table = Table(title=f"{label}evaluation: {summary.validation_tokens:,} held-out tokens; speed on {summary.device} at "
-                        f"batch {s.batch_size}, prefill {s.prefill_length}, decode {s.decode_length}")
-    fp8 = any(m.kv_fp8_added_kl is not None for m in summary.models)
-    for column in ("model", "params", "KL", "perplexity", "top-1", "prefill tok/s", "decode tok/s",
-                   "speedup measured", "speedup predicted", *(["KL added by FP8 KV"] if fp8 else [])):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for m in summary.models:
-        predicted = summary.speedup(m.name, "predicted")
-        table.add_row(
-            m.name, f"{m.parameters:,}", f"{m.kl:.4f}", f"{m.perplexity:.2f}", f"{m.top1:.1%}",
-            f"{m.prefill_tokens_per_second:,.0f}", f"{m.decode_tokens_per_second:,.0f}",
-            f"{summary.speedup(m.name, 'measured'):.2f}x", "n/a" if predicted is None else f"{predicted:.2f}x",
-            *([f"{m.kv_fp8_added_kl:+.5f}"] if fp8 else []),
-        )
-    out.print(table)
-    for m in summary.models:
-        for task, metrics in m.tasks.items():
-            out.print(f"{m.name} {task}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    out.print(f"results: {summary.file} ({summary.seconds:.0f} s)")
+    for j in _checked_jobs(config, overrides, job_name):
+        render.evaluation(eval_stage(j), _job_label(j))
 
 
 def _run_config_of(child: Path) -> Path:
@@ -578,46 +480,18 @@ def fuse(
     measured prefill/decode speed before and after. Writes the fused checkpoint and fusion.json beside it.
     A child without a run to fuse is not an error: it is said so, and nothing is written.
     """
-    from puzzle.fuse_stage import fuse_stage
+    from puzzle.api import fuse_stage
 
     if config.is_dir():
         if child is not None:
             raise PuzzleError(f"give the child once: as the argument ({config}) or as --child ({child})")
         config, child = _run_config_of(config), config
-    jobs = load_jobs(config, set_, job_name)
+    jobs = _checked_jobs(config, set_, job_name)
     if len(jobs) > 1 and (child is not None or output is not None):
         raise PuzzleError(f"--child and --output name one child; pick its job with --job (this file has {len(jobs)})")
     for j in jobs:
-        _print_fusion(fuse_stage(j, child=child, output=output, include_last=include_last, max_distance=max_distance),
-                      _job_label(j))
-
-
-def _print_fusion(summary, label: str = "") -> None:
-    if not summary.runs:
-        out.print(f"{label}nothing to fuse: {summary.source} has no run of 2 or more consecutive layers without "
-                  "attention and with a dense FFN")
-        return
-    table = Table(title=f"{label}FFN dependencies ({summary.validation_tokens:,} held-out tokens; cosine distance, "
-                        "0 = independent)")
-    for column in ("run", "FFN pair", "distance"):
-        table.add_column(column, justify="right")
-    for first, last in summary.runs:
-        for d in (d for d in summary.dependencies if first <= d.first <= last):
-            table.add_row(f"{first}-{last}", f"{d.first} → {d.second}", f"{d.distance:.4f}")
-    out.print(table)
-    if not summary.fused:
-        out.print(f"{label}nothing to fuse: every run is shorter than 2 FFNs after leaving out its last "
-                  "(--include-last fuses it) or cutting at --max-distance")
-        return
-    out.print(f"fused layers: {', '.join(f'{a}-{b}' for a, b in summary.fused)}")
-    table = Table(title=f"{label}before and after fusion")
-    for column in ("model", "params", "KL to parent", "KL to unfused", "prefill tok/s", "decode tok/s"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for name, m in (("unfused", summary.before), ("fused", summary.after)):
-        table.add_row(name, f"{m.parameters:,}", f"{m.kl_to_parent:.4f}", f"{m.kl_to_unfused:.5f}",
-                      f"{m.prefill_tokens_per_second:,.0f}", f"{m.decode_tokens_per_second:,.0f}")
-    out.print(table)
-    out.print(f"fused child: {summary.directory} ({summary.seconds:.0f} s)")
+        summary = fuse_stage(j, child=child, output=output, include_last=include_last, max_distance=max_distance)
+        render.fusion(summary, _job_label(j))
 
 
 @app.command()
@@ -627,67 +501,16 @@ def report(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None
     The child's architecture per layer, the quality/cost frontier with the child marked, the KD curve,
     and the parent-vs-child table (quality, parameters, memory, predicted and measured speed).
     """
-    from puzzle.report import report_stage
+    from puzzle.api import report_stage
 
-    for j in load_jobs(config, set_, job_name):
-        _print_report(report_stage(j))
-
-
-def _print_report(summary) -> None:
-    out.print(f"report: {summary.html} (markdown: {summary.markdown}; {len(summary.plots)} plots)")
-
-
-def _print_child(summary) -> None:
-    table = Table(title=f"child: {summary.parameters:,} parameters ({summary.parameters / summary.parent_parameters:.2f}x the parent)")
-    for column in ("layer", "attention", "ffn"):
-        table.add_column(column)
-    for i, c in enumerate(summary.choices):
-        table.add_row(str(i), c.attention.id, c.ffn.id + (" (coupled)" if c.coupled else ""))
-    out.print(table)
-    for verdict in summary.engines:
-        out.print(f"{verdict.engine}: {'can serve it' if verdict.servable else 'cannot serve it'}")
-        for reason in verdict.reasons:
-            out.print(f"  - {reason}")
-    out.print(f"child checkpoint: {summary.directory} ({summary.seconds:.1f} s)")
-
-
-def _print_search(job, outcome) -> None:
-    for note in outcome.notes:
-        out.print(note)
-    problem = outcome.problem
-    method = "MIP" if job.search.method == "mip" else job.search.method
-    for n, sol in enumerate(outcome.solutions):
-        table = Table(title=f"solution {n} by {method}: objective {sol.objective:.4f} ({job.search.metric}, sum over layers)")
-        table.add_column("layer", justify="right")
-        table.add_column("block")
-        table.add_column("score", justify="right")
-        for i, c in enumerate(sol.choice):
-            block = problem.layers[i][c]
-            table.add_row(str(i), block.name, f"{block.score:.4f}")
-        out.print(table)
-        for k, u in sol.usage.items():
-            parent = problem.parent_totals[k]
-            out.print(f"  {k}: {u.used:.6g} of {u.limit:.6g} ({u.used / parent:.2f}x the parent)")
-    g = outcome.greedy
-    if g is None:
-        out.print("greedy search: found no architecture within the budgets")
-    else:
-        best = outcome.solutions[0].objective
-        verdict = "equal"
-        if abs(best - g.objective) > 1e-12:
-            verdict = f"{method} better" if best < g.objective else "greedy better"
-        out.print(f"greedy search: objective {g.objective:.4f} vs {method} {best:.4f} ({verdict})")
-    out.print(f"solutions: {outcome.file} ({method} solve {outcome.solve_seconds:.2f} s, search {outcome.seconds:.1f} s)")
-
+    for j in _checked_jobs(config, set_, job_name):
+        render.report(report_stage(j))
 
 
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # The stages draw their own progress bars; transformers' per-file loading bars would interleave.
+    # The stages draw their own progress bars; the hub's and transformers' loading bars would interleave.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     try:
         app()
     except ConfigError as e:

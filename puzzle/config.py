@@ -16,13 +16,16 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
-from puzzle.errors import ConfigError
+from puzzle.blocks.costs import Scenario
+from puzzle.blocks.space import SpaceOptions
+from puzzle.blocks.specs import BlockChoice
+from puzzle.errors import ConfigError, PuzzleError
+from puzzle.search.budgets import Budget, BudgetKind, parse_budget
+from puzzle.search.hardware import GPUS, gpu
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-PositiveInt = Annotated[int, Field(gt=0)]
-Fraction = Annotated[float, Field(gt=0, le=1)]
 
 
 class Section(BaseModel):
@@ -77,33 +80,46 @@ class DataSection(Section):
         return self
 
 
-class LibrarySection(Section):
-    kv_heads: list[PositiveInt] | Literal["divisors"] = Field(
-        "divisors", description="KV-head counts for GQA candidates: a list, or every divisor of the parent's count."
-    )
-    windows: list[PositiveInt] = Field(default_factory=lambda: [64, 128], description="Window widths for window attention.")
-    linear_attention: bool = Field(True, description="Include attention replaced by one hidden×hidden Linear.")
-    noop_attention: bool = Field(True, description="Include removing attention.")
-    ffn_fractions: list[Fraction] = Field(
-        default_factory=lambda: [0.875, 0.75, 0.5, 0.25, 0.1],
-        description="Pruned FFN sizes as fractions of the parent's intermediate size, in (0, 1].",
-    )
-    ffn_sizes: list[PositiveInt] = Field(default_factory=list, description="Pruned FFN sizes given exactly.")
-    ffn_grid: int | None = Field(
-        None, ge=1, description="Round pruned FFN sizes up to this multiple (256 = what serving engines accept)."
-    )
-    linear_ffn: bool = Field(True, description="Include FFN replaced by one hidden×hidden Linear.")
-    noop_ffn: bool = Field(True, description="Include removing the FFN.")
-    experts: list[PositiveInt] = Field(
-        default_factory=list,
-        description="MoE parents: numbers of experts k to keep per layer (the k most important; from the parent's "
-        "experts per token up to its expert count).",
-    )
-    expert_importance: Literal["routed", "masking"] = Field(
-        "routed",
-        description="How experts are ranked: routed = mean gate weight × ‖expert output‖; masking = output damage "
-        "when the expert is masked and its tokens re-routed.",
-    )
+# The library section is the search space's own options type, so the two cannot drift apart.
+LibrarySection = SpaceOptions
+
+
+def _parse_block(value: Any) -> BlockChoice:
+    if isinstance(value, BlockChoice):
+        return value
+    try:
+        return BlockChoice.from_id(str(value), coupled=True)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+
+
+CoupledPair = Annotated[BlockChoice, BeforeValidator(_parse_block), PlainSerializer(lambda c: c.id)]
+
+
+def _parse_budgets(value: Any) -> dict[BudgetKind, Budget]:
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of budget kinds to values, e.g. {latency: 0.5x, memory: 40GiB}")
+    budgets, problems = {}, []
+    for kind, text in value.items():
+        if isinstance(text, Budget):
+            budgets[text.kind] = text
+            continue
+        try:
+            budget = parse_budget(f"{kind}={text}")
+        except PuzzleError as e:
+            problems.append(str(e))
+            continue
+        budgets[budget.kind] = budget
+    if problems:
+        raise ValueError("; ".join(problems))
+    return budgets
+
+
+Budgets = Annotated[
+    dict[BudgetKind, Budget],
+    BeforeValidator(_parse_budgets),
+    PlainSerializer(lambda budgets: {kind.value: b.value_text for kind, b in budgets.items()}),
+]
 
 
 Metric = Literal["kl", "lm_loss", "top1", "top5", "top10"]
@@ -123,7 +139,7 @@ class BldSection(TrainingSchedule):
     mode: Literal["decoupled", "coupled"] = Field(
         "decoupled", description="decoupled: attention and FFN candidates apart; coupled: every pair together."
     )
-    coupled_pairs: list[str] = Field(
+    coupled_pairs: list[CoupledPair] = Field(
         default_factory=list,
         description="(attention, FFN) pairs also trained together in every layer, as 'attention.kv1+ffn.i256'.",
     )
@@ -139,7 +155,9 @@ class ScoringSection(Section):
 
 
 class ProfileSection(Section):
-    device: str = Field("local", description="'local' measures here; a GPU name (h100, h200, …) uses the roofline.")
+    device: str = Field(
+        "local", description=f"'local' measures here; a GPU name ({', '.join(GPUS)}) uses its roofline."
+    )
     weight_dtype: Literal["float32", "bfloat16", "float16", "fp8"] = Field("bfloat16", description="Weight dtype.")
     kv_dtype: Literal["float32", "bfloat16", "float16", "fp8"] = Field("bfloat16", description="KV-cache dtype.")
     batch_size: int = Field(1, ge=1, description="Sequences per batch.")
@@ -148,10 +166,35 @@ class ProfileSection(Section):
     warmup: int = Field(3, ge=0, description="Untimed runs before measuring.")
     repeats: int = Field(20, ge=1, description="Timed runs; the fastest is kept (slower ones measure the machine's other load).")
 
+    @pydantic.field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value == "local":
+            return value
+        try:
+            return gpu(value).name
+        except PuzzleError as e:
+            raise ValueError(str(e)) from None
+
+    @pydantic.model_validator(mode="after")
+    def _fp8_where_it_exists(self) -> ProfileSection:
+        if self.weight_dtype == "fp8" and (self.device == "local" or gpu(self.device).fp8_tflops is None):
+            where = "here" if self.device == "local" else f"on {self.device}"
+            raise ValueError(f"profile.weight_dtype fp8 cannot be profiled {where}; name a GPU with FP8 tensor cores "
+                             "in profile.device (h100, h200, l40s, b200, rtx4090) or choose bfloat16")
+        return self
+
+    @property
+    def scenario(self) -> Scenario:
+        return Scenario(batch_size=self.batch_size, prefill_length=self.prefill_length,
+                        decode_length=self.decode_length, weight_dtype=self.weight_dtype, kv_dtype=self.kv_dtype)
+
 
 class SearchSection(Section):
-    budgets: dict[str, str] = Field(
-        default_factory=dict, description="Budgets, e.g. {latency: 0.5x, memory: 40GiB, params: 2.5M}."
+    budgets: Budgets = Field(
+        default_factory=dict,
+        description="Budgets, e.g. {latency: 0.5x, memory: 40GiB, params: 2.5M}: KIND: VALUE with x (a ratio of "
+        "the parent) or a unit. Kinds: " + ", ".join(k.value for k in BudgetKind) + ". `--budget KIND=VALUE` sets one.",
     )
     metric: Metric = Field("kl", description="Objective.")
     method: Literal["mip", "greedy", "shortgpt", "llm-drop", "uniform-ffn", "random"] = Field(
@@ -219,6 +262,11 @@ class PuzzleConfig(Section):
     kd: KdSection = Field(default_factory=KdSection, description="Global knowledge distillation.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation of parent and child.")
 
+    @property
+    def kd_steps(self) -> int:
+        """Steps of global KD: its token budget over the tokens of one batch."""
+        return self.kd.tokens // (self.kd.batch_size * self.data.sequence_length)
+
 
 # --- loading --------------------------------------------------------------------------------------
 
@@ -246,6 +294,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 child = node[k] = {}
             node = child
         node[keys[-1]] = value
+    return out
+
+
+def budget_overrides(texts: list[str]) -> list[str]:
+    """`--budget KIND=VALUE` options as `--set search.budgets.KIND=VALUE` overrides; every malformed budget and
+    every kind given twice is a problem (a flag replaces the config file's budget of its kind)."""
+    problems, seen, out = [], {}, []
+    for text in texts:
+        try:
+            budget = parse_budget(text)
+        except PuzzleError as e:
+            problems.append(str(e))
+            continue
+        if budget.kind in seen:
+            problems.append(f"--budget {text!r}: {budget.kind.value} is already given as {seen[budget.kind]!r}; "
+                            "give each kind once")
+            continue
+        seen[budget.kind] = text
+        out.append(f"search.budgets.{budget.kind.value}={budget.value_text}")
+    if problems:
+        raise ConfigError(problems, "--budget")
     return out
 
 

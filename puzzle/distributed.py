@@ -8,7 +8,6 @@ command's own `--num-processes N` starts N processes through torchrun). Gloo on 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -45,19 +44,12 @@ def workers() -> Workers:
     return Workers(dist.get_rank(), dist.get_world_size())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def relaunch(num_processes: int, argv: list[str]) -> int:
     """Run `python -m puzzle ARGV` in `num_processes` processes through torchrun; returns its exit code."""
     if num_processes < 1:
         raise PuzzleError(f"--num-processes: {num_processes} is not a positive count")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "puzzle", *argv,
-    ]
+    # --standalone: torchrun runs its own rendezvous on a free port it picks, with no race for the port.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
+           "-m", "puzzle", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))}
     return subprocess.run(cmd, env=env).returncode

@@ -194,6 +194,7 @@ class FamilyAdapter:
         self.config = model.config
         self.family = family_for(self.config.model_type)
         self.attention_types = self.family.layer_types(self.config)
+        self.shapes = parent_shapes(self.config)
         self._backbone = model.model
 
     @property
@@ -214,7 +215,7 @@ class FamilyAdapter:
         )
 
     def shape(self, index: int) -> ParentShape:
-        return parent_shapes(self.config)[index]
+        return self.shapes[index]
 
     def parent_layer(self, index: int) -> ParentLayer:
         """The layer as `blocks.init` reads it to initialize candidates."""

@@ -13,7 +13,7 @@ import torch
 
 from puzzle.blocks.errors import PuzzleError
 from puzzle.blocks.modeling_puzzle import FP8_E4M3_MAX, Attention, DeciLMForCausalLM
-from puzzle.eval_stage import quality
+from puzzle.distill.metrics import hf_logits, quality
 
 # A layer whose K or V is zero on every calibration token would get a zero scale; any positive one is exact.
 _SMALLEST_MAX = 1e-12
@@ -87,8 +87,8 @@ def fp8_kv_effect(
     `calibration`. The models are left with the simulation off."""
     _check_blocks(blocks, batch_size)
     scales = {name: calibrate_kv_scales(m, blocks=calibration, batch_size=batch_size) for name, m in models.items()}
-    # quality() names the reference "parent"; numbered keys keep a model called "parent" apart from it.
-    numbered = {str(i): m for i, m in enumerate(models.values())}
+    # quality() names the reference "reference"; numbered keys keep a model of that name apart from it.
+    numbered = {str(i): hf_logits(m) for i, m in enumerate(models.values())}
     own, _ = quality(reference_logits_of, numbered, blocks, batch_size)
     try:
         for name, model in models.items():

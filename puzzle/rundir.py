@@ -7,11 +7,13 @@
                                one run share its parent, library, scores and profile
         manifest.json          status (running | done | failed), timestamps, versions, config
                                fingerprint of the sections the stage depends on, outputs
-        .lock                  held (flock) while a process writes the stage
+        .lock, .lock.holder    held (filelock) while a process writes the stage, and that process's pid
         ...                    the stage's own files, each written atomically
 
-A stage is reused only if its manifest says `done` with the same fingerprint. The lock is an OS
-advisory lock, released by the kernel when its process dies, so a killed run never leaves a stale lock.
+A stage is reused only if its manifest says `done` with the same fingerprint (the stage table and its
+runner are in `puzzle.pipeline`). The lock is an OS advisory lock, released by the kernel when its
+process dies, so a killed run never leaves a stale lock; a manifest left `running` by a killed process
+is simply redone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
-import fcntl
 import hashlib
 import json
 import os
@@ -28,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from filelock import FileLock, Timeout
+
+from puzzle.blocks.io import atomic_write_json, atomic_write_text
 from puzzle.config import PuzzleConfig, dump_config
 from puzzle.errors import PuzzleError
-from puzzle.blocks.io import atomic_write_json, atomic_write_text
 
 
 class Stage(str, enum.Enum):
@@ -43,10 +46,11 @@ class Stage(str, enum.Enum):
     kd = "kd"
     eval = "eval"
     report = "report"
+    fuse = "fuse"
 
 
 # The stages a job owns; the others are shared by every job of a run directory.
-JOB_STAGES = frozenset({Stage.search, Stage.child, Stage.kd, Stage.eval, Stage.report})
+JOB_STAGES = frozenset({Stage.search, Stage.child, Stage.kd, Stage.eval, Stage.report, Stage.fuse})
 
 
 class Status(str, enum.Enum):
@@ -140,24 +144,21 @@ class RunDir:
         """Exclusive right to write `stage`; `suffix` gives each rank of a multi-process job its own lock."""
         directory = self.stage_dir(stage)
         directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / (".lock" if suffix is None else f".lock.{suffix}"), "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "unknown"
-                raise PuzzleError(
-                    f"stage '{stage.value}' of {self.path} is being written by another process (pid {holder}); "
-                    "wait for it to finish or choose another run.dir"
-                ) from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(str(os.getpid()))
-            handle.flush()
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        name = ".lock" if suffix is None else f".lock.{suffix}"
+        lock, holder = FileLock(directory / name, timeout=0), directory / f"{name}.holder"
+        try:
+            lock.acquire()
+        except Timeout:
+            pid = holder.read_text().strip() if holder.is_file() else "unknown"
+            raise PuzzleError(
+                f"stage '{stage.value}' of {self.path} is being written by another process (pid {pid}); "
+                "wait for it to finish or choose another run.dir"
+            ) from None
+        try:
+            holder.write_text(str(os.getpid()))
+            yield
+        finally:
+            lock.release()
 
     @contextlib.contextmanager
     def stage(self, stage: Stage, config_fingerprint: str) -> Iterator[StageRecord]:

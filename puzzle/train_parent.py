@@ -30,7 +30,7 @@ from puzzle.distill.schedule import batch_indices, warmup_cosine
 from puzzle.config import ParentTrainingConfig, dump_config
 from puzzle.data import TokenBlocks, load_blocks, read_documents
 from puzzle.progress import progress_bar
-from puzzle.stages import next_token_loss
+from puzzle.distill.metrics import next_token_loss
 from puzzle.tokenizer import train_tokenizer
 
 SAMPLE_PROMPTS = ["ROMEO.\n", "To be, or not to be", "KING.\nMy lords,"]

@@ -2,8 +2,8 @@
 
 Every method answers with a `search.mip.Solution` over the per-layer options the MIP sees, so the
 search stage writes the same solutions file and `puzzle realize` builds the child unchanged; the
-difference between a baseline and the MIP is then the choice alone. Options are found by block name
-(`<attention id>+<ffn id>`, decoupled rows only); a layer's option 0 is the parent's block.
+difference between a baseline and the MIP is then the choice alone. Each option's label is its
+`BlockChoice` (baselines take decoupled blocks only); a layer's option 0 is the parent's block.
 
 - `shortgpt`: ShortGPT (Men et al., 2024) removes whole layers, least Block Influence first.
 - `llm_drop`: LLM-Drop (He et al., 2024) removes attention subblocks the same way.
@@ -21,12 +21,9 @@ from __future__ import annotations
 import random
 
 from puzzle.blocks.errors import PuzzleError
-from puzzle.blocks.specs import FfnKind, FfnSpec, spec_from_id
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, BlockChoice, FfnKind, FfnSpec
 from puzzle.search.mip import Block, InfeasibleBudget, Solution, Status, greedy, usage
 
-COUPLED = " (coupled)"
-NOOP_ATTENTION = "attention.noop"
-NOOP_FFN = "ffn.noop"
 RANDOM_DRAWS = 10_000
 # The methods that rank layers by the parent's Block Influence, which the caller has to measure.
 NEEDS_INFLUENCE = frozenset({"shortgpt", "llm-drop"})
@@ -34,17 +31,12 @@ NEEDS_INFLUENCE = frozenset({"shortgpt", "llm-drop"})
 Layers = list[list[Block]]
 
 
-def _parent_parts(options: list[Block]) -> tuple[str, str]:
-    attention, ffn = options[0].name.split("+")
-    return attention, ffn
-
-
-def _index(layers: Layers, layer: int, name: str, method: str) -> int:
+def _index(layers: Layers, layer: int, wanted: BlockChoice, method: str) -> int:
     for b, block in enumerate(layers[layer]):
-        if block.name == name:
+        if block.label == wanted:
             return b
     raise PuzzleError(
-        f"search.method={method} needs block {name} in layer {layer}, which the library does not have "
+        f"search.method={method} needs block {wanted} in layer {layer}, which the library does not have "
         "(see library.noop_attention and library.noop_ffn)"
     )
 
@@ -93,7 +85,8 @@ def shortgpt(*, layers: Layers, limits: dict[str, float], fixed: dict[str, float
              labels: dict[str, str] | None = None, layer_influence: list[float]) -> Solution:
     """Drop whole layers (attention and FFN), lowest Block Influence first, until the budgets are met."""
     _check_influence(layers, layer_influence, "layer influence")
-    noop = [_index(layers, i, f"{NOOP_ATTENTION}+{NOOP_FFN}", "shortgpt") for i in range(len(layers))]
+    removed = BlockChoice(AttentionSpec(AttentionKind.noop), FfnSpec(FfnKind.noop))
+    noop = [_index(layers, i, removed, "shortgpt") for i in range(len(layers))]
     return _drop_in_order(layers, limits, fixed or {}, labels or {}, layer_influence, noop, "shortgpt", "layers")
 
 
@@ -102,7 +95,7 @@ def llm_drop(*, layers: Layers, limits: dict[str, float], fixed: dict[str, float
     """Drop attention subblocks (the parent's FFN kept), lowest attention Block Influence first."""
     _check_influence(layers, attention_influence, "attention influence")
     noop = [
-        _index(layers, i, f"{NOOP_ATTENTION}+{_parent_parts(options)[1]}", "llm-drop")
+        _index(layers, i, BlockChoice(AttentionSpec(AttentionKind.noop), options[0].label.ffn), "llm-drop")
         for i, options in enumerate(layers)
     ]
     return _drop_in_order(layers, limits, fixed or {}, labels or {}, attention_influence, noop, "llm-drop",
@@ -111,15 +104,12 @@ def llm_drop(*, layers: Layers, limits: dict[str, float], fixed: dict[str, float
 
 def _widths_with_parent_attention(options: list[Block]) -> dict[int, int]:
     """Dense FFN width -> index of the decoupled block pairing it with the parent's attention."""
-    attention = _parent_parts(options)[0]
+    attention = options[0].label.attention
     out = {}
     for b, block in enumerate(options):
-        if block.name.endswith(COUPLED):
-            continue
-        a, f = block.name.split("+")
-        spec = spec_from_id(f)
-        if a == attention and isinstance(spec, FfnSpec) and spec.kind is FfnKind.dense:
-            out[spec.intermediate_size] = b
+        c = block.label
+        if not c.coupled and c.attention == attention and c.ffn.kind is FfnKind.dense:
+            out[c.ffn.intermediate_size] = b
     return out
 
 
@@ -144,7 +134,7 @@ def random_search(*, layers: Layers, limits: dict[str, float], fixed: dict[str, 
                   labels: dict[str, str] | None = None, seed: int, draws: int = RANDOM_DRAWS) -> Solution:
     """The first of up to `draws` architectures drawn uniformly (per layer, seeded) that meets the budgets."""
     rng = random.Random(seed)
-    options = [[b for b, block in enumerate(layer) if not block.name.endswith(COUPLED)] for layer in layers]
+    options = [[b for b, block in enumerate(layer) if not block.label.coupled] for layer in layers]
     for _ in range(draws):
         solution = _solution(layers, [rng.choice(o) for o in options], limits, fixed or {})
         if _within(solution):

@@ -43,10 +43,15 @@ class Budget:
     kind: BudgetKind
     value: float
     relative: bool  # True: `value` is a ratio of the parent's cost
-    text: str
+    text: str  # as the user wrote it: "latency=0.5x"
 
     def limit(self, parent_value: float) -> float:
         return self.value * parent_value if self.relative else self.value
+
+    @property
+    def value_text(self) -> str:
+        """The part after '=': what a config file holds under search.budgets.KIND."""
+        return self.text.partition("=")[2].strip()
 
 
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z/]*)\s*$", re.IGNORECASE)
@@ -75,3 +80,39 @@ def parse_budget(text: str) -> Budget:
         known = ", ".join(u or "(none)" for u in UNITS[kind])
         raise PuzzleError(f"budget {text!r}: unknown unit {unit!r} for {kind.value}; use x (ratio of the parent) or {known}")
     return Budget(kind, number * scale, False, text.strip())
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """`latency=0.3x:1.0x:8`: budgets of one kind at `steps` evenly spaced values, both ends included."""
+
+    kind: BudgetKind
+    low: Budget
+    high: Budget
+    steps: int
+    text: str
+
+    def budgets(self) -> list[Budget]:
+        """Absolute values are in base units (bytes, seconds, …), which the text then shows without a unit."""
+        values = [self.low.value + (self.high.value - self.low.value) * i / (self.steps - 1) for i in range(self.steps)]
+        unit = "x" if self.low.relative else ""
+        return [Budget(self.kind, float(f"{v:.6g}"), self.low.relative, f"{self.kind.value}={v:.6g}{unit}")
+                for v in values]
+
+
+def parse_sweep(text: str) -> Sweep:
+    """'latency=0.3x:1.0x:8' -> a Sweep from 0.3x to 1.0x in eight budgets."""
+    kind, sep, spec = text.partition("=")
+    parts = spec.split(":")
+    if not sep or len(parts) != 3:
+        raise PuzzleError(f"--sweep {text!r}: expected KIND=LOW:HIGH:STEPS, for example latency=0.3x:1.0x:8")
+    low, high = parse_budget(f"{kind}={parts[0]}"), parse_budget(f"{kind}={parts[1]}")
+    if low.relative != high.relative:
+        raise PuzzleError(f"--sweep {text!r}: give both ends as ratios (x) or both with units")
+    try:
+        steps = int(parts[2])
+    except ValueError:
+        steps = 0
+    if steps < 2:
+        raise PuzzleError(f"--sweep {text!r}: STEPS must be an integer of at least 2")
+    return Sweep(low.kind, low, high, steps, text.strip())

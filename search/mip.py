@@ -1,4 +1,4 @@
-"""The architecture MIP (DESIGN §7), solved with PuLP, and the paper's greedy search for comparison.
+"""The architecture MIP (docs/design.md §7), solved with PuLP, and the paper's greedy search for comparison.
 
 Binary x[i, b] picks block b in layer i: minimize Σ score[i, b]·x[i, b] subject to one block per layer,
 Σ cost_k[i, b]·x[i, b] ≤ limit_k − fixed_k for every budget k, and, for the n-th of several solutions,
@@ -13,6 +13,7 @@ import enum
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Hashable
 
 import pulp
 
@@ -21,9 +22,12 @@ from puzzle.blocks.errors import PuzzleError
 
 @dataclass(frozen=True)
 class Block:
-    """One option for a layer: its score (lower is better) and its cost under every budget."""
+    """One option for a layer: what it is, its score (lower is better) and its cost under every budget.
 
-    name: str
+    The MIP never looks inside `label`; the search stage passes the layer's `BlockChoice`.
+    """
+
+    label: Hashable
     score: float
     costs: dict[str, float]
 
@@ -58,10 +62,10 @@ def _validate(layers: list[list[Block]], limits: dict[str, float], fixed: dict[s
     for options in layers:
         for block in options:
             if not math.isfinite(block.score):
-                raise PuzzleError(f"block {block.name}: score {block.score} is not finite")
+                raise PuzzleError(f"block {block.label}: score {block.score} is not finite")
             missing = set(limits) - set(block.costs)
             if missing:
-                raise PuzzleError(f"block {block.name}: no cost for budget(s) {', '.join(sorted(missing))}")
+                raise PuzzleError(f"block {block.label}: no cost for budget(s) {', '.join(sorted(missing))}")
     unknown = set(fixed) - set(limits)
     if unknown:
         raise PuzzleError(f"fixed costs for unknown budget(s): {', '.join(sorted(unknown))}")

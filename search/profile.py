@@ -1,4 +1,4 @@
-"""Cost of every subblock candidate for a scenario (DESIGN §6): measured here, or a roofline for a named GPU.
+"""Cost of every subblock candidate for a scenario (docs/design.md §6): measured here, or a roofline for a named GPU.
 
 Measured times come from the real modules, timed the way they run inside a model: pre-norm included,
 prefill on [batch, prefill_length] hidden states, decode as one new token per sequence against a KV
@@ -9,26 +9,16 @@ layer, so each spec is timed once and its time used for every layer that offers 
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
-from puzzle.blocks.costs import DTYPE_BYTES, Scenario, decode_work, kv_cache_bytes, prefill_work
+from puzzle.blocks.costs import DTYPE_BYTES, Scenario, decode_work, prefill_work
 from puzzle.blocks.modeling_puzzle import new_kv_cache
 from puzzle.blocks.specs import ParentShape, SubblockSpec
 from puzzle.search.hardware import GpuSpec
-
-
-@dataclass(frozen=True)
-class Timing:
-    """`best` is the fastest repeat: on a shared machine, slower repeats measure the neighbours."""
-
-    best: float
-    median: float
-    spread: float  # interquartile range / median
+from puzzle.search.timing import Timing, measure, measure_pair
 
 
 @dataclass(frozen=True)
@@ -51,36 +41,7 @@ class CostRow:
     device: str
 
     def latency(self, scenario: Scenario) -> float:
-        """Time per batch: the prefill plus every decode step."""
-        return self.prefill_seconds + scenario.decode_length * self.decode_seconds
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so a wall-clock timer measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def local_device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Timing:
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [median, median, median]
-    return Timing(min(times), median, (q[2] - q[0]) / median if median > 0 else 0.0)
+        return scenario.latency(self.prefill_seconds, self.decode_seconds)
 
 
 class Stack:
@@ -113,22 +74,6 @@ class Stack:
     def decode(self) -> torch.Tensor:
         position = torch.tensor([[self.ctx]], device=self.device)
         return _restoring(self.cache, lambda: self.run(self.step, position, self.cache))
-
-
-def measure_pair(a: Callable[[], object], b: Callable[[], object], device, warmup: int, repeats: int):
-    """Time `a` and `b` alternately, so that slow phases of a shared machine hit both alike."""
-    ta, tb = [], []
-    with torch.no_grad():
-        for _ in range(warmup):
-            a(), b()
-        for _ in range(repeats):
-            for fn, times in ((a, ta), (b, tb)):
-                sync(device)
-                start = time.perf_counter()
-                fn()
-                sync(device)
-                times.append(time.perf_counter() - start)
-    return ta, tb
 
 
 def _difference(ta: list[float], tb: list[float], n: int) -> Timing:
@@ -187,10 +132,6 @@ def weight_bytes(params: int, scenario: Scenario) -> float:
     return params * DTYPE_BYTES[scenario.weight_dtype]
 
 
-def kv_bytes(spec: SubblockSpec, shape: ParentShape, scenario: Scenario) -> float:
-    return kv_cache_bytes(spec, shape, scenario)
-
-
 class WholeModel:
     """A Stack with embeddings, final norm and lm_head: the whole-model side of the additive cost model."""
 
@@ -224,3 +165,18 @@ def outside_times(model: WholeModel, device, warmup: int, repeats: int) -> tuple
     prefill = _difference(*measure_pair(model.prefill, model.stack.prefill, device, warmup, repeats), 1)
     decode = _difference(*measure_pair(model.decode, model.stack.decode, device, warmup, repeats), 1)
     return prefill, decode
+
+
+def read_profile(table) -> list[CostRow]:
+    import pandas as pd
+
+    return [CostRow(**r) for r in pd.read_csv(table).to_dict("records")]
+
+
+def predicted_latency(rows: list[CostRow], choices, scenario: Scenario) -> float:
+    """Σ over layers of the chosen subblocks' latency, plus the fixed costs (the additive cost model)."""
+    by_key = {(r.layer, r.candidate): r for r in rows}
+    total = next(r for r in rows if r.layer == -1).latency(scenario)
+    for i, choice in enumerate(choices):
+        total += by_key[(i, choice.attention.id)].latency(scenario) + by_key[(i, choice.ffn.id)].latency(scenario)
+    return total

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.specs import BlockChoice
 from puzzle.config import ParentSection, apply_overrides, validate
 from puzzle.importance import block_influence
 from puzzle.parents import load_parent
-from puzzle.realize_stage import realize_stage
-from puzzle.search_stage import search_stage
+from puzzle.api import realize_stage
+from puzzle.api import search_stage
 from puzzle.search.baselines import llm_drop, random_search, shortgpt, uniform_ffn
 from puzzle.search.mip import Block, InfeasibleBudget, Status
 from tests.test_search import FAST, cli, scored_job
@@ -30,7 +31,7 @@ def with_method(config, method: str, *more: str):
 
 
 def names(outcome) -> list[str]:
-    return [outcome.problem.layers[i][c].name for i, c in enumerate(outcome.solutions[0].choice)]
+    return [str(layer.choice) for layer in outcome.solutions[0].layers]
 
 
 # Budgets each method can meet on the tiny library: removing attention alone (llm-drop) or halving every
@@ -46,12 +47,12 @@ def test_each_baseline_meets_its_budget_and_writes_the_same_file(job, method, bu
     outcome = search_stage(with_method(config, method), [budget])
     [solution] = outcome.solutions
     [(quantity, used)] = solution.usage.items()
-    assert used.used <= used.limit * (1 + 1e-9) < outcome.problem.parent_totals[quantity]
+    assert used.used <= used.limit * (1 + 1e-9) < used.parent
     assert solution.status is Status.heuristic
-    assert solution.objective == pytest.approx(sum(outcome.problem.layers[i][c].score for i, c in enumerate(solution.choice)))
+    assert solution.objective == pytest.approx(sum(layer.score for layer in solution.layers))
     data = json.loads((config.run.dir / "search/solutions.json").read_text())
     assert data["method"] == method
-    assert [layer["block"] for layer in data["solutions"][0]["layers"]] == names(outcome)
+    assert [str(BlockChoice.from_json(layer)) for layer in data["solutions"][0]["layers"]] == names(outcome)
     assert not any(name.endswith(" (coupled)") for name in names(outcome))
 
 
@@ -140,8 +141,10 @@ def test_block_influence_of_an_identity_layer_is_zero(tiny_parent_dir):
 def planted(n: int = 3) -> list[list[Block]]:
     """Per layer: the parent's block (cost 4), attention removed (cost 1), the layer removed (cost 0)."""
     return [
-        [Block("attention.kv2+ffn.i96", 0.0, {"p": 4.0}), Block("attention.noop+ffn.i96", 1.0, {"p": 1.0}),
-         Block("attention.kv2+ffn.i48", 0.5, {"p": 2.0}), Block("attention.noop+ffn.noop", 2.0, {"p": 0.0})]
+        [Block(BlockChoice.from_id("attention.kv2+ffn.i96"), 0.0, {"p": 4.0}),
+         Block(BlockChoice.from_id("attention.noop+ffn.i96"), 1.0, {"p": 1.0}),
+         Block(BlockChoice.from_id("attention.kv2+ffn.i48"), 0.5, {"p": 2.0}),
+         Block(BlockChoice.from_id("attention.noop+ffn.noop"), 2.0, {"p": 0.0})]
         for _ in range(n)
     ]
 

@@ -17,7 +17,9 @@ import puzzle.distill.bld as bld
 from puzzle.distill.schedule import TrainingSettings
 from puzzle.distill.library import Library
 from puzzle.config import load_config
-from puzzle.distill_stage import bld_candidates, distill_stage, layer_spaces
+from puzzle.api import distill_stage
+from puzzle.distill.library import bld_candidates
+from puzzle.stages.library import job_spaces
 from puzzle.parents import load_parent
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec
 
@@ -141,7 +143,7 @@ def test_one_parent_forward_per_batch_feeds_every_candidate(tiny_parent_dir, tmp
     shapes = [adapter.shape(i) for i in range(adapter.num_layers)]
     # Pruned FFNs need calibration scores; the other candidates are enough to count passes.
     candidates = [
-        c for c in bld_candidates(layer_spaces(shapes, config), shapes) if not (c.ffn and c.ffn.kind is FfnKind.dense)
+        c for c in bld_candidates(job_spaces(config, shapes), shapes) if not (c.ffn and c.ffn.kind is FfnKind.dense)
     ]
     modules = torch.nn.ModuleDict({c.module_name: bld.build_module(c, adapter, None, "sdpa") for c in candidates})
     passes = {"n": 0}
@@ -191,7 +193,7 @@ def test_sigkill_at_any_moment_resumes_to_the_same_library(reference, tmp_path, 
 
 
 def test_coupled_pairs_are_trained_and_scored_together(tmp_path, tiny_parent_dir):
-    from puzzle.score_stage import score_stage
+    from puzzle.api import score_stage
 
     job = write_job(tmp_path, tiny_parent_dir, coupled_pairs=["attention.kv1+ffn.i48"], tokens_per_candidate=2 * 2 * 32)
     config = load_config(job, ["scoring.validation_blocks=1"])

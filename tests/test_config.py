@@ -14,6 +14,7 @@ from puzzle.config import (
     validate,
 )
 from puzzle.errors import ConfigError
+from puzzle.search.budgets import BudgetKind, parse_budget
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MINIMAL = {"parent": {"path": "p"}, "data": {"files": ["x.txt"]}}
@@ -81,7 +82,9 @@ def test_overrides_are_typed_and_nested():
     config = validate(raw)
     assert config.kd.tokens == 1000
     assert config.parent.dtype == "bfloat16"
-    assert config.search.budgets == {"latency": "0.5x"}
+    # Budgets are parsed when the config loads, and written back as the user gave them.
+    assert config.search.budgets == {BudgetKind.latency: parse_budget("latency=0.5x")}
+    assert config.model_dump(mode="json")["search"]["budgets"] == {"latency": "0.5x"}
     assert MINIMAL == {"parent": {"path": "p"}, "data": {"files": ["x.txt"]}}  # input not mutated
 
 

@@ -8,9 +8,9 @@ import torch
 from puzzle.blocks.fusion import Dependency, attention_free_runs, ffn_dependencies, fuse_mlp, fusion_groups
 from puzzle.blocks.modeling_puzzle import MLP, DeciLMConfig, DeciLMForCausalLM, RMSNorm
 from puzzle.config import load_config
-from puzzle.distill_stage import distill_stage
-from puzzle.fuse_stage import fuse_child
-from puzzle.realize_stage import load_child
+from puzzle.api import distill_stage
+from puzzle.checkpoint import load_child
+from puzzle.stages.fuse import fuse_child
 from tests.test_bld import write_job
 from tests.test_realize import with_solution
 from tests.test_search import FAST, cli

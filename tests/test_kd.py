@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import puzzle.distill.kd as kd
 from puzzle.distill.kd import cosine_loss, kl_divergence
 from puzzle.config import load_config
-from puzzle.kd_stage import kd_stage
+from puzzle.api import kd_stage
 from tests.test_bld import write_job
 from tests.test_realize import with_solution
 from tests.test_search import FAST, cli, scored_job

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from puzzle.blocks.modeling_puzzle import FP8_E4M3_MAX, DeciLMConfig, DeciLMForCausalLM, fp8_round_trip
 from puzzle.config import load_config
-from puzzle.distill_stage import distill_stage
+from puzzle.api import distill_stage
 from puzzle.kv_fp8 import calibrate_kv_scales
 from tests.test_bld import write_job
 from tests.test_fusion import with_random_norms

@@ -31,7 +31,7 @@ def test_toy_optimum_known_by_hand():
 
 def test_budgets_in_tiny_units_are_still_enforced():
     # The toy in units of 1e-8 (seconds of a small model on a big GPU): below the solver's own tolerance.
-    layers = [[Block(b.name, b.score, {"cost": b.costs["cost"] * 1e-8}) for b in options] for options in toy()]
+    layers = [[Block(b.label, b.score, {"cost": b.costs["cost"] * 1e-8}) for b in options] for options in toy()]
     [sol] = solve(layers=layers, limits={"cost": 5e-8})
     assert sol.choice == [1, 1] and sol.usage["cost"].used <= 5e-8 * (1 + 1e-9)
 

@@ -9,16 +9,16 @@ from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 from puzzle.blocks.costs import Scenario, active_parameters, decode_work, parameters
 from puzzle.blocks.init import init_ffn
-from puzzle.blocks.specs import FfnKind, FfnSpec, spec_from_id
+from puzzle.blocks.specs import BlockChoice, FfnKind, FfnSpec, spec_from_id
 from puzzle.distill.experts import ImportanceMethod, expert_importance
 from puzzle.distill.library import Library
 from puzzle.config import load_config
-from puzzle.distill_stage import distill_stage
+from puzzle.api import distill_stage
 from puzzle.families import FamilyAdapter
-from puzzle.profile_stage import profile_stage
-from puzzle.realize_stage import realize_stage
-from puzzle.score_stage import score_stage
-from puzzle.search_stage import search_stage
+from puzzle.api import profile_stage
+from puzzle.api import realize_stage
+from puzzle.api import score_stage
+from puzzle.api import search_stage
 from tests.test_bld import write_job
 from tests.test_cli import assert_clean_failure, cli, job
 from tests.tiny import tiny_model
@@ -178,20 +178,21 @@ def test_search_meets_an_experts_budget_with_fewer_experts_in_some_layers(moe_jo
     outcome = search_stage(moe_job, ["experts=9"])
     [usage] = [u for k, u in outcome.solutions[0].usage.items() if k == "experts"]
     assert usage.used <= 9 < 12  # the parent keeps 3 × 4 experts
-    ffns = [outcome.problem.layers[i][c].name.split("+")[1] for i, c in enumerate(outcome.solutions[0].choice)]
+    ffns = [layer.choice.ffn.id for layer in outcome.solutions[0].layers]
     assert "ffn.moe2.top2" in ffns and "ffn.moe4.top2" in ffns
 
 
 def test_active_params_budget_is_met_by_removing_router_rows_only(moe_job):
     outcome = search_stage(moe_job, ["active_params=0.9999x"])
     usage = outcome.solutions[0].usage["active_params"]
-    assert usage.used <= usage.limit < outcome.problem.parent_totals["active_params"]
+    assert usage.used <= usage.limit < usage.parent
 
 
 def _with_solution(config, blocks: list[str]):
     file = config.run.dir / "search/solutions.json"
     file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps({"solutions": [{"layers": [{"layer": i, "block": b} for i, b in enumerate(blocks)]}]}))
+    layers = [{"layer": i, **BlockChoice.from_id(b).to_json()} for i, b in enumerate(blocks)]
+    file.write_text(json.dumps({"solutions": [{"layers": layers}]}))
     return realize_stage(config, 0)
 
 
@@ -294,11 +295,14 @@ def test_gpt_oss_child_with_a_window_converted_layer_keeps_its_sinks_and_generat
 
 
 def test_report_labels_kept_experts_and_shades_by_the_fraction_kept():
-    from puzzle.report import _label
+    from puzzle.stages.report import _label
 
-    text, shade = _label("ffn.moe2.top2", "ffn.moe8.top2")
+    def label(spec: str, parent: str):
+        return _label(spec_from_id(spec), spec_from_id(parent))
+
+    text, shade = label("ffn.moe2.top2", "ffn.moe8.top2")
     assert text == "2 of 8\nexperts"
-    assert _label("ffn.moe6.top2", "ffn.moe8.top2")[1] > shade > _label("ffn.noop", "ffn.moe8.top2")[1]
+    assert label("ffn.moe6.top2", "ffn.moe8.top2")[1] > shade > label("ffn.noop", "ffn.moe8.top2")[1]
 
 
 def test_puzzle_run_takes_a_gpt_oss_parent_to_a_distilled_child_and_a_report(monkeypatch, capsys, tmp_path,

@@ -8,9 +8,9 @@ from puzzle.blocks.errors import PuzzleError
 from puzzle.blocks.init import init_attention, init_ffn
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
 from puzzle.config import load_config
-from puzzle.distill_stage import distill_stage
+from puzzle.api import distill_stage
 from puzzle.families import FamilyAdapter
-from puzzle.profile_stage import profile_stage
+from puzzle.api import profile_stage
 from puzzle.search.hardware import GPUS, gpu
 from puzzle.search.profile import analytic_times
 from tests.test_bld import write_job

@@ -13,8 +13,10 @@ from puzzle.distill.library import Library
 from puzzle.cli import main
 from puzzle.engines import servability
 from puzzle.parents import load_parent
-from puzzle.realize_stage import build_child, parse_block, realize_stage
-from puzzle.search_stage import search_stage
+from puzzle.api import realize_stage
+from puzzle.blocks.specs import BlockChoice
+from puzzle.checkpoint import build_child
+from puzzle.api import search_stage
 from tests.test_search import scored_job
 from tests.tiny import VARIANTS, tiny_model
 
@@ -30,7 +32,8 @@ def with_solution(config, blocks: list[str]):
     """Write a solutions file by hand, as a search would, to realize chosen architectures."""
     file = config.run.dir / "search/solutions.json"
     file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps({"solutions": [{"layers": [{"layer": i, "block": b} for i, b in enumerate(blocks)]}]}))
+    layers = [{"layer": i, **BlockChoice.from_id(b).to_json()} for i, b in enumerate(blocks)]
+    file.write_text(json.dumps({"solutions": [{"layers": layers}]}))
     return realize_stage(config, 0)
 
 
@@ -56,7 +59,7 @@ MIXED = [
 def test_fresh_process_loads_the_child_with_the_same_logits(job, blocks, tmp_path):
     summary = with_solution(job, blocks)
     parent = load_parent(job.parent)
-    in_memory = build_child(parent, Library(job.run.dir / "library", parent.adapter), [parse_block(b) for b in blocks])
+    in_memory = build_child(parent, Library(job.run.dir / "library", parent.adapter), [BlockChoice.from_id(b) for b in blocks])
     ids = torch.randint(0, parent.model.config.vocab_size, (1, 20))
     torch.save(ids, tmp_path / "ids.pt")
     script = f"""
@@ -160,11 +163,11 @@ def test_child_of_the_parents_own_subblocks_equals_the_parent(model_type, overri
     sliding layers, dense layers among MoE ones; 20 tokens, longer than the sliding window (8)."""
     from puzzle.blocks.modeling_puzzle import DeciLMForCausalLM
     from puzzle.families import FamilyAdapter
-    from puzzle.realize_stage import LayerChoice, child_config, child_state_dict
+    from puzzle.checkpoint import child_config, child_state_dict
 
     model = tiny_model(model_type, attn, **overrides)
     adapter = FamilyAdapter(model)
-    choices = [LayerChoice(s.attention, s.ffn, False) for s in (adapter.shape(i) for i in range(adapter.num_layers))]
+    choices = [BlockChoice(s.attention, s.ffn, False) for s in (adapter.shape(i) for i in range(adapter.num_layers))]
     config = child_config(model.config, choices)
     config._attn_implementation = attn
     child = DeciLMForCausalLM(config).eval()

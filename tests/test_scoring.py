@@ -7,9 +7,9 @@ import torch
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec
 from puzzle.distill.scoring import ParentReference
 from puzzle.config import load_config
-from puzzle.distill_stage import distill_stage
+from puzzle.api import distill_stage
 from puzzle.parents import load_parent
-from puzzle.score_stage import score_stage
+from puzzle.api import score_stage
 from tests.test_bld import write_job
 
 

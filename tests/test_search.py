@@ -5,12 +5,15 @@ import sys
 
 import pytest
 
+from puzzle.blocks.specs import BlockChoice
 from puzzle.cli import main
+from puzzle.families import parent_shapes
+from puzzle.parents import parent_config
 from puzzle.config import load_config
-from puzzle.distill_stage import distill_stage
-from puzzle.profile_stage import profile_stage
-from puzzle.score_stage import score_stage
-from puzzle.search_stage import search_stage
+from puzzle.api import distill_stage
+from puzzle.api import profile_stage
+from puzzle.api import score_stage
+from puzzle.api import search_stage
 from puzzle.search.mip import InfeasibleBudget
 from tests.test_bld import write_job
 
@@ -41,8 +44,8 @@ def test_search_meets_the_budget_and_writes_solutions(job):
         assert sol.usage["params"].used <= sol.usage["params"].limit
     data = json.loads((config.run.dir / "search/solutions.json").read_text())
     assert len(data["solutions"]) == 2 and len(data["solutions"][0]["layers"]) == 2
-    assert data["solutions"][0]["usage"]["params=0.6x"]["limit"] == pytest.approx(
-        0.6 * outcome.problem.parent_totals["params"])
+    assert data["solutions"][0]["usage"]["params"]["limit"] == pytest.approx(
+        0.6 * outcome.solutions[0].usage["params"].parent)
     if outcome.greedy is not None:
         assert outcome.solutions[0].objective <= outcome.greedy.objective + 1e-12
 
@@ -50,7 +53,7 @@ def test_search_meets_the_budget_and_writes_solutions(job):
 def test_parent_budget_returns_the_parent_and_says_so(job):
     _, config = job
     outcome = search_stage(config, ["params=1x"])
-    assert outcome.solutions[0].choice == outcome.problem.parent_choice
+    assert outcome.solutions[0].blocks == [BlockChoice(s.attention, s.ffn) for s in parent_shapes(parent_config(config.parent))]
     assert outcome.solutions[0].objective == pytest.approx(0.0, abs=1e-6)
     assert any("the parent already meets it" in n for n in outcome.notes)
 

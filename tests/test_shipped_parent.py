@@ -11,7 +11,7 @@ import torch
 from puzzle.config import DataSection, ParentSection
 from puzzle.data import load_blocks
 from puzzle.parents import load_parent
-from puzzle.stages import validation_loss
+from puzzle.stages.parent import validation_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 PARENT = ROOT / "examples/parent"

@@ -1,3 +1,4 @@
+import pydantic
 import pytest
 
 from puzzle.blocks.errors import PuzzleError
@@ -6,13 +7,13 @@ from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, 
 
 SHAPE = ParentShape(hidden_size=192, num_attention_heads=6, num_key_value_heads=2, head_dim=32, intermediate_size=512)
 DEFAULT = SpaceOptions(
-    kv_heads=None, windows=(64, 128), linear_attention=True, noop_attention=True,
+    kv_heads="divisors", windows=(64, 128), linear_attention=True, noop_attention=True,
     ffn_fractions=(0.875, 0.75, 0.5, 0.25, 0.1), ffn_sizes=(), ffn_grid=None, linear_ffn=True, noop_ffn=True,
 )
 
 
 def options(**changes):
-    return SpaceOptions(**{**DEFAULT.__dict__, **changes})
+    return SpaceOptions(**{**DEFAULT.model_dump(), **changes})
 
 
 def test_default_space_ids():
@@ -59,9 +60,6 @@ def test_parent_and_noop_need_no_training():
     "changes, message",
     [
         (dict(kv_heads=(3,)), "3 does not divide the parent's 2 KV heads"),
-        (dict(ffn_fractions=(1.5,)), "1.5 is outside \\(0, 1\\]"),
-        (dict(ffn_fractions=(0.0,)), "0.0 is outside \\(0, 1\\]"),
-        (dict(windows=(0,)), "0 is not a positive window width"),
         (dict(ffn_sizes=(600,)), "600 is outside 1..512"),
     ],
 )
@@ -69,6 +67,17 @@ def test_bad_options_are_named(changes, message):
     with pytest.raises(PuzzleError, match=message):
         attention_candidates(SHAPE, options(**changes))
         ffn_candidates(SHAPE, options(**changes))
+
+
+# Ranges that need no parent are checked when the options are made (the config's library section).
+@pytest.mark.parametrize("changes, message", [
+    (dict(ffn_fractions=(1.5,)), "ffn_fractions.0\n  Input should be less than or equal to 1"),
+    (dict(ffn_fractions=(0.0,)), "ffn_fractions.0\n  Input should be greater than 0"),
+    (dict(windows=(0,)), "windows.0\n  Input should be greater than 0"),
+])
+def test_bad_ranges_are_refused_when_the_options_are_made(changes, message):
+    with pytest.raises(pydantic.ValidationError, match=message):
+        options(**changes)
 
 
 def test_empty_library_is_an_error():

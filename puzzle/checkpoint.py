@@ -1,18 +1,16 @@
-"""`puzzle realize`: assemble a chosen architecture from the library and save it as a Hugging Face checkpoint.
+"""The child checkpoint format (docs/child-checkpoint.md, docs/design.md §8): what `realize`, `kd` and `fuse` write.
 
-The checkpoint follows the Nemotron-NAS / DeciLM layout (`model_type: nemotron-nas`, per-layer
-`block_configs`) with weight names of the parent (`model.layers.N.…`), and ships the project's own
-self-contained modeling file (`modeling_puzzle.py`, torch and transformers only) through `auto_map`.
+The Nemotron-NAS / DeciLM layout (`model_type: nemotron-nas`, per-layer `block_configs`) with the parent's
+weight names (`model.layers.N.…`), the project's self-contained modeling file (`modeling_puzzle.py`,
+torch and transformers only) through `auto_map`, and `puzzle_child.json`: the typed block of every layer,
+the engine verdicts and what later stages add (`kd`, `fusion`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,25 +18,9 @@ import torch
 import puzzle.blocks.modeling_puzzle as modeling
 from puzzle.blocks.errors import PuzzleError
 from puzzle.blocks.io import atomic_dir
-from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape, spec_from_id
+from puzzle.blocks.specs import AttentionKind, BlockChoice, FfnKind, ParentShape
 from puzzle.distill.library import Library
-from puzzle.config import PuzzleConfig
-from puzzle.engines import EngineVerdict, servability
 from puzzle.families import parent_shapes
-from puzzle.parents import load_parent
-from puzzle.rundir import RunDir, Stage, fingerprint
-
-@dataclass(frozen=True)
-class LayerChoice:
-    attention: AttentionSpec
-    ffn: FfnSpec
-    coupled: bool
-
-
-def parse_block(name: str) -> LayerChoice:
-    coupled = name.endswith(" (coupled)")
-    attention, ffn = name.removesuffix(" (coupled)").split("+")
-    return LayerChoice(spec_from_id(attention), spec_from_id(ffn), coupled)
 
 
 def ffn_mult(intermediate_size: int, hidden_size: int) -> float:
@@ -46,7 +28,7 @@ def ffn_mult(intermediate_size: int, hidden_size: int) -> float:
     return round(3 * intermediate_size / (2 * hidden_size), 6)
 
 
-def block_config(choice: LayerChoice, shape: ParentShape) -> dict:
+def block_config(choice: BlockChoice, shape: ParentShape) -> dict:
     """One layer's `block_configs` entry; `shape` is the parent layer the choice replaces."""
     a, f = choice.attention, choice.ffn
     num_attention_heads, hidden_size = shape.num_attention_heads, shape.hidden_size
@@ -71,7 +53,7 @@ def block_config(choice: LayerChoice, shape: ParentShape) -> dict:
     return {"attention": attention, "ffn": ffn}
 
 
-def child_config(parent_config, choices: list[LayerChoice]) -> modeling.DeciLMConfig:
+def child_config(parent_config, choices: list[BlockChoice]) -> modeling.DeciLMConfig:
     p = parent_config
     shapes = parent_shapes(p)
     first = shapes[0]  # what a family adds to attention is the same in every layer
@@ -95,7 +77,7 @@ def child_config(parent_config, choices: list[LayerChoice]) -> modeling.DeciLMCo
     return config
 
 
-def child_state_dict(parent, library: Library, choices: list[LayerChoice]) -> dict[str, torch.Tensor]:
+def child_state_dict(parent, library: Library, choices: list[BlockChoice]) -> dict[str, torch.Tensor]:
     """Parent's embeddings, final norm and head; each layer's subblocks from the library, under the parent's names."""
     state = {
         "model.embed_tokens.weight": parent.model.model.embed_tokens.weight,
@@ -117,7 +99,7 @@ def child_state_dict(parent, library: Library, choices: list[LayerChoice]) -> di
     return state
 
 
-def build_child(parent, library: Library, choices: list[LayerChoice]) -> modeling.DeciLMForCausalLM:
+def build_child(parent, library: Library, choices: list[BlockChoice]) -> modeling.DeciLMForCausalLM:
     config = child_config(parent.model.config, choices)
     config._attn_implementation = parent.model.config._attn_implementation
     child = modeling.DeciLMForCausalLM(config)
@@ -150,6 +132,15 @@ def load_child(directory: Path, dtype: torch.dtype | None = None, device="cpu") 
     return model.to(device).eval()
 
 
+def child_info(directory: Path) -> dict:
+    return json.loads((directory / "puzzle_child.json").read_text())
+
+
+def child_choices(directory: Path) -> list[BlockChoice]:
+    """The typed block of every layer, as realize recorded it."""
+    return [BlockChoice.from_json(layer) for layer in child_info(directory)["layers"]]
+
+
 def checkpoint_parameters(directory: Path) -> int:
     """Parameter count from the safetensors headers, without loading the weights."""
     from safetensors import safe_open
@@ -160,58 +151,3 @@ def checkpoint_parameters(directory: Path) -> int:
             for name in f.keys():
                 total += math.prod(f.get_slice(name).get_shape())
     return total
-
-
-def parent_parameters(config: PuzzleConfig) -> int:
-    local = Path(config.parent.path)
-    if local.is_dir():
-        return checkpoint_parameters(local)
-    return sum(p.numel() for p in load_parent(config.parent).model.parameters())
-
-
-@dataclass(frozen=True)
-class RealizeSummary:
-    directory: Path
-    choices: list[LayerChoice]
-    parameters: int
-    parent_parameters: int
-    engines: list[EngineVerdict]
-    seconds: float
-
-
-def _summary(directory: Path, parent_parameters: int, seconds: float) -> RealizeSummary:
-    info = json.loads((directory / "puzzle_child.json").read_text())
-    choices = [LayerChoice(spec_from_id(x["attention"]), spec_from_id(x["ffn"]), x["coupled"]) for x in info["layers"]]
-    engines = [EngineVerdict(**e) for e in info["engines"]]
-    return RealizeSummary(directory, choices, checkpoint_parameters(directory), parent_parameters, engines, seconds)
-
-
-def realize_stage(config: PuzzleConfig, solution: int | None = None) -> RealizeSummary:
-    started = time.time()
-    run = RunDir.of(config)
-    index = config.realize.solution if solution is None else solution
-    solutions_file = run.stage_dir(Stage.search) / "solutions.json"
-    if not solutions_file.is_file():
-        raise PuzzleError(f"{solutions_file} does not exist; run `puzzle search --budget …` first")
-    found = json.loads(solutions_file.read_text())["solutions"]
-    if not 0 <= index < len(found):
-        raise PuzzleError(f"solution {index} does not exist: the search found {len(found)} (indices 0..{len(found) - 1})")
-    choices = [parse_block(layer["block"]) for layer in found[index]["layers"]]
-    # The solution's content, not the file's time: an identical re-search leaves the child (and KD) valid.
-    key = fingerprint(config, ("parent", "library")) + f"-{run.done_fingerprint(Stage.library)}-" + hashlib.sha256(
-        json.dumps(found[index]["layers"]).encode()).hexdigest()[:16]
-    directory = run.stage_dir(Stage.child) / "checkpoint"
-    if run.is_done(Stage.child, key) and directory.is_dir():
-        return _summary(directory, parent_parameters(config), time.time() - started)
-    with run.stage(Stage.child, key) as record:
-        parent = load_parent(config.parent)
-        library = Library(run.stage_dir(Stage.library), parent.adapter)
-        child = build_child(parent, library, choices)
-        engines = servability(child.config)
-        write_checkpoint(directory, child, parent, {
-            "solution": index,
-            "layers": [{"attention": c.attention.id, "ffn": c.ffn.id, "coupled": c.coupled} for c in choices],
-            "engines": [e.__dict__ for e in engines],
-        })
-        record.outputs = {"checkpoint": "checkpoint", "solution": index}
-    return _summary(directory, sum(p.numel() for p in parent.model.parameters()), time.time() - started)

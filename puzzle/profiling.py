@@ -1,57 +1,35 @@
-"""`puzzle profile`: parameters, memory and time of every subblock candidate for a scenario."""
+"""Costs of every subblock candidate at a scenario, measured here or by the roofline (docs/design.md §6),
+and the check of the additive cost model against whole models (`puzzle profile --check N`).
+
+Shared by the profile stage and by the search's batch-size sweep, which profiles at other batch sizes.
+"""
 
 from __future__ import annotations
 
 import copy
 import random
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
-import pandas as pd
 import torch
 
-from puzzle.blocks.costs import Scenario, active_parameters, parameters
-from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.costs import Scenario, active_parameters, kv_cache_bytes, parameters
 from puzzle.blocks.init import shaped_module
-from puzzle.blocks.io import atomic_path
-from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, SubblockSpec, spec_from_id
-from puzzle.distill.library import Library
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, BlockChoice, FfnKind, FfnSpec, SubblockSpec
 from puzzle.config import ProfileSection, PuzzleConfig
-from puzzle.parents import load_parent
+from puzzle.distill.library import Library
 from puzzle.progress import progress_bar
-from puzzle.rundir import RunDir, Stage, fingerprint
 from puzzle.search.hardware import gpu
 from puzzle.search.profile import (
     CostRow,
-    Timing,
     WholeModel,
     analytic_times,
     differential_times,
-    kv_bytes,
-    local_device_name,
     outside_times,
+    predicted_latency,
     time_model,
     weight_bytes,
 )
-
-
-def scenario_of(section: ProfileSection) -> Scenario:
-    try:
-        return Scenario(
-            batch_size=section.batch_size, prefill_length=section.prefill_length, decode_length=section.decode_length,
-            weight_dtype=section.weight_dtype, kv_dtype=section.kv_dtype,
-        )
-    except ValueError as e:
-        raise PuzzleError(f"profile: {e}") from None
-
-
-def check_profile_section(section: ProfileSection) -> None:
-    scenario_of(section)
-    if section.device != "local":
-        gpu(section.device)
-    elif section.weight_dtype == "fp8":
-        raise PuzzleError("profile.weight_dtype: fp8 can only be profiled analytically; name a GPU in profile.device")
+from puzzle.search.timing import Timing, local_device_name
 
 
 def _torch_dtype(section: ProfileSection) -> torch.dtype:
@@ -69,52 +47,6 @@ class AdditiveCheck:
     @property
     def error(self) -> float:
         return self.predicted_seconds / self.measured_seconds - 1
-
-
-# Columns of profile.csv; a profile written in an older format is measured again.
-PROFILE_FORMAT = 2
-
-
-@dataclass(frozen=True)
-class ProfileSummary:
-    table: Path
-    rows: list[CostRow]
-    checks: list[AdditiveCheck]
-    device: str
-    seconds: float
-
-
-def profile_stage(config: PuzzleConfig, check_models: int = 0) -> ProfileSummary:
-    started = time.time()
-    section = config.profile
-    check_profile_section(section)
-    scenario = scenario_of(section)
-    run = RunDir.of(config)
-    lib_dir = run.stage_dir(Stage.library)
-    if not (lib_dir / "space.json").is_file():
-        raise PuzzleError(f"no library in {lib_dir}; run `puzzle distill` first")
-    # A measured profile is reused as it is: measuring again would move the search's choice with the
-    # machine's load and redo every stage after it. Its format is part of the key.
-    key = fingerprint(config, ("parent", "profile")) + f"-{run.done_fingerprint(Stage.library)}-v{PROFILE_FORMAT}"
-    table = run.stage_dir(Stage.profile) / "profile.csv"
-    if run.is_done(Stage.profile, key) and table.is_file() and not check_models:
-        rows = read_profile(table)
-        return ProfileSummary(table, rows, [], rows[0].device, time.time() - started)
-    with run.stage(Stage.profile, key) as record:
-        parent = load_parent(config.parent)
-        library = Library(lib_dir, parent.adapter)
-        rows = cost_rows(config, parent, library, scenario)
-        checks = []
-        if section.device == "local" and check_models:
-            checks = additive_checks(config, parent, library, rows, scenario, check_models)
-        with atomic_path(table) as tmp:
-            pd.DataFrame([asdict(r) for r in rows]).to_csv(tmp, index=False)
-        record.outputs = {"table": table.name, "device": rows[0].device, "method": rows[0].method}
-    return ProfileSummary(table, rows, checks, rows[0].device, time.time() - started)
-
-
-def read_profile(table: Path) -> list[CostRow]:
-    return [CostRow(**r) for r in pd.read_csv(table).to_dict("records")]
 
 
 def _device_name(section: ProfileSection, device: torch.device) -> str:
@@ -144,7 +76,7 @@ def cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenario
                     layer=i, subblock="attention" if isinstance(spec, AttentionSpec) else "ffn", candidate=spec.id,
                     params=params, experts=spec.experts if isinstance(spec, FfnSpec) else 0,
                     active_params=active_parameters(spec, shape),
-                    weight_bytes=weight_bytes(params, scenario), kv_bytes=kv_bytes(spec, shape, scenario),
+                    weight_bytes=weight_bytes(params, scenario), kv_bytes=kv_cache_bytes(spec, shape, scenario),
                     prefill_seconds=prefill.best, decode_seconds=decode.best, prefill_median=prefill.median,
                     decode_median=decode.median, prefill_spread=prefill.spread, decode_spread=decode.spread,
                     method=method, device=name,
@@ -220,27 +152,17 @@ def _outer_modules(parent, dtype):
     return tuple(copy.deepcopy(x).to(dtype) for x in (m.model.embed_tokens, m.model.norm, m.lm_head))
 
 
-def predicted_latency(rows: list[CostRow], choice: list[tuple[str, str]], scenario: Scenario) -> float:
-    """Σ over layers of the chosen subblocks' latency, plus the fixed costs."""
-    by_key = {(r.layer, r.candidate): r for r in rows}
-    total = next(r for r in rows if r.layer == -1).latency(scenario)
-    for i, (attention, ffn) in enumerate(choice):
-        total += by_key[(i, attention)].latency(scenario) + by_key[(i, ffn)].latency(scenario)
-    return total
-
-
 def additive_checks(config, parent, library: Library, rows, scenario: Scenario, n_children: int) -> list[AdditiveCheck]:
     """Predicted (sum of blocks + fixed) against measured whole-model latency: parent and random children."""
     rng = random.Random(config.run.seed)
     adapter = parent.adapter
-    choices = {"parent": [(s.attention.id, s.ffn.id) for s in (adapter.shape(i) for i in range(adapter.num_layers))]}
+    choices = {"parent": [BlockChoice(s.attention, s.ffn) for s in adapter.shapes]}
     for k in range(n_children):
         choices[f"random child {k + 1}"] = [
-            (rng.choice(layer.attention).id, rng.choice(layer.ffn).id) for layer in library.layers
+            BlockChoice(rng.choice(layer.attention), rng.choice(layer.ffn)) for layer in library.layers
         ]
     scenarios = {"profile scenario": scenario}
-    second = Scenario(scenario.batch_size * 4, max(1, scenario.prefill_length // 2), scenario.decode_length,
-                      scenario.weight_dtype, scenario.kv_dtype)
+    second = replace(scenario, batch_size=scenario.batch_size * 4, prefill_length=max(1, scenario.prefill_length // 2))
     scenarios[f"batch {second.batch_size}, prefill {second.prefill_length}"] = second
     out = []
     section = config.profile
@@ -250,13 +172,13 @@ def additive_checks(config, parent, library: Library, rows, scenario: Scenario, 
         sc_rows = rows if sc == scenario else cost_rows(config, parent, library, sc)
         for model_name, choice in choices.items():
             layers = []
-            for i, (a, f) in enumerate(choice):
-                attention = shaped_module(spec_from_id(a), adapter.parent_layer(i), config.parent.attn_implementation)
-                ffn = shaped_module(spec_from_id(f), adapter.parent_layer(i), config.parent.attn_implementation)
+            for i, block in enumerate(choice):
+                attention = shaped_module(block.attention, adapter.parent_layer(i), config.parent.attn_implementation)
+                ffn = shaped_module(block.ffn, adapter.parent_layer(i), config.parent.attn_implementation)
                 layers.append((attention.to(device, dtype).eval(), ffn.to(device, dtype).eval()))
             embed, norm, head = _outer_modules(parent, dtype)
             model = WholeModel(embed, parent.adapter.rotary, layers, norm, head, sc, device, dtype)
             prefill, decode = time_model(model, device, section.warmup, section.repeats)
-            measured = prefill.best + sc.decode_length * decode.best
+            measured = sc.latency(prefill.best, decode.best)
             out.append(AdditiveCheck(model_name, scenario_name, predicted_latency(sc_rows, choice, sc), measured))
     return out

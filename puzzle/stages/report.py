@@ -1,6 +1,6 @@
-"""`puzzle report`: one page per job on what the compression gained and lost.
+"""The report stage (`puzzle report`): one page per job on what the compression gained and lost.
 
-RUN_DIR/report/report.html (self-contained: the plots are embedded, it opens from anywhere) and its
+report/report.html (self-contained: the plots are embedded, it opens from anywhere) and its
 markdown twin report.md with the plots as PNG files beside it. Built from the stage outputs only
 (parent summary, search, child, KD, eval), so it can be rebuilt at any time without a model.
 """
@@ -16,17 +16,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from puzzle.blocks.errors import PuzzleError
-from puzzle.blocks.io import atomic_path, atomic_write_text
-from puzzle.blocks.specs import AttentionKind, FfnKind, spec_from_id
+from puzzle.blocks.io import atomic_write_text
+from puzzle.blocks.specs import AttentionKind, BlockChoice, FfnKind, SubblockSpec
+from puzzle.checkpoint import child_choices
 from puzzle.config import PuzzleConfig
 from puzzle.families import parent_shapes
 from puzzle.parents import parent_config
-from puzzle.rundir import RunDir, Stage
-from puzzle.search_stage import QUANTITY, frontier_points, plot_frontier
-from puzzle.search.budgets import parse_budget
-
-PLOTS = ("architecture.png", "frontier.png", "kd.png")
+from puzzle.pipeline import StageContext
+from puzzle.plots import pyplot, save
+from puzzle.problem import job_frontier, plot_frontier
+from puzzle.rundir import Stage
+from puzzle.search.budgets import parse_budget, parse_sweep
+from puzzle.search.problem import QUANTITY
+from puzzle.solutions import Architecture, read_solutions
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,6 @@ class ReportSummary:
     markdown: Path
     plots: list[Path]
     seconds: float
-
-
-def _json(path: Path, command: str) -> dict:
-    if not path.is_file():
-        raise PuzzleError(f"{path} does not exist; run `puzzle {command}` first")
-    return json.loads(path.read_text())
 
 
 # --- tables ---------------------------------------------------------------------------------------
@@ -69,12 +65,12 @@ def comparison_table(results: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def architecture_table(child_info: dict, solution: dict) -> pd.DataFrame:
-    scores = {layer["layer"]: layer.get("score") for layer in solution["layers"]}
+def architecture_table(choices: list[BlockChoice], solution: Architecture) -> pd.DataFrame:
+    scores = [layer.score for layer in solution.layers]
     return pd.DataFrame([
-        {"layer": i, "attention": x["attention"], "FFN": x["ffn"] + (" (coupled)" if x["coupled"] else ""),
-         "block score": "" if scores.get(i) is None else f"{scores[i]:.4f}"}
-        for i, x in enumerate(child_info["layers"])
+        {"layer": i, "attention": c.attention.id, "FFN": c.ffn.id + (" (coupled)" if c.coupled else ""),
+         "block score": "" if scores[i] is None else f"{scores[i]:.4f}"}
+        for i, c in enumerate(choices)
     ]).set_index("layer")
 
 
@@ -89,18 +85,8 @@ def markdown_table(frame: pd.DataFrame) -> str:
 # --- plots ----------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _label(block_id: str, parent_id: str) -> tuple[str, float]:
+def _label(spec: SubblockSpec, parent: SubblockSpec) -> tuple[str, float]:
     """Short cell text and how much of the parent's subblock is kept (0 = removed, 1 = the parent's)."""
-    spec, parent = spec_from_id(block_id), spec_from_id(parent_id)
     if spec == parent:
         return "parent", 1.0
     if spec.removed:
@@ -116,13 +102,13 @@ def _label(block_id: str, parent_id: str) -> tuple[str, float]:
     return f"{spec.num_experts} of {parent.num_experts}\nexperts", 0.2 + 0.8 * spec.num_experts / parent.num_experts
 
 
-def plot_architecture(layers: list[dict], parent_layers: list[tuple[str, str]], path: Path) -> None:
-    plt = _pyplot()
-    n = len(layers)
+def plot_architecture(choices: list[BlockChoice], parent: list[BlockChoice], path: Path) -> None:
+    plt = pyplot()
+    n = len(choices)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * n + 1.5), 2.6))
     cmap = plt.get_cmap("Blues")
-    for i, (x, (p_attention, p_ffn)) in enumerate(zip(layers, parent_layers)):
-        for row, (block, parent_block) in enumerate(((x["attention"], p_attention), (x["ffn"], p_ffn))):
+    for i, (c, p) in enumerate(zip(choices, parent)):
+        for row, (block, parent_block) in enumerate(((c.attention, p.attention), (c.ffn, p.ffn))):
             text, kept = _label(block, parent_block)
             ax.add_patch(plt.Rectangle((i, 1 - row), 0.95, 0.9, color=cmap(0.1 + 0.75 * kept)))
             ax.text(i + 0.475, 1.45 - row, text, ha="center", va="center", fontsize=8,
@@ -136,11 +122,11 @@ def plot_architecture(layers: list[dict], parent_layers: list[tuple[str, str]], 
     for side in ("top", "right", "left", "bottom"):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_kd(train_log: pd.DataFrame, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for column in ("total", "kl", "cosine"):
         if column in train_log and train_log[column].abs().sum() > 0:
@@ -152,73 +138,69 @@ def plot_kd(train_log: pd.DataFrame, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    _pyplot().close(fig)
-
-
-def _frontier(config: PuzzleConfig, solutions: dict, path: Path) -> Path | None:
+def _frontier(config: PuzzleConfig, solution: Architecture, path: Path) -> Path | None:
     """The quality/cost frontier along the job's first budget, with the chosen child marked."""
-    budgets = [f"{k}={v}" for k, v in config.search.budgets.items()] or list(solutions["solutions"][0]["usage"])
-    if not budgets or "=" not in budgets[0]:
+    # The search may have had its budgets from --budget, which the report's config does not carry.
+    kinds = list(config.search.budgets) or [parse_budget(u.budget).kind for u in solution.usage.values()]
+    if not kinds:
         return None
-    kind = parse_budget(budgets[0]).kind
-    sweep = f"{kind.value}=0.2x:1.0x:9"
-    points, parent_cost = frontier_points(config, sweep, [])
-    best = solutions["solutions"][0]
-    chosen = next(((u["used"] / u["parent"], best["objective"]) for label, u in best.get("usage", {}).items()
-                   if QUANTITY[parse_budget(label).kind] == QUANTITY[kind]), None)
-    plot_frontier(points, parent_cost, sweep, config.search.metric, path, chosen)
+    sweep = parse_sweep(f"{kinds[0].value}=0.2x:1.0x:9")
+    points, parent_cost = job_frontier(config, sweep)
+    quantity = QUANTITY[kinds[0]]
+    chosen = next(((u.used / u.parent, solution.objective) for q, u in solution.usage.items() if q == quantity), None)
+    plot_frontier(points, parent_cost, sweep.text, config.search.metric, path, chosen)
     return path
 
 
 # --- the page -------------------------------------------------------------------------------------
 
 
-def report_stage(config: PuzzleConfig) -> ReportSummary:
+def run(ctx: StageContext) -> ReportSummary:
     started = time.time()
-    run = RunDir.of(config)
-    solutions = _json(run.stage_dir(Stage.search) / "solutions.json", "search")
-    child_info = _json(run.stage_dir(Stage.child) / "checkpoint" / "puzzle_child.json", "realize")
-    results = _json(run.stage_dir(Stage.eval) / "results.json", "eval")
-    kd_dir = run.stage_dir(Stage.kd)
-    directory = run.stage_dir(Stage.report)
+    config, run_dir, directory = ctx.config, ctx.run, ctx.directory
+    solutions = read_solutions(run_dir.stage_dir(Stage.search) / "solutions.json")
+    choices = child_choices(run_dir.stage_dir(Stage.child) / "checkpoint")
+    results = json.loads((run_dir.stage_dir(Stage.eval) / "results.json").read_text())
+    kd_dir = run_dir.stage_dir(Stage.kd)
     directory.mkdir(parents=True, exist_ok=True)
 
-    parent_layers = [(s.attention.id, s.ffn.id) for s in parent_shapes(parent_config(config.parent))]
-    plots = []
-    plot_architecture(child_info["layers"], parent_layers, directory / "architecture.png")
-    plots.append(directory / "architecture.png")
-    frontier = _frontier(config, solutions, directory / "frontier.png")
+    parent = [BlockChoice(s.attention, s.ffn) for s in parent_shapes(parent_config(config.parent))]
+    best = solutions.solutions[0]
+    plots = [directory / "architecture.png"]
+    plot_architecture(choices, parent, plots[0])
+    frontier = _frontier(config, best, directory / "frontier.png")
     if frontier is not None:
         plots.append(frontier)
     kd_summary = None
-    if (kd_dir / "train_log.csv").is_file() and run.done_fingerprint(Stage.kd) is not None:
+    if (kd_dir / "train_log.csv").is_file() and run_dir.done_fingerprint(Stage.kd) is not None:
         plot_kd(pd.read_csv(kd_dir / "train_log.csv", index_col="step"), directory / "kd.png")
         plots.append(directory / "kd.png")
         kd_summary = json.loads((kd_dir / "summary.json").read_text())
 
     comparison = comparison_table(results)
     comparison.index.name = "measure"
-    architecture = architecture_table(child_info, solutions["solutions"][0])
-    facts = _facts(config, solutions, results, kd_summary)
-    md = _markdown(config, facts, comparison, architecture, plots)
-    page = _html(config, facts, comparison, architecture, plots)
-    atomic_write_text(directory / "report.md", md)
-    atomic_write_text(directory / "report.html", page)
+    architecture = architecture_table(choices, best)
+    facts = _facts(config, solutions.method, best, results, kd_summary)
+    atomic_write_text(directory / "report.md", _markdown(config, facts, comparison, architecture, plots))
+    atomic_write_text(directory / "report.html", _html(config, facts, comparison, architecture, plots))
+    ctx.record.outputs = {"html": "report.html", "markdown": "report.md", "plots": [p.name for p in plots]}
     return ReportSummary(directory / "report.html", directory / "report.md", plots, time.time() - started)
 
 
-def _facts(config: PuzzleConfig, solutions: dict, results: dict, kd: dict | None) -> list[str]:
+def read(ctx: StageContext) -> ReportSummary:
+    plots = [ctx.directory / name for name in ("architecture.png", "frontier.png", "kd.png")]
+    return ReportSummary(ctx.directory / "report.html", ctx.directory / "report.md", [p for p in plots if p.is_file()],
+                         0.0)
+
+
+def _facts(config: PuzzleConfig, method: str, best: Architecture, results: dict, kd: dict | None) -> list[str]:
     s = results["scenario"]
-    usage = solutions["solutions"][0].get("usage", {})
     facts = [
-        "budgets: " + ", ".join(f"{label} (used {u['used'] / u['parent']:.2f}x of the parent)" for label, u in usage.items()),
-        f"search: {solutions.get('method', 'mip')}, objective {solutions['solutions'][0]['objective']:.4f} "
+        "budgets: " + ", ".join(f"{u.budget} (used {u.used / u.parent:.2f}x of the parent)" for u in best.usage.values()),
+        f"search: {method}, objective {best.objective:.4f} "
         f"(sum of per-block {config.search.metric})",
         f"scenario: batch {s['batch_size']}, prefill {s['prefill_length']}, decode {s['decode_length']} tokens; "
         f"weights {s['weight_dtype']}, KV cache {s['kv_dtype']}",

@@ -1,10 +1,11 @@
-"""`puzzle fuse`: FFN Fusion of a child's attention-free runs, measured against the unfused child and the parent.
+"""The fuse stage (`puzzle fuse`): FFN Fusion of a child's attention-free runs, measured against the unfused child and the parent.
 
 The fused child is saved in the child's own format (default: the child's directory + `-fused`), its
 puzzle_child.json gains a `fusion` entry, and fusion.json beside it holds the runs found, the dependency
 of each consecutive FFN pair, the groups fused, and KL and measured speed before and after. KL is on
-eval.validation_blocks held-out blocks; speed is the fastest of eval.speed_repeats rounds that time the
-unfused and the fused child in turn, at the profile's scenario.
+eval.validation_blocks held-out blocks; speed follows the one timing rule (docs/design.md §14): the
+unfused and the fused child timed in turn, eval.speed_repeats rounds, the fastest kept, at the profile's
+scenario. The stage's manifest is in the job's fuse/ folder; it runs again each time it is asked for.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from puzzle.blocks.errors import PuzzleError
 from puzzle.blocks.fusion import Dependency, attention_free_runs, ffn_dependencies, fuse_mlp, fusion_groups, is_fusable
 from puzzle.blocks.io import atomic_write_json
 from puzzle.blocks.modeling_puzzle import DeciLMForCausalLM
+from puzzle.checkpoint import ffn_mult, load_child, write_checkpoint
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
+from puzzle.distill.metrics import hf_logits, quality
 from puzzle.engines import servability
-from puzzle.eval_stage import generation_times, quality
 from puzzle.parents import load_parent
-from puzzle.profile_stage import scenario_of
-from puzzle.realize_stage import ffn_mult, load_child, write_checkpoint
+from puzzle.pipeline import StageContext
 from puzzle.rundir import RunDir, Stage
+from puzzle.search.timing import generation_times
 
 
 @dataclass(frozen=True)
@@ -107,21 +109,13 @@ def default_child(config: PuzzleConfig) -> Path:
                       "run `puzzle realize` first, or give --child")
 
 
-def _fastest_times(models: list, config: PuzzleConfig) -> list[tuple[float, float]]:
-    """Fastest prefill and decode-step seconds of each model, timed in alternating rounds: on a shared
-    machine a slow phase then hits every model alike, and the fastest round measures the model itself."""
-    scenario = scenario_of(config.profile)
-    warmup, repeats = config.eval.speed_warmup, config.eval.speed_repeats
-    rounds = [[generation_times(m, scenario, warmup if r == 0 else 0, 1) for m in models] for r in range(repeats)]
-    return [(min(t[i][0] for t in rounds), min(t[i][1] for t in rounds)) for i in range(len(models))]
-
-
 def _measure(parent, unfused, fused, blocks: torch.Tensor, config: PuzzleConfig) -> tuple[Measured, Measured]:
     batch = config.eval.batch_size
-    to_parent, _ = quality(parent.adapter.logits, {"unfused": unfused, "fused": fused}, blocks, batch)
-    to_unfused, _ = quality(lambda x: unfused(x, use_cache=False).logits, {"fused": fused}, blocks, batch)
-    s = scenario_of(config.profile)
-    times = _fastest_times([unfused, fused], config)
+    to_parent, _ = quality(parent.adapter.logits, {"unfused": hf_logits(unfused), "fused": hf_logits(fused)}, blocks,
+                           batch)
+    to_unfused, _ = quality(hf_logits(unfused), {"fused": hf_logits(fused)}, blocks, batch)
+    s = config.profile.scenario
+    times = generation_times([unfused, fused], s, config.eval.speed_warmup, config.eval.speed_repeats)
 
     def measured(name: str, model, kl_to_unfused: float, prefill: float, decode: float) -> Measured:
         return Measured(
@@ -147,21 +141,32 @@ def _child_info(source: Path, fused: DeciLMForCausalLM, groups: list[range], fus
     return {**info, "engines": [asdict(e) for e in servability(fused.config)], "fusion": fusion}
 
 
-def fuse_stage(
-    config: PuzzleConfig, *, child: Path | None = None, output: Path | None = None, include_last: bool = False,
-    max_distance: float | None = None,
-) -> FusionSummary:
-    """Fuse the attention-free runs of `child` (default: the job's distilled child, else its realized one)
-    and save the result to `output`. Nothing is written when no run has 2 FFNs left to fuse."""
-    started = time.time()
-    if max_distance is not None and not max_distance > 0:
-        raise PuzzleError(f"--max-distance: got {max_distance}; expected a positive cosine distance")
+def _paths(config: PuzzleConfig, child: Path | None, output: Path | None) -> tuple[Path, Path]:
     source = default_child(config) if child is None else Path(child)
     if not (source / "config.json").is_file():
         raise PuzzleError(f"--child: {source} is not a child checkpoint (no config.json)")
     target = source.with_name(source.name + "-fused") if output is None else Path(output)
     if target.resolve() == source.resolve():
         raise PuzzleError(f"--output: {target} is the child itself; the fused child needs a directory of its own")
+    return source, target
+
+
+def key_extra(config: PuzzleConfig, run: RunDir, *, child: Path | None = None, output: Path | None = None,
+              include_last: bool = False, max_distance: float | None = None) -> str:
+    source, target = _paths(config, child, output)
+    stamp = (source / "config.json").stat().st_mtime_ns
+    return f"{source.resolve()}@{stamp}->{target.resolve()}/{include_last}/{max_distance}"
+
+
+def run(ctx: StageContext, *, child: Path | None = None, output: Path | None = None, include_last: bool = False,
+        max_distance: float | None = None) -> FusionSummary:
+    """Fuse the attention-free runs of `child` (default: the job's distilled child, else its realized one)
+    and save the result to `output`. Nothing is written when no run has 2 FFNs left to fuse."""
+    started = time.time()
+    config = ctx.config
+    if max_distance is not None and not max_distance > 0:
+        raise PuzzleError(f"--max-distance: got {max_distance}; expected a positive cosine distance")
+    source, target = _paths(config, child, output)
     parent = load_parent(config.parent)
     parameter = next(parent.model.parameters())
     unfused = load_child(source, parameter.dtype, parameter.device)
@@ -182,5 +187,6 @@ def fuse_stage(
     write_checkpoint(target, fused, parent, _child_info(source, fused, groups, fusion))
     summary = FusionSummary(source, span, dependencies, [(g.start, g.stop - 1) for g in groups], before, after, target,
                             blocks.numel(), time.time() - started)
-    atomic_write_json(target.parent / "fusion.json", {**asdict(summary), "scenario": asdict(scenario_of(config.profile))})
+    atomic_write_json(target.parent / "fusion.json", {**asdict(summary), "scenario": asdict(config.profile.scenario)})
+    ctx.record.outputs = {"checkpoint": str(target), "fusion": str(target.parent / "fusion.json")}
     return summary

@@ -1,0 +1,68 @@
+"""The job's search problem, read from the run's scores and profile, and its quality/cost frontier.
+
+Shared by the search stage, `puzzle search --sweep` and the report's frontier plot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from puzzle.blocks.io import atomic_path
+from puzzle.config import PuzzleConfig
+from puzzle.rundir import RunDir, Stage
+from puzzle.search.budgets import Sweep
+from puzzle.search.problem import QUANTITY, FrontierPoint, SearchProblem, build_problem, frontier_points
+
+
+def job_problem(config: PuzzleConfig) -> SearchProblem:
+    """The job's problem at its profile scenario, from the run's scores and profile tables."""
+    run = RunDir.of(config)
+    scores = pd.read_csv(run.stage_dir(Stage.scores) / "scores.csv")
+    profile = pd.read_csv(run.stage_dir(Stage.profile) / "profile.csv")
+    return build_problem(scores, profile, config.profile.scenario, config.search.metric)
+
+
+def job_frontier(config: PuzzleConfig, sweep: Sweep) -> tuple[list[FrontierPoint], float]:
+    """Best predicted quality along the sweep, the job's budgets on other quantities held; and the parent's
+    cost in the swept quantity."""
+    problem = job_problem(config)
+    points = frontier_points(problem, sweep, list(config.search.budgets.values()), config.search.solver)
+    return points, problem.parent_totals[QUANTITY[sweep.kind]]
+
+
+def write_frontier(config: PuzzleConfig, sweep: Sweep) -> tuple[list[FrontierPoint], Path, Path]:
+    """`job_frontier` written as search/frontier.csv and plotted as search/frontier.png."""
+    points, parent_cost = job_frontier(config, sweep)
+    directory = RunDir.of(config).stage_dir(Stage.search)
+    table, plot = directory / "frontier.csv", directory / "frontier.png"
+    with atomic_path(table) as tmp:
+        pd.DataFrame([p.__dict__ for p in points]).to_csv(tmp, index=False)
+    plot_frontier(points, parent_cost, sweep.text, config.search.metric, plot)
+    return points, table, plot
+
+
+def plot_frontier(points: list[FrontierPoint], parent_cost: float, title: str, metric: str, path: Path,
+                  chosen: tuple[float, float] | None = None) -> None:
+    """MIP and greedy objectives against cost; `chosen` marks a (cost ratio, objective) point, e.g. the child."""
+    from puzzle.plots import pyplot, save
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    mip = [(p.used / parent_cost, p.objective) for p in points if p.objective is not None]
+    grd = [(p.limit / parent_cost, p.greedy_objective) for p in points if p.greedy_objective is not None]
+    if mip:
+        ax.plot(*zip(*mip), "o-", label="MIP (puzzle)")
+    if grd:
+        ax.plot(*zip(*grd), "s--", alpha=0.7, label="greedy (budget limit)")
+    ax.plot([1.0], [0.0], "k*", markersize=12, label="parent")
+    if chosen is not None:
+        ax.plot([chosen[0]], [chosen[1]], "rD", markersize=9, label="this child")
+    ax.set_xlabel("cost (ratio of the parent)")
+    ax.set_ylabel(f"predicted damage (sum of block {metric})")
+    ax.set_title(f"frontier: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save(fig, path, dpi=120)

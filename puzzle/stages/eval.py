@@ -1,0 +1,190 @@
+"""The eval stage (`puzzle eval`): the parent, the realized child and the distilled child side by side
+(docs/design.md §10).
+
+Quality on held-out text against the parent (KL(parent ‖ model), perplexity, top-1 agreement with the
+parent's greedy token); size (parameters, weight and KV-cache bytes at the profile's scenario); speed
+measured here by the one timing rule (docs/design.md §14) next to the speed the cost model predicted.
+lm-evaluation-harness tasks run when installed. Writes eval/results.json and results.csv.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from puzzle.blocks.costs import DTYPE_BYTES, Scenario, kv_cache_bytes
+from puzzle.blocks.io import atomic_path, atomic_write_json
+from puzzle.blocks.specs import BlockChoice
+from puzzle.checkpoint import build_child, child_choices, load_child
+from puzzle.config import PuzzleConfig
+from puzzle.data import job_blocks
+from puzzle.distill.library import Library
+from puzzle.distill.metrics import hf_logits, perplexity, quality
+from puzzle.parents import load_parent
+from puzzle.pipeline import StageContext
+from puzzle.progress import progress_bar
+from puzzle.rundir import RunDir, Stage
+from puzzle.search.profile import predicted_latency, read_profile
+from puzzle.search.timing import generation_times, local_device_name
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    name: str  # "parent" | "child" | "child + KD"
+    parameters: int
+    weight_bytes: float  # at profile.weight_dtype
+    kv_bytes: float  # at the profile scenario
+    kl: float  # mean KL(parent ‖ model) per token
+    lm_loss: float
+    perplexity: float
+    top1: float  # agreement with the parent's greedy next token
+    prefill_tokens_per_second: float
+    decode_tokens_per_second: float
+    measured_latency: float  # seconds per batch: prefill + every decode step, by the timing rule
+    predicted_latency: float | None  # the cost model's sum of blocks + fixed, when the profile has every block
+    tasks: dict[str, dict] = field(default_factory=dict)  # lm-evaluation-harness results per task
+    kv_fp8_added_kl: float | None = None  # with eval.kv_dtype fp8: KL to the parent a simulated FP8 KV cache adds
+    kv_fp8_scales: dict | None = None  # and its calibrated per-layer scales: layers, k, v
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    models: list[ModelResult]
+    scenario: Scenario
+    device: str
+    validation_tokens: int
+    file: Path
+    seconds: float
+
+    def speedup(self, name: str, kind: str) -> float | None:
+        """Parent latency over the model's: kind 'measured' or 'predicted'."""
+        parent, model = self.models[0], next(m for m in self.models if m.name == name)
+        a, b = getattr(parent, f"{kind}_latency"), getattr(model, f"{kind}_latency")
+        return None if a is None or b is None else a / b
+
+
+def evaluated_models(run: RunDir) -> list[tuple[str, Path]]:
+    """The run's child, and its distilled child when KD is done."""
+    models = [("child", run.stage_dir(Stage.child) / "checkpoint")]
+    kd = run.stage_dir(Stage.kd) / "checkpoint"
+    if run.done_fingerprint(Stage.kd) is not None and kd.is_dir():
+        models.append(("child + KD", kd))
+    return models
+
+
+def lm_eval_tasks(model, tokenizer, config: PuzzleConfig) -> dict[str, dict]:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.eval.batch_size)
+    results = lm_eval.simple_evaluate(model=wrapped, tasks=list(config.eval.tasks), limit=config.eval.task_limit)
+    return {task: {k: v for k, v in r.items() if isinstance(v, (int, float))} for task, r in results["results"].items()}
+
+
+def run(ctx: StageContext) -> EvalSummary:
+    started = time.time()
+    config, run_dir = ctx.config, ctx.run
+    models = evaluated_models(run_dir)
+    parent = load_parent(config.parent)
+    device = parent.model.device
+    dtype = next(parent.model.parameters()).dtype
+    loaded = {name: load_child(path, dtype, device) for name, path in models}
+    token_blocks = job_blocks(config.data, parent.tokenizer)
+    blocks = token_blocks.validation[: config.eval.validation_blocks].to(device)
+    scenario = config.profile.scenario
+    adapter = parent.adapter
+    choices = {"parent": [BlockChoice(s.attention, s.ffn) for s in adapter.shapes]}
+    choices.update({name: child_choices(path) for name, path in models})
+    rows = read_profile(run_dir.stage_dir(Stage.profile) / "profile.csv") if _profiled(run_dir) else None
+    fp8 = config.eval.kv_dtype == "fp8"
+    everyone = [("parent", parent.model), *loaded.items()]
+    with progress_bar() as bar:
+        task = bar.add_task("evaluate", total=2 + fp8 + len(everyone), status="quality on held-out text")
+        scores, tokens = quality(adapter.logits, {n: hf_logits(m) for n, m in loaded.items()}, blocks,
+                                 config.eval.batch_size)
+        scores["parent"] = scores.pop("reference")
+        bar.advance(task)
+        effects = {}
+        if fp8:
+            bar.update(task, status="FP8 KV cache")
+            effects = _fp8_effects(config, run_dir, parent, loaded,
+                                   token_blocks.calibration(config.data.calibration_blocks), blocks)
+            bar.advance(task)
+        bar.update(task, status="speed, every model in turn")
+        times = generation_times([m for _, m in everyone], scenario, config.eval.speed_warmup,
+                                 config.eval.speed_repeats)
+        bar.advance(task)
+        results = []
+        for (name, model), (prefill, decode) in zip(everyone, times):
+            bar.update(task, status=f"tasks of {name}" if config.eval.tasks else "")
+            tasks = lm_eval_tasks(model, parent.tokenizer, config) if config.eval.tasks else {}
+            bar.advance(task)
+            params = sum(p.numel() for p in model.parameters())
+            s = scores[name]
+            results.append(ModelResult(
+                name=name, parameters=params, weight_bytes=params * DTYPE_BYTES[scenario.weight_dtype],
+                kv_bytes=sum(kv_cache_bytes(c.attention, shape, scenario)
+                             for c, shape in zip(choices[name], adapter.shapes)),
+                kl=s["kl"], lm_loss=s["lm_loss"], perplexity=perplexity(s["lm_loss"]), top1=s["top1"],
+                prefill_tokens_per_second=scenario.batch_size * scenario.prefill_length / prefill,
+                decode_tokens_per_second=scenario.batch_size / decode,
+                measured_latency=scenario.latency(prefill, decode),
+                predicted_latency=_predicted(rows, choices[name], scenario), tasks=tasks,
+                **(_fp8_fields(effects[name]) if effects else {}),
+            ))
+    summary = EvalSummary(results, scenario, local_device_name(device), tokens, ctx.directory / "results.json",
+                          time.time() - started)
+    _write(summary)
+    ctx.record.outputs = {"results": summary.file.name, "table": "results.csv"}
+    return summary
+
+
+def _profiled(run: RunDir) -> bool:
+    return (run.stage_dir(Stage.profile) / "profile.csv").is_file() and run.done_fingerprint(Stage.profile) is not None
+
+
+def _fp8_effects(config: PuzzleConfig, run: RunDir, parent, loaded: dict, calibration, blocks) -> dict:
+    """FP8 KV cache of every model; the parent runs as a child that keeps every layer (the model that
+    carries the simulation), whose own KL to the parent is rounding only."""
+    from puzzle.kv_fp8 import fp8_kv_effect
+
+    library = Library(run.stage_dir(Stage.library), parent.adapter)
+    whole = build_child(parent, library, [BlockChoice(s.attention, s.ffn) for s in parent.adapter.shapes])
+    return fp8_kv_effect(parent.adapter.logits, {"parent": whole.to(parent.model.device), **loaded},
+                         calibration=calibration, blocks=blocks, batch_size=config.eval.batch_size)
+
+
+def _fp8_fields(effect) -> dict:
+    s = effect.scales
+    return {"kv_fp8_added_kl": effect.added_kl, "kv_fp8_scales": {"layers": list(s.layers), "k": list(s.k), "v": list(s.v)}}
+
+
+def _predicted(rows, choices: list[BlockChoice], scenario: Scenario) -> float | None:
+    if rows is None:
+        return None
+    try:
+        return predicted_latency(rows, choices, scenario)
+    except (KeyError, StopIteration):
+        return None
+
+
+def _write(summary: EvalSummary) -> None:
+    data = {
+        "scenario": asdict(summary.scenario), "device": summary.device, "validation_tokens": summary.validation_tokens,
+        "seconds": summary.seconds, "models": [asdict(m) for m in summary.models],
+    }
+    atomic_write_json(summary.file, data)
+    with atomic_path(summary.file.with_name("results.csv")) as tmp:
+        rows = [{k: v for k, v in asdict(m).items() if k not in ("tasks", "kv_fp8_scales")} for m in summary.models]
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+
+
+def read(ctx: StageContext) -> EvalSummary:
+    file = ctx.directory / "results.json"
+    data = json.loads(file.read_text())
+    return EvalSummary([ModelResult(**m) for m in data["models"]], Scenario(**data["scenario"]), data["device"],
+                       data["validation_tokens"], file, data["seconds"])

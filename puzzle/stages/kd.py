@@ -1,0 +1,109 @@
+"""The kd stage (`puzzle kd`): global knowledge distillation of the realized child against its parent
+(docs/design.md §9).
+
+Writes kd/checkpoint (the distilled child, in the realized child's format), summary.json (held-out
+losses before and after) and train_log.csv (losses per step). Resumable: training state is saved every
+kd.checkpoint_every steps under kd/resume and picked up after a kill.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.io import atomic_path, atomic_write_json
+from puzzle.checkpoint import child_info, load_child, write_checkpoint
+from puzzle.config import PuzzleConfig
+from puzzle.data import job_blocks
+from puzzle.distill.kd import KdSettings, distill
+from puzzle.distributed import Workers
+from puzzle.parents import load_parent
+from puzzle.pipeline import StageContext
+from puzzle.progress import progress_bar
+from puzzle.rundir import RunDir, Stage
+
+
+@dataclass(frozen=True)
+class KdSummary:
+    directory: Path
+    steps: int
+    tokens: int
+    before: dict[str, float]  # held-out losses of the realized child: total, kl, cosine, lm
+    after: dict[str, float]
+    seconds: float
+
+
+def child_source(config: PuzzleConfig, run: RunDir) -> tuple[Path, str]:
+    """The checkpoint to distill and what identifies its content (for the stage's key)."""
+    if config.kd.child is not None:
+        path = Path(config.kd.child)
+        return path, f"{path.resolve()}@{(path / 'config.json').stat().st_mtime_ns}"
+    path = run.stage_dir(Stage.child) / "checkpoint"
+    done = run.done_fingerprint(Stage.child)
+    if done is None or not path.is_dir():
+        raise PuzzleError(f"{path} does not exist; run `puzzle realize` first (or set kd.child)")
+    return path, done
+
+
+def key_extra(config: PuzzleConfig, run: RunDir) -> str:
+    return child_source(config, run)[1]
+
+
+def settings(config: PuzzleConfig) -> KdSettings:
+    kd = config.kd
+    return KdSettings(
+        learning_rate=kd.learning_rate, schedule=kd.schedule, warmup_fraction=kd.warmup_fraction,
+        steps=config.kd_steps, batch_size=kd.batch_size, seed=config.run.seed, checkpoint_every=kd.checkpoint_every,
+        kl_weight=kd.kl_weight, cosine_weight=kd.cosine_weight, lm_weight=kd.lm_weight,
+    )
+
+
+def run(ctx: StageContext, team: Workers) -> KdSummary | None:
+    started = time.time()
+    config, directory = ctx.config, ctx.directory
+    source, _ = child_source(config, ctx.run)
+    s = settings(config)
+    parent = load_parent(config.parent)
+    child = load_child(source, next(parent.model.parameters()).dtype, parent.model.device)
+    blocks = job_blocks(config.data, parent.tokenizer)
+    adapter = parent.adapter
+
+    def parent_states(x):
+        states = adapter.hidden_states(x.to(parent.model.device))
+        return states, adapter.head(states[-1])
+
+    with progress_bar() as bar:
+        task = bar.add_task("global KD", total=s.steps, status="", visible=team.is_main)
+        outcome = distill(
+            child, parent_states, blocks.train, blocks.validation[: config.kd.eval_blocks], s,
+            directory / "resume" / hashlib.sha256(ctx.key.encode()).hexdigest()[:16], team.rank, team.world,
+            on_step=lambda step, losses: bar.update(
+                task, completed=step, status=f"loss {losses['total']:.4f} (KL {losses['kl']:.4f})"),
+        )
+    if not team.is_main:
+        return None
+    tokens = s.steps * s.batch_size * blocks.train.shape[1]
+    write_checkpoint(directory / "checkpoint", child, parent, {
+        **child_info(source), "kd": {"source": str(source), "steps": s.steps, "tokens": tokens},
+    })
+    with atomic_path(directory / "train_log.csv") as tmp:
+        pd.DataFrame(outcome.train_loss).rename_axis("step").to_csv(tmp)
+    summary = KdSummary(directory / "checkpoint", s.steps, tokens, outcome.before, outcome.after,
+                        time.time() - started)
+    atomic_write_json(directory / "summary.json", {**asdict(summary), "directory": "checkpoint"})
+    shutil.rmtree(directory / "resume", ignore_errors=True)
+    ctx.record.outputs = {"checkpoint": "checkpoint", "summary": "summary.json", "train_log": "train_log.csv"}
+    return summary
+
+
+def read(ctx: StageContext) -> KdSummary:
+    data = json.loads((ctx.directory / "summary.json").read_text())
+    return KdSummary(ctx.directory / "checkpoint", data["steps"], data["tokens"], data["before"], data["after"],
+                     data["seconds"])

@@ -1,0 +1,190 @@
+"""The library stage (`puzzle distill`): build the replacement library and train it by blockwise local
+distillation (docs/design.md §3–4).
+
+Every entry is checked each time the stage runs (its weights' checksum and the settings that trained
+it), and only missing or damaged entries are trained, sharded over the ranks of a multi-process job.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from puzzle.blocks.errors import PuzzleError
+from puzzle.blocks.io import atomic_path
+from puzzle.blocks.specs import AttentionSpec, FfnKind, ParentShape
+from puzzle.config import PuzzleConfig
+from puzzle.data import job_blocks
+from puzzle.distill.bld import Candidate, build_module, ffn_channel_scores, train_candidates
+from puzzle.distill.experts import expert_importance
+from puzzle.distill.library import (
+    ENTRY_FORMAT, LayerSpace, bld_candidates, init_name, layer_spaces, read_entry, write_entry, write_space,
+)
+from puzzle.distill.schedule import TrainingSettings
+from puzzle.distributed import Workers
+from puzzle.families import parent_shapes
+from puzzle.parents import load_parent, parent_config
+from puzzle.pipeline import StageContext
+from puzzle.progress import progress_bar
+from puzzle.rundir import fingerprint
+
+
+@dataclass(frozen=True)
+class LibraryRow:
+    key: str
+    layer: int
+    subblocks: str
+    init: str
+    initial_nmse: float
+    final_nmse: float
+    kept_initialization: bool
+    trained_now: bool
+
+
+@dataclass(frozen=True)
+class LibrarySummary:
+    directory: Path
+    rows: list[LibraryRow]
+    trained_now: int
+    seconds: float
+
+
+def job_spaces(config: PuzzleConfig, shapes: list[ParentShape]) -> list[LayerSpace]:
+    return layer_spaces(shapes, config.library, config.bld.coupled_pairs, every_pair=config.bld.mode == "coupled")
+
+
+def entry_fingerprint(config: PuzzleConfig) -> str:
+    # Not the library section: adding a candidate must not invalidate the ones already trained. The
+    # expert ranking is in it: it decides which experts a kept-k entry holds.
+    keys = ("run.seed", "parent", "data", "bld", "library.expert_importance")
+    return f"{fingerprint(config, keys)}-v{ENTRY_FORMAT}"
+
+
+def recut(blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """Cut data blocks into BLD blocks; BLD uses only the training split, so validation stays unseen."""
+    if length > blocks.shape[1]:
+        raise PuzzleError(
+            f"bld.sequence_length: {length} is longer than data.sequence_length ({blocks.shape[1]}); "
+            "lower it or raise data.sequence_length"
+        )
+    per = blocks.shape[1] // length
+    return blocks[:, : per * length].reshape(-1, length)
+
+
+def run(ctx: StageContext, team: Workers) -> LibrarySummary:
+    started = time.time()
+    config, lib_dir = ctx.config, ctx.directory
+    shapes = parent_shapes(parent_config(config.parent))
+    spaces = job_spaces(config, shapes)
+    candidates = bld_candidates(spaces, shapes)
+    entry_key = entry_fingerprint(config)
+    todo = [c for c in candidates if read_entry(lib_dir, c, entry_key) is None]
+    team.barrier()  # every rank has seen the same finished entries before any rank writes new ones
+    shard = team.shard(todo)
+    if shard:
+        _train_shard(config, shard, lib_dir, entry_key, team, len(todo))
+    team.barrier()
+    rows = []
+    for c in candidates:
+        row = read_entry(lib_dir, c, entry_key)
+        if row is None:
+            raise PuzzleError(f"library entry {c.key} was not written; see the log of the process that trained it")
+        rows.append(LibraryRow(c.key, c.layer, c.subblocks, row["init"], row["initial_nmse"], row["final_nmse"],
+                               row["kept_initialization"], c in todo))
+    if team.is_main:
+        write_space(lib_dir, spaces, entry_key)
+        with atomic_path(lib_dir / "table.csv") as tmp:
+            pd.DataFrame([r.__dict__ for r in rows]).to_csv(tmp, index=False)
+        ctx.record.outputs = {"candidates": len(rows), "trained_now": len(todo), "table": "table.csv",
+                              "space": "space.json"}
+    return LibrarySummary(lib_dir, rows, len(todo), time.time() - started)
+
+
+def read(ctx: StageContext) -> LibrarySummary:
+    frame = pd.read_csv(ctx.directory / "table.csv")
+    rows = [LibraryRow(**{**r, "trained_now": False}) for r in frame.to_dict("records")]
+    return LibrarySummary(ctx.directory, rows, 0, 0.0)
+
+
+@dataclass
+class BldJob:
+    """Everything one process needs to train its candidates."""
+
+    candidates: list[Candidate]
+    modules: nn.ModuleDict
+    train: torch.Tensor
+    held_out: torch.Tensor
+    settings: TrainingSettings
+
+
+def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate]) -> BldJob:
+    bld = config.bld
+    adapter = parent.adapter
+    device = next(parent.model.parameters()).device
+    data = job_blocks(config.data, parent.tokenizer)
+    steps = math.ceil(bld.tokens_per_candidate / (bld.batch_size * bld.sequence_length))
+    settings = TrainingSettings(
+        learning_rate=bld.learning_rate, schedule=bld.schedule, warmup_fraction=bld.warmup_fraction, steps=steps,
+        batch_size=bld.batch_size, seed=config.run.seed, checkpoint_every=bld.checkpoint_every,
+    )
+    scores = ffn_scores(config, adapter, data, candidates, device)
+    modules = nn.ModuleDict(
+        {c.module_name: build_module(c, adapter, scores, config.parent.attn_implementation) for c in candidates}
+    ).to(device)
+    return BldJob(
+        candidates=candidates,
+        modules=modules,
+        train=recut(data.train, bld.sequence_length).to(device),
+        held_out=recut(data.validation, bld.sequence_length)[: bld.eval_blocks].to(device),
+        settings=settings,
+    )
+
+
+def ffn_scores(config: PuzzleConfig, adapter, data, candidates: list[Candidate], device) -> list | None:
+    """Per layer, what FFN candidates are cut by: channel contributions (dense), expert importances (MoE)."""
+    kinds = {c.ffn.kind for c in candidates if c.ffn is not None}
+    if not kinds & {FfnKind.dense, FfnKind.moe}:
+        return None
+    calibration = data.calibration(config.data.calibration_blocks).to(device)
+    batch = config.eval.batch_size
+    channels = ffn_channel_scores(adapter, calibration, batch) if FfnKind.dense in kinds else [None] * adapter.num_layers
+    experts = [None] * adapter.num_layers
+    if FfnKind.moe in kinds:
+        experts = expert_importance(adapter, calibration, batch_size=batch, method=config.library.expert_importance)
+    return [c if c is not None else e for c, e in zip(channels, experts)]
+
+
+def _train_shard(config: PuzzleConfig, shard: list[Candidate], lib_dir: Path, entry_key: str, team: Workers,
+                 total: int) -> None:
+    parent = load_parent(config.parent)
+    adapter = parent.adapter
+    job = prepare_bld(config, parent, shard)
+    steps = job.settings.steps
+    checkpoint = lib_dir / ".bld" / f"{entry_key}-rank{team.rank}-of{team.world}"
+    with progress_bar() as bar:
+        # Rank 0 draws the bar for everyone: ranks step in lockstep, each over its shard.
+        task = bar.add_task(f"BLD {total} candidates", total=steps * total, status="", visible=team.is_main)
+
+        def on_step(step: int, losses: dict[str, float]) -> None:
+            mean = sum(losses.values()) / len(losses)
+            bar.update(task, completed=step * total, status=f"step {step}/{steps} mean nMSE {mean:.4f}")
+
+        results = train_candidates(
+            shard, job.modules, adapter, job.train, job.held_out, job.settings, checkpoint, on_step=on_step
+        )
+    for result in results:
+        c = result.candidate
+        spec = c.attention if c.attention is not None else c.ffn
+        shape = adapter.shape(c.layer)
+        parent_spec = shape.attention if isinstance(spec, AttentionSpec) else shape.ffn
+        init = init_name(spec, parent_spec) if c.attention is None or c.ffn is None else "coupled"
+        tokens = steps * job.settings.batch_size * config.bld.sequence_length
+        write_entry(lib_dir, result, init=init, steps=steps, tokens=tokens, fingerprint=entry_key)
+    shutil.rmtree(checkpoint, ignore_errors=True)

@@ -1,0 +1,75 @@
+"""The parent stage: the parent loaded through its family adapter and measured on the held-out text."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from puzzle.blocks.io import atomic_write_json
+from puzzle.data import job_blocks
+from puzzle.distill.metrics import next_token_loss, perplexity
+from puzzle.parents import load_parent
+from puzzle.pipeline import StageContext
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    index: int
+    attention_type: str
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
+class ParentSummary:
+    source: str
+    model_type: str
+    parameters: int
+    layers: list[LayerSummary]
+    validation_loss: float
+    validation_perplexity: float
+    validation_tokens: int
+
+    @classmethod
+    def from_json(cls, data: dict) -> ParentSummary:
+        return cls(**{**data, "layers": [LayerSummary(**layer) for layer in data["layers"]]})
+
+
+def validation_loss(adapter, blocks, batch_size: int) -> tuple[float, int]:
+    """Mean next-token loss of the model behind `adapter`, run layer by layer, and the tokens it covers."""
+    return next_token_loss(adapter.logits, blocks, batch_size, next(adapter.model.parameters()).device)
+
+
+def run(ctx: StageContext) -> ParentSummary:
+    config = ctx.config
+    parent = load_parent(config.parent)
+    blocks = job_blocks(config.data, parent.tokenizer)
+    loss, tokens = validation_loss(parent.adapter, blocks.validation[: config.eval.validation_blocks],
+                                   config.eval.batch_size)
+    cfg = parent.model.config
+    summary = ParentSummary(
+        source=parent.source,
+        model_type=cfg.model_type,
+        parameters=sum(p.numel() for p in parent.model.parameters()),
+        layers=[
+            LayerSummary(
+                index=i,
+                attention_type=parent.adapter.layer(i).attention_type.value,
+                num_attention_heads=cfg.num_attention_heads,
+                num_key_value_heads=cfg.num_key_value_heads,
+                intermediate_size=cfg.intermediate_size,
+            )
+            for i in range(parent.adapter.num_layers)
+        ],
+        validation_loss=loss,
+        validation_perplexity=perplexity(loss),
+        validation_tokens=tokens,
+    )
+    atomic_write_json(ctx.directory / "summary.json", asdict(summary))
+    ctx.record.outputs = {"summary": "summary.json", "data_fingerprint": blocks.fingerprint}
+    return summary
+
+
+def read(ctx: StageContext) -> ParentSummary:
+    return ParentSummary.from_json(json.loads((ctx.directory / "summary.json").read_text()))

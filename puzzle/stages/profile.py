@@ -1,0 +1,59 @@
+"""The profile stage (`puzzle profile`): parameters, memory and time of every subblock candidate at the
+job's scenario (docs/design.md §6).
+
+A measured profile is reused as it is: measuring again would move the search's choice with the machine's
+load and redo every stage after it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+
+from puzzle.blocks.io import atomic_path
+from puzzle.distill.library import Library
+from puzzle.parents import load_parent
+from puzzle.pipeline import StageContext
+from puzzle.profiling import AdditiveCheck, additive_checks, cost_rows
+from puzzle.rundir import RunDir, Stage
+from puzzle.search.profile import CostRow, read_profile
+
+
+@dataclass(frozen=True)
+class ProfileSummary:
+    table: Path
+    rows: list[CostRow]
+    checks: list[AdditiveCheck]
+    device: str
+    seconds: float
+
+
+def run(ctx: StageContext) -> ProfileSummary:
+    started = time.time()
+    config = ctx.config
+    parent = load_parent(config.parent)
+    library = Library(ctx.run.stage_dir(Stage.library), parent.adapter)
+    rows = cost_rows(config, parent, library, config.profile.scenario)
+    table = ctx.directory / "profile.csv"
+    with atomic_path(table) as tmp:
+        pd.DataFrame([asdict(r) for r in rows]).to_csv(tmp, index=False)
+    ctx.record.outputs = {"table": table.name, "device": rows[0].device, "method": rows[0].method}
+    return ProfileSummary(table, rows, [], rows[0].device, time.time() - started)
+
+
+def read(ctx: StageContext) -> ProfileSummary:
+    table = ctx.directory / "profile.csv"
+    rows = read_profile(table)
+    return ProfileSummary(table, rows, [], rows[0].device, 0.0)
+
+
+def with_checks(summary: ProfileSummary, config, children: int) -> ProfileSummary:
+    """The summary with the additive cost model checked on the parent and `children` random children
+    (whole models timed here); the profile itself is not measured again."""
+    parent = load_parent(config.parent)
+    library = Library(RunDir.of(config).stage_dir(Stage.library), parent.adapter)
+    checks = additive_checks(config, parent, library, summary.rows, config.profile.scenario, children)
+    return replace(summary, checks=checks)

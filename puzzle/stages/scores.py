@@ -1,0 +1,89 @@
+"""The scores stage (`puzzle score`): replace-1-block scores of every block of every layer (docs/design.md §5).
+
+A block is an (attention, FFN) pair: decoupled candidates composed, plus coupled pairs from the
+library. Each layer's scores are written atomically as soon as the layer is done, so a killed run
+resumes at the first unfinished layer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from puzzle.blocks.io import atomic_path, atomic_write_json
+from puzzle.data import job_blocks
+from puzzle.distill.library import Library
+from puzzle.distill.scoring import METRICS, ParentReference
+from puzzle.parents import load_parent
+from puzzle.pipeline import StageContext
+from puzzle.progress import progress_bar
+from puzzle.rundir import Stage
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    table: Path
+    frame: pd.DataFrame
+    scored_now: int
+    seconds: float
+
+
+def run(ctx: StageContext) -> ScoreSummary:
+    started = time.time()
+    config, score_dir = ctx.config, ctx.directory
+    parent = load_parent(config.parent)
+    library = Library(ctx.run.stage_dir(Stage.library), parent.adapter)
+    blocks = job_blocks(config.data, parent.tokenizer).validation[: config.scoring.validation_blocks]
+    todo = [i for i in range(len(library.layers)) if not _layer_done(score_dir, i, ctx.key)]
+    total = sum(len(library.layers[i].blocks()) for i in todo)
+    if todo:
+        reference = ParentReference(parent.adapter, blocks.to(parent.model.device), config.scoring.batch_size)
+        with progress_bar() as bar:
+            task = bar.add_task("score blocks", total=total, status="")
+            for i in todo:
+                _score_layer(library, reference, i, score_dir, ctx.key,
+                             lambda desc: bar.update(task, advance=1, status=desc))
+    frame = pd.concat([pd.read_csv(_layer_file(score_dir, i)) for i in range(len(library.layers))], ignore_index=True)
+    table = score_dir / "scores.csv"
+    with atomic_path(table) as tmp:
+        frame.to_csv(tmp, index=False)
+    ctx.record.outputs = {"table": table.name, "blocks": len(frame), "metric": config.scoring.metric}
+    return ScoreSummary(table, frame, total, time.time() - started)
+
+
+def read(ctx: StageContext) -> ScoreSummary:
+    table = ctx.directory / "scores.csv"
+    return ScoreSummary(table, pd.read_csv(table), 0, 0.0)
+
+
+def _layer_file(score_dir: Path, layer: int) -> Path:
+    return score_dir / "layers" / f"L{layer:02d}.csv"
+
+
+def _layer_done(score_dir: Path, layer: int, key: str) -> bool:
+    marker = score_dir / "layers" / f"L{layer:02d}.json"
+    if not (marker.is_file() and _layer_file(score_dir, layer).is_file()):
+        return False
+    return json.loads(marker.read_text()).get("fingerprint") == key
+
+
+def _score_layer(library: Library, reference: ParentReference, layer: int, score_dir: Path, key: str, tick) -> None:
+    rows = []
+    space = library.layers[layer]
+    attention_modules = {s: library.module(layer, s) for s in space.attention}
+    ffn_modules = {s: library.module(layer, s) for s in space.ffn}
+    for block in space.blocks():
+        if block.coupled:
+            attention, ffn = library.pair(layer, block.attention, block.ffn)
+        else:
+            attention, ffn = attention_modules[block.attention], ffn_modules[block.ffn]
+        metrics = reference.score(layer, attention, ffn)
+        rows.append({"layer": layer, **block.to_json(), **metrics.__dict__})
+        tick(f"L{layer} {block} kl {metrics.kl:.4f}")
+    with atomic_path(_layer_file(score_dir, layer)) as tmp:
+        pd.DataFrame(rows, columns=["layer", "attention", "ffn", "coupled", *METRICS]).to_csv(tmp, index=False)
+    atomic_write_json(score_dir / "layers" / f"L{layer:02d}.json", {"fingerprint": key})
