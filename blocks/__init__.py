@@ -1,4 +1,6 @@
 """What a layer can become: candidate specs, their modules, initialization from the parent, analytic costs.
 
-Depends on torch and transformers only; never on `puzzle`, `distill` or `search`.
+Installed as `puzzle.blocks`. Imports torch, transformers and pydantic, and from the rest of puzzle only
+the leaf modules `puzzle.errors` and `puzzle.io`; never `puzzle.distill`, `puzzle.search` or the
+orchestration modules (docs/design.md §13).
 """

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 from puzzle.blocks.modeling_puzzle import MLP, DeciLMForCausalLM, RMSNorm
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from puzzle.blocks.io import atomic_dir
+from puzzle.io import atomic_dir
 
 
 @dataclass

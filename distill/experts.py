@@ -16,7 +16,7 @@ import enum
 
 import torch
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 from puzzle.blocks.init import init_ffn
 from puzzle.blocks.modeling_puzzle import MoE
 from puzzle.distill.bld import parent_activations

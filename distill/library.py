@@ -19,9 +19,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 from puzzle.blocks.init import shaped_module
-from puzzle.blocks.io import atomic_path, atomic_write_json, sha256_file
+from puzzle.io import atomic_path, atomic_write_json, sha256_file
 from puzzle.blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates
 from puzzle.blocks.specs import (
     AttentionSpec, BlockChoice, FfnKind, FfnSpec, ParentShape, SubblockSpec, needs_training, spec_from_id,

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 import puzzle.blocks.modeling_puzzle as modeling
-from puzzle.blocks.errors import PuzzleError
-from puzzle.blocks.io import atomic_dir
+from puzzle.errors import PuzzleError
+from puzzle.io import atomic_dir
 from puzzle.blocks.specs import AttentionKind, BlockChoice, FfnKind, ParentShape
 from puzzle.distill.library import Library
 from puzzle.families import parent_shapes

@@ -1,8 +1,11 @@
-"""Errors a user can fix. The CLI prints them as one line each and exits with code 2."""
+"""Errors a user can fix. The CLI prints them as one line each and exits with code 2.
 
-from puzzle.blocks.errors import PuzzleError
+A leaf module (it imports nothing of puzzle), so that every package, `puzzle.blocks` included, can raise them.
+"""
 
-__all__ = ["PuzzleError", "ConfigError"]
+
+class PuzzleError(Exception):
+    """A problem with the user's input (config, paths, data, model); never a bug in puzzle."""
 
 
 class ConfigError(PuzzleError):

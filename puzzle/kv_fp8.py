@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 from puzzle.blocks.modeling_puzzle import FP8_E4M3_MAX, Attention, DeciLMForCausalLM
 from puzzle.distill.metrics import hf_logits, quality
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from puzzle.blocks.io import atomic_path
+from puzzle.io import atomic_path
 
 
 def pyplot():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from puzzle.blocks.io import atomic_path
+from puzzle.io import atomic_path
 from puzzle.config import PuzzleConfig
 from puzzle.rundir import RunDir, Stage
 from puzzle.search.budgets import Sweep

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
 
-from puzzle.blocks.io import atomic_write_json, atomic_write_text
+from puzzle.io import atomic_write_json, atomic_write_text
 from puzzle.config import PuzzleConfig, dump_config
 from puzzle.errors import PuzzleError
 

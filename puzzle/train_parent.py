@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from puzzle.blocks.io import atomic_dir, atomic_write_text
+from puzzle.io import atomic_dir, atomic_write_text
 from puzzle.distill.schedule import batch_indices, warmup_cosine
 from puzzle.config import ParentTrainingConfig, dump_config
 from puzzle.data import TokenBlocks, load_blocks, read_documents

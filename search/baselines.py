@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, BlockChoice, FfnKind, FfnSpec
 from puzzle.search.mip import Block, InfeasibleBudget, Solution, Status, greedy, usage
 

@@ -12,7 +12,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 
 
 class BudgetKind(str, enum.Enum):

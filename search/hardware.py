@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 
 
 @dataclass(frozen=True)

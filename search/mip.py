@@ -17,7 +17,7 @@ from typing import Hashable
 
 import pulp
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 
 
 @dataclass(frozen=True)

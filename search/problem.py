@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from puzzle.blocks.costs import Scenario
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 from puzzle.blocks.specs import BlockChoice, spec_from_id
 from puzzle.search.budgets import Budget, BudgetKind, Sweep
 from puzzle.search.mip import Block, InfeasibleBudget, greedy, solve

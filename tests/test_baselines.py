@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 from puzzle.blocks.specs import BlockChoice
 from puzzle.config import ParentSection, apply_overrides, validate
 from puzzle.importance import block_influence

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 from puzzle.blocks.init import channel_contribution, expand_kv_heads, init_attention, init_ffn, mean_pool_kv_heads
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec
 from puzzle.families import FamilyAdapter

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 from puzzle.search.budgets import BudgetKind, parse_budget
 from puzzle.search.mip import Block, InfeasibleBudget, Status, greedy, solve
 

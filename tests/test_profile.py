@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from puzzle.blocks.costs import Scenario, active_parameters, decode_work, kv_cache_bytes, parameters, prefill_work
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 from puzzle.blocks.init import init_attention, init_ffn
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
 from puzzle.config import load_config

@@ -2,7 +2,7 @@ import pytest
 
 from puzzle.config import validate
 from puzzle.errors import PuzzleError
-from puzzle.blocks.io import atomic_dir, atomic_write_json, atomic_write_text
+from puzzle.io import atomic_dir, atomic_write_json, atomic_write_text
 from puzzle.rundir import RunDir, Stage, fingerprint
 
 CONFIG = validate({"parent": {"path": "p"}, "data": {"files": ["x.txt"]}})

@@ -1,7 +1,7 @@
 import pydantic
 import pytest
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 from puzzle.blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates, pruned_size
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape, needs_training, spec_from_id
 

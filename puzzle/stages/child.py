@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 from puzzle.blocks.specs import BlockChoice
 from puzzle.checkpoint import build_child, checkpoint_parameters, child_choices, child_info, write_checkpoint
 from puzzle.config import PuzzleConfig

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from puzzle.blocks.costs import DTYPE_BYTES, Scenario, kv_cache_bytes
-from puzzle.blocks.io import atomic_path, atomic_write_json
+from puzzle.io import atomic_path, atomic_write_json
 from puzzle.blocks.specs import BlockChoice
 from puzzle.checkpoint import build_child, child_choices, load_child
 from puzzle.config import PuzzleConfig

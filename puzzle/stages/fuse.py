@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from puzzle.blocks.errors import PuzzleError
+from puzzle.errors import PuzzleError
 from puzzle.blocks.fusion import Dependency, attention_free_runs, ffn_dependencies, fuse_mlp, fusion_groups, is_fusable
-from puzzle.blocks.io import atomic_write_json
+from puzzle.io import atomic_write_json
 from puzzle.blocks.modeling_puzzle import DeciLMForCausalLM
 from puzzle.checkpoint import ffn_mult, load_child, write_checkpoint
 from puzzle.config import PuzzleConfig

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from puzzle.blocks.errors import PuzzleError
-from puzzle.blocks.io import atomic_path, atomic_write_json
+from puzzle.errors import PuzzleError
+from puzzle.io import atomic_path, atomic_write_json
 from puzzle.checkpoint import child_info, load_child, write_checkpoint
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks

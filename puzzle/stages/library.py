@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from puzzle.blocks.errors import PuzzleError
-from puzzle.blocks.io import atomic_path
+from puzzle.errors import PuzzleError
+from puzzle.io import atomic_path
 from puzzle.blocks.specs import AttentionSpec, FfnKind, ParentShape
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks

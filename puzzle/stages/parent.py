@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from puzzle.blocks.io import atomic_write_json
+from puzzle.io import atomic_write_json
 from puzzle.data import job_blocks
 from puzzle.distill.metrics import next_token_loss, perplexity
 from puzzle.parents import load_parent

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from puzzle.blocks.io import atomic_path
+from puzzle.io import atomic_path
 from puzzle.distill.library import Library
 from puzzle.parents import load_parent
 from puzzle.pipeline import StageContext

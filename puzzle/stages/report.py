@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from puzzle.blocks.io import atomic_write_text
+from puzzle.io import atomic_write_text
 from puzzle.blocks.specs import AttentionKind, BlockChoice, FfnKind, SubblockSpec
 from puzzle.checkpoint import child_choices
 from puzzle.config import PuzzleConfig

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from puzzle.blocks.io import atomic_path, atomic_write_json
+from puzzle.io import atomic_path, atomic_write_json
 from puzzle.data import job_blocks
 from puzzle.distill.library import Library
 from puzzle.distill.scoring import METRICS, ParentReference

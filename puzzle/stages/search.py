@@ -12,8 +12,8 @@ from dataclasses import asdict, replace
 
 import pandas as pd
 
-from puzzle.blocks.errors import PuzzleError
-from puzzle.blocks.io import atomic_write_json
+from puzzle.errors import PuzzleError
+from puzzle.io import atomic_write_json
 from puzzle.config import PuzzleConfig
 from puzzle.pipeline import StageContext
 from puzzle.problem import job_problem

@@ -1,7 +1,7 @@
 """Atomic writes: readers see either the old file or the complete new one, never a partial write.
 
 Every writer in puzzle goes through these helpers, so a process killed at any moment leaves no
-half-written file under its final name.
+half-written file under its final name. A leaf module (standard library only), used by every package.
 """
 
 from __future__ import annotations
