@@ -20,31 +20,10 @@ from pathlib import Path
 import yaml
 
 from puzzle.config import load_config, read_yaml
-from puzzle.api import distill_stage
-from puzzle.api import eval_stage
-from puzzle.api import kd_stage
-from puzzle.api import profile_stage
-from puzzle.api import realize_stage
-from puzzle.api import score_stage
-from puzzle.api import search_stage
-from puzzle.api import parent_stage, report_stage
+from puzzle.pipeline import RUN_ORDER, SPECS, run_stage
 from puzzle.preflight import check_inputs
 
 BENCHES = {"bench/bld.py": ("BLD step", "naive/ours"), "bench/score.py": ("speedup",)}
-
-
-def stages(config):
-    return [
-        ("parent (load, validation loss)", lambda: parent_stage(config)),
-        ("library (BLD)", lambda: distill_stage(config)),
-        ("scores", lambda: score_stage(config)),
-        ("profile (measured)", lambda: profile_stage(config)),
-        ("search (MIP)", lambda: search_stage(config, [])),
-        ("realize", lambda: realize_stage(config)),
-        ("global KD", lambda: kd_stage(config)),
-        ("eval", lambda: eval_stage(config)),
-        ("report", lambda: report_stage(config)),
-    ]
 
 
 def main() -> None:
@@ -60,13 +39,13 @@ def main() -> None:
     job_file = args.run_dir / "job.yaml"
     job_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     config = load_config(job_file)
-    check_inputs(config)
+    check_inputs([config])
 
     times = []
-    for name, run in stages(config):
+    for stage in RUN_ORDER:
         t0 = time.perf_counter()
-        run()
-        times.append((name, time.perf_counter() - t0))
+        run_stage(stage, config)
+        times.append((SPECS[stage].title, time.perf_counter() - t0))
     ratios = []
     for script, keys in BENCHES.items():
         result = subprocess.run([sys.executable, script, "--config", str(job_file)], capture_output=True, text=True,

@@ -23,15 +23,14 @@ import pandas as pd
 import yaml
 
 from puzzle.config import load_jobs, read_yaml
-from puzzle.api import distill_stage
-from puzzle.api import eval_stage
-from puzzle.api import kd_stage
-from puzzle.api import profile_stage
-from puzzle.api import realize_stage
-from puzzle.api import score_stage
-from puzzle.api import search_stage
+from puzzle.pipeline import RUN_ORDER, run_stage
 from puzzle.preflight import check_inputs
+from puzzle.rundir import JOB_STAGES, Stage
 from puzzle.search.mip import InfeasibleBudget
+
+# The pipeline's order, without the parent summary and the report, which the table does not use.
+SHARED = [s for s in RUN_ORDER if s not in JOB_STAGES and s is not Stage.parent]
+PER_JOB = [s for s in RUN_ORDER if s in JOB_STAGES and s is not Stage.report]
 
 METHODS = ["mip", "greedy", "shortgpt", "llm-drop", "uniform-ffn", "random"]
 
@@ -53,15 +52,15 @@ def job_file(config: Path, budgets: list[float], methods: list[str], kd_tokens: 
 
 
 def run_job(job) -> dict:
-    method, budget = job.search.method, job.search.budgets["latency"]
+    method, budget = job.search.method, job.search.budgets["latency"].value_text
     row = {"budget": budget, "method": method}
+    summaries = {}
     try:
-        search_stage(job, [])
+        for stage in PER_JOB:
+            summaries[stage] = run_stage(stage, job)
     except InfeasibleBudget as e:
         return {**row, "note": f"infeasible: {e}"}
-    realize_stage(job)
-    kd_stage(job)
-    results = {m.name: m for m in eval_stage(job).models}
+    results = {m.name: m for m in summaries[Stage.eval].models}
     parent, child, distilled = results["parent"], results["child"], results["child + KD"]
     return {
         **row,
@@ -112,11 +111,9 @@ def main() -> None:
     base = load_jobs(args.config)[0]
     file = job_file(args.config, args.budgets, args.methods, args.kd_tokens, base.run.dir / "bench_quality.yaml")
     jobs = load_jobs(file)
-    check_inputs(jobs[0])
-    shared = jobs[0]
-    distill_stage(shared)
-    score_stage(shared)
-    profile_stage(shared)
+    check_inputs(jobs)
+    for stage in SHARED:
+        run_stage(stage, jobs[0])
     rows = []
     for n, job in enumerate(jobs, 1):
         print(f"[{n}/{len(jobs)}] {job.run.job} ({time.time() - started:.0f} s so far)", flush=True)
