@@ -1,4 +1,4 @@
-"""Analytic costs of a subblock: parameters, KV-cache bytes, FLOPs and bytes moved (DESIGN §6).
+"""Analytic costs of a subblock: parameters, KV-cache bytes, FLOPs and bytes moved (docs/design.md §6).
 
 Pure functions of a spec, the parent layer's shape and a scenario; the measured profile and the
 roofline both use them for the memory side, and the roofline for time.

@@ -1,4 +1,4 @@
-"""Training-free initialization of candidate subblocks from the parent layer (DESIGN §3).
+"""Training-free initialization of candidate subblocks from the parent layer (docs/design.md §3).
 
 - pruned FFN: keep the channels of highest contribution C_j = mean|x_j| · ‖W_down[:, j]‖₂;
 - fewer KV heads: mean-pool the K and V heads inside each merged group (queries unchanged);

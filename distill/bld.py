@@ -1,4 +1,4 @@
-"""Blockwise local distillation (DESIGN §4).
+"""Blockwise local distillation (docs/design.md §4).
 
 Each candidate learns to reproduce what the parent's block adds to the residual stream, given the
 parent's input to that block. Decoupled candidates replace one subblock and keep the other one of

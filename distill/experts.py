@@ -1,4 +1,4 @@
-"""Expert importance of an MoE layer (DESIGN §3), measured on calibration tokens.
+"""Expert importance of an MoE layer (docs/design.md §3), measured on calibration tokens.
 
 Two methods, both higher = more important, both 0 for an expert no token is routed to:
 - `routed`: routed contribution, the mean over tokens of gate weight × ‖expert output‖ (a token that

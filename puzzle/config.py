@@ -240,7 +240,7 @@ class EvalSection(Section):
     )
     task_limit: int | None = Field(None, ge=1, description="Examples per lm-evaluation-harness task (all when unset).")
     speed_warmup: int = Field(1, ge=0, description="Untimed generations before the speed is measured.")
-    speed_repeats: int = Field(5, ge=1, description="Timed generations; the medians are reported.")
+    speed_repeats: int = Field(5, ge=1, description="Timed rounds (every model once per round); each model's fastest is reported.")
     kv_dtype: Literal["model", "fp8"] = Field(
         "model", description="KV cache of the evaluated models: 'model' (their own dtype) or 'fp8' (simulated E4M3, "
         "per-layer scales calibrated on data.calibration_blocks; reports the KL it adds to each model).",
