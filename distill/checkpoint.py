@@ -21,6 +21,7 @@ class TrainingState:
     step: int = 0
     initial: dict[str, float] = field(default_factory=dict)
     train_loss: dict[str, list[float]] = field(default_factory=dict)
+    log: list[dict] = field(default_factory=list)  # free-form rows a trainer keeps (e.g. per-step records)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> dict[str, torch.Tensor]:
@@ -39,7 +40,7 @@ def save_checkpoint(directory: Path, modules: nn.ModuleDict, optimizer, state: T
         save_file(_optimizer_tensors(optimizer, names), tmp / "optimizer.safetensors")
         (tmp / "state.json").write_text(
             json.dumps({"tag": tag, "step": state.step, "keys": list(modules.keys()), "initial": state.initial,
-                        "train_loss": state.train_loss})
+                        "train_loss": state.train_loss, "log": state.log})
         )
 
 
@@ -58,4 +59,4 @@ def load_checkpoint(directory: Path, modules: nn.ModuleDict, optimizer, tag: str
         if entries:
             entries["step"] = entries["step"].reshape(())
             optimizer.state[param] = entries
-    return TrainingState(saved["step"], saved["initial"], saved["train_loss"])
+    return TrainingState(saved["step"], saved["initial"], saved["train_loss"], saved.get("log", []))

@@ -1,8 +1,12 @@
 """Multi-process work on torch.distributed: candidates are sharded across ranks.
 
 Processes come from an existing launcher, which sets RANK/WORLD_SIZE/MASTER_ADDR: `torchrun`, or
-`accelerate launch --multi_gpu` on GPUs (accelerate's multi-CPU mode needs MPI, so on CPUs the
-command's own `--num-processes N` starts N processes through torchrun). Gloo on CPU, NCCL on CUDA.
+`accelerate launch --multi_gpu` on GPUs; a command's own `--num-processes N` starts N processes through
+`torchrun --standalone`. Gloo on CPU, NCCL on CUDA.
+
+accelerate is not a dependency: torch.distributed does all puzzle needs, and accelerate's state does not
+see a CPU job at all (under torchrun with gloo, `PartialState()` reports `DistributedType.NO`; its
+multi-CPU mode needs MPI), so the CPU runs that test this code could not run through it.
 """
 
 from __future__ import annotations

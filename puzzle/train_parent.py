@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
@@ -25,13 +25,17 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from puzzle.io import atomic_dir, atomic_write_text
-from puzzle.distill.schedule import batch_indices, warmup_cosine
 from puzzle.config import ParentTrainingConfig, dump_config
 from puzzle.data import TokenBlocks, load_blocks, read_documents
-from puzzle.progress import progress_bar
+from puzzle.distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from puzzle.distill.metrics import next_token_loss
+from puzzle.distill.schedule import batch_indices, warmup_cosine
+from puzzle.io import atomic_dir, atomic_write_text
+from puzzle.progress import progress_bar
 from puzzle.tokenizer import train_tokenizer
+
+# Names the format of the training state; a checkpoint of another format is not resumed from.
+CHECKPOINT_TAG = "train-parent-v2"
 
 SAMPLE_PROMPTS = ["ROMEO.\n", "To be, or not to be", "KING.\nMy lords,"]
 
@@ -88,21 +92,14 @@ def mean_loss(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
 
 
 def _save_checkpoint(work: Path, model, optimizer, step: int, log: list[dict]) -> None:
-    with atomic_dir(work / "checkpoint") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "log": log}))
+    # The training-state format BLD and KD use: weights and AdamW moments as safetensors, no pickles.
+    save_checkpoint(work / "checkpoint", nn.ModuleDict({"model": model}), optimizer, TrainingState(step, log=log),
+                    tag=CHECKPOINT_TAG)
 
 
 def _load_checkpoint(work: Path, model, optimizer) -> tuple[int, list[dict]]:
-    ckpt = work / "checkpoint"
-    if not (ckpt / "state.json").is_file():
-        return 0, []
-    model.load_state_dict(load_file(ckpt / "model.safetensors"))
-    # Our own optimizer file; weights_only refuses anything but tensors and plain containers.
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    state = json.loads((ckpt / "state.json").read_text())
-    return state["step"], state["log"]
+    state = load_checkpoint(work / "checkpoint", nn.ModuleDict({"model": model}), optimizer, tag=CHECKPOINT_TAG)
+    return (0, []) if state is None else (state.step, state.log)
 
 
 def _prepare_tokenizer(cfg: ParentTrainingConfig) -> PreTrainedTokenizerFast:
