@@ -23,6 +23,7 @@ from puzzle.config import (
     PuzzleConfig,
     Section,
     apply_overrides,
+    budget_flags,
     budget_overrides,
     describe_fields,
     read_yaml,
@@ -178,8 +179,13 @@ def validate_command(config: ConfigArg, set_: SetOption = None, budget: BudgetOp
         validate(raw, ParentTrainingConfig, str(config))
         out.print(f"{config}: valid parent-training config")
         return
-    jobs = load_jobs(config, (set_ or []) + budget_overrides(budget or []))
-    problems = _sweep_problems(sweep) + list(dict.fromkeys(p for job in jobs for p in preflight(job)))
+    overrides, problems = budget_flags(budget or [])
+    problems += _sweep_problems(sweep)
+    try:
+        jobs = load_jobs(config, (set_ or []) + overrides)
+    except ConfigError as e:
+        raise ConfigError(e.problems + problems, str(config)) from None
+    problems += list(dict.fromkeys(p for job in jobs for p in preflight(job)))
     if problems:
         raise ConfigError(problems, str(config))
     names = [job.run.job for job in jobs if job.run.job]

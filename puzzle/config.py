@@ -298,8 +298,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def budget_overrides(texts: list[str]) -> list[str]:
-    """`--budget KIND=VALUE` options as `--set search.budgets.KIND=VALUE` overrides; every malformed budget and
-    every kind given twice is a problem (a flag replaces the config file's budget of its kind)."""
+    """`--budget KIND=VALUE` options as `--set search.budgets.KIND=VALUE` overrides (a flag replaces the config
+    file's budget of its kind); every malformed budget and every kind given twice is a problem."""
+    out, problems = budget_flags(texts)
+    if problems:
+        raise ConfigError(problems, "--budget")
+    return out
+
+
+def budget_flags(texts: list[str]) -> tuple[list[str], list[str]]:
+    """The overrides of the well-formed `--budget` options, and one problem per other one."""
     problems, seen, out = [], {}, []
     for text in texts:
         try:
@@ -313,9 +321,7 @@ def budget_overrides(texts: list[str]) -> list[str]:
             continue
         seen[budget.kind] = text
         out.append(f"search.budgets.{budget.kind.value}={budget.value_text}")
-    if problems:
-        raise ConfigError(problems, "--budget")
-    return out
+    return out, problems
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
