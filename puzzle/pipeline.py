@@ -126,17 +126,6 @@ def stage_key(spec: StageSpec, config: PuzzleConfig, run: RunDir, **options: Any
     return "-".join(parts) + f"-v{spec.version}"
 
 
-def is_current(stage: Stage, config: PuzzleConfig) -> bool:
-    """Whether the stage is done under the key the current config gives it."""
-    spec, run = SPECS[stage], RunDir.of(config)
-    try:
-        check_requirements(spec, run)
-        key = stage_key(spec, config, run)
-    except PuzzleError:
-        return False
-    return run.is_done(stage, key) and all((run.stage_dir(stage) / o).exists() for o in spec.outputs)
-
-
 def run_stage(stage: Stage, config: PuzzleConfig, **options: Any):
     """Run one stage under the common protocol and return its summary (read back when it is reused).
 
