@@ -19,7 +19,7 @@ class SpaceOptions(BaseModel):
     """The candidates every layer offers: the job config's `library` section, defined once here (and
     validated when the config loads) so that `blocks` needs nothing from the config module."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     kv_heads: list[PositiveInt] | Literal["divisors"] = Field(
         "divisors", description="KV-head counts for GQA candidates: a list, or every divisor of the parent's count."

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from puzzle.io import atomic_dir
+from puzzle.io import atomic_dir, restore_swapped
 
 
 @dataclass
@@ -46,6 +46,7 @@ def save_checkpoint(directory: Path, modules: nn.ModuleDict, optimizer, state: T
 
 def load_checkpoint(directory: Path, modules: nn.ModuleDict, optimizer, tag: str) -> TrainingState | None:
     """The saved state if it belongs to these modules and settings; None otherwise (training starts over)."""
+    restore_swapped(directory)
     state_file = directory / "state.json"
     if not state_file.is_file():
         return None

@@ -128,7 +128,8 @@ def load_child(directory: Path, dtype: torch.dtype | None = None, device="cpu") 
     """A child checkpoint through the project's own modeling code (no remote code is run)."""
     if not (directory / "config.json").is_file():
         raise PuzzleError(f"{directory} is not a child checkpoint (no config.json)")
-    model = modeling.DeciLMForCausalLM.from_pretrained(directory, dtype=dtype)
+    # Weights from safetensors only, as for the parent: a pickled .bin is never loaded.
+    model = modeling.DeciLMForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
     return model.to(device).eval()
 
 

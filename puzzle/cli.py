@@ -103,18 +103,24 @@ def load_jobs(path: Path, overrides: list[str] | None, job: str | None = None) -
     return chosen
 
 
-def _checked_jobs(path: Path, overrides: list[str] | None, job: str | None = None) -> list[PuzzleConfig]:
-    """The jobs, with every input problem reported before anything is written."""
+def _checked_jobs(path: Path, overrides: list[str] | None, job: str | None = None,
+                  stage: Stage | None = None) -> list[PuzzleConfig]:
+    """The jobs, with every input problem reported before anything is written: the config, the parent, the
+    data, the run directory, and the outputs of earlier stages that `stage` (where the command starts) needs."""
     from puzzle.preflight import check_inputs
 
     jobs = load_jobs(path, overrides, job)
-    check_inputs(jobs)
+    check_inputs(jobs, stage, str(path))
     return jobs
 
 
 def _started(jobs: list[PuzzleConfig]) -> list[PuzzleConfig]:
+    """The first writes of a command: each job's resolved config, and the truth about stages a kill left."""
     for j in jobs:
-        RunDir.of(j).write_config(j)
+        run_dir = RunDir.of(j)
+        for stage in run_dir.mark_interrupted():
+            console.print(f"stage {stage.value} of {run_dir.path} was interrupted (its process died); it is redone")
+        run_dir.write_config(j)
     return jobs
 
 
@@ -172,7 +178,7 @@ def validate_command(config: ConfigArg, set_: SetOption = None, budget: BudgetOp
     Job files are also checked against the disk: the parent's path and family, the data files. --budget
     and --sweep are checked as `puzzle search` would take them.
     """
-    from puzzle.preflight import preflight
+    from puzzle.preflight import check_inputs
 
     raw = apply_overrides(read_yaml(config), set_ or [])
     if _is_training_config(raw):
@@ -185,7 +191,10 @@ def validate_command(config: ConfigArg, set_: SetOption = None, budget: BudgetOp
         jobs = load_jobs(config, (set_ or []) + overrides)
     except ConfigError as e:
         raise ConfigError(e.problems + problems, str(config)) from None
-    problems += list(dict.fromkeys(p for job in jobs for p in preflight(job)))
+    try:
+        check_inputs(jobs, source=str(config))
+    except ConfigError as e:
+        problems = e.problems + problems
     if problems:
         raise ConfigError(problems, str(config))
     names = [job.run.job for job in jobs if job.run.job]
@@ -277,7 +286,7 @@ def distill(config: ConfigArg, set_: SetOption = None, num_processes: ProcessesO
     """
     from puzzle.api import distill_stage
 
-    [job] = _checked_jobs(config, set_)[:1]
+    [job] = _checked_jobs(config, set_, stage=Stage.library)[:1]
     if _relaunched(num_processes, ["distill", str(config)], set_):
         return
     _started([job])
@@ -295,7 +304,7 @@ def score(config: ConfigArg, set_: SetOption = None) -> None:
     """
     from puzzle.api import score_stage
 
-    [job] = _started(_checked_jobs(config, set_)[:1])
+    [job] = _started(_checked_jobs(config, set_, stage=Stage.scores)[:1])
     render.scores(job, score_stage(job))
 
 
@@ -325,9 +334,10 @@ def profile(
     if check < 0:
         raise PuzzleError(f"--check: got {check}; expected a count of random children (0 for none)")
     overrides = list(set_ or []) + ([f"profile.device={device}"] if device else [])
-    [job] = _started(_checked_jobs(config, overrides)[:1])
+    [job] = load_jobs(config, overrides)[:1]
     if check and job.profile.device != "local":
         raise PuzzleError(f"--check: times whole models here; profile.device is {job.profile.device}")
+    _started(_checked_jobs(config, overrides, stage=Stage.profile)[:1])
     render.profile(profile_stage(job, check_models=check))
 
 
@@ -354,7 +364,7 @@ def search(
     problems = _sweep_problems(sweep)
     if problems:
         raise ConfigError(problems, "--sweep")
-    for job in _checked_jobs(config, overrides, job_name):
+    for job in _checked_jobs(config, overrides, job_name, stage=Stage.search):
         _search_job(job, sweep)
 
 
@@ -364,11 +374,9 @@ def _search_job(job: PuzzleConfig, sweep: str | None) -> None:
     if sweep is None:
         render.search(job, search_stage(job))
         return
-    from puzzle.pipeline import SPECS, check_requirements
     from puzzle.problem import write_frontier
     from puzzle.search.budgets import parse_sweep
 
-    check_requirements(SPECS[Stage.search], RunDir.of(job))
     render.frontier(job, sweep, *write_frontier(job, parse_sweep(sweep)))
 
 
@@ -381,15 +389,22 @@ def baseline(
     budget: BudgetOption = None,
     job_name: JobOption = None,
 ) -> None:
-    """A simpler architecture choice than the MIP on the same scores, profile and budgets: `puzzle search`
-    with search.method=METHOD.
+    """A simpler architecture choice than the MIP on the same scores, profile and budgets, as a job of its own.
 
-    Writes RUN_DIR/search/solutions.json as the search does, so `puzzle realize` builds the baseline's child.
-    shortgpt and llm-drop rank layers by the parent's Block Influence on the held-out blocks.
+    The baseline is the job METHOD (NAME-METHOD under --job NAME) of the run: `puzzle search` with
+    search.method=METHOD, written to RUN_DIR/jobs/METHOD/ beside its config.yaml, so the job's own search is
+    left alone. `puzzle run RUN_DIR/jobs/METHOD/config.yaml` then realizes, distills and evaluates the
+    baseline's child on the run's shared library, scores and profile. shortgpt and llm-drop rank layers by
+    the parent's Block Influence on the held-out blocks.
     """
+    from puzzle.api import with_settings
+
     overrides = [*(set_ or []), f"search.method={method}", *budget_overrides(budget or [])]
-    for job in _checked_jobs(config, overrides, job_name):
-        _search_job(job, None)
+    for job in _checked_jobs(config, overrides, job_name, stage=Stage.search):
+        job = with_settings(job, [f"run.job={job.run.job}-{method}" if job.run.job else f"run.job={method}"])
+        _search_job(_started([job])[0], None)
+        follow = RunDir.of(job).path / "jobs" / job.run.job / "config.yaml"
+        out.print(f"baseline {method} is job {job.run.job} of {job.run.dir}; its child: `puzzle run {follow}`")
 
 
 @app.command()
@@ -408,7 +423,7 @@ def realize(
     from puzzle.api import realize_stage
 
     overrides = list(set_ or []) + ([f"realize.solution={solution}"] if solution is not None else [])
-    for job in _checked_jobs(config, overrides, job_name):
+    for job in _checked_jobs(config, overrides, job_name, stage=Stage.child):
         render.child(realize_stage(job))
 
 
@@ -423,7 +438,7 @@ def kd(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None,
     """
     from puzzle.api import kd_stage
 
-    jobs = _checked_jobs(config, set_, job_name)
+    jobs = _checked_jobs(config, set_, job_name, stage=Stage.kd)
     if _relaunched(num_processes, ["kd", str(config)] + (["--job", job_name] if job_name else []), set_):
         return
     for j in jobs:
@@ -449,7 +464,7 @@ def eval_command(
     from puzzle.api import eval_stage
 
     overrides = list(set_ or []) + ([f"eval.kv_dtype={kv_dtype}"] if kv_dtype is not None else [])
-    for j in _checked_jobs(config, overrides, job_name):
+    for j in _checked_jobs(config, overrides, job_name, stage=Stage.eval):
         render.evaluation(eval_stage(j), _job_label(j))
 
 
@@ -488,11 +503,13 @@ def fuse(
     """
     from puzzle.api import fuse_stage
 
+    if max_distance is not None and not max_distance > 0:
+        raise PuzzleError(f"--max-distance: got {max_distance}; expected a positive cosine distance")
     if config.is_dir():
         if child is not None:
             raise PuzzleError(f"give the child once: as the argument ({config}) or as --child ({child})")
         config, child = _run_config_of(config), config
-    jobs = _checked_jobs(config, set_, job_name)
+    jobs = _checked_jobs(config, set_, job_name, stage=Stage.fuse)
     if len(jobs) > 1 and (child is not None or output is not None):
         raise PuzzleError(f"--child and --output name one child; pick its job with --job (this file has {len(jobs)})")
     for j in jobs:
@@ -509,7 +526,7 @@ def report(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None
     """
     from puzzle.api import report_stage
 
-    for j in _checked_jobs(config, set_, job_name):
+    for j in _checked_jobs(config, set_, job_name, stage=Stage.report):
         render.report(report_stage(j))
 
 

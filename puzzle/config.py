@@ -1,6 +1,7 @@
 """The job config: one typed section per pipeline stage, validated when loaded.
 
-A YAML file is read with `yaml.safe_load`, `--set key.sub=value` overrides are applied, and the
+A YAML file is read with a safe loader that also refuses a key given twice in one mapping (with both
+line numbers), `--set key.sub=value` overrides are applied, and the
 result is validated as a whole: unknown keys are rejected and every problem is reported at once,
 each naming its dotted key, the value given and what is expected. Relative paths are relative to
 the current working directory, as with any command-line tool.
@@ -29,7 +30,8 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # No infinite or NaN numbers: a learning rate of .inf is a typo, not a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class RunSection(Section):
@@ -324,6 +326,23 @@ def budget_flags(texts: list[str]) -> tuple[list[str], list[str]]:
     return out, problems
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a key given twice (SafeLoader keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None,
+                    f"duplicate key {key!r} (first at line {seen[key] + 1}, again at line {key_node.start_mark.line + 1}); "
+                    "give each key once", key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
@@ -331,7 +350,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"file not found: {path}"], str(path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -13,11 +13,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from puzzle.config import DataSection
+from puzzle.config import DataSection, ParentSection
 from puzzle.errors import PuzzleError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ def read_documents(section: DataSection) -> list[str]:
 
 
 def tokenize_documents(docs: list[str], tokenizer) -> torch.Tensor:
+    import torch
+
     eos = tokenizer.eos_token_id
     if eos is None:
         raise PuzzleError("the tokenizer has no end-of-sequence token to separate documents")
@@ -97,25 +101,47 @@ def tokenize_documents(docs: list[str], tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def split_blocks(stream: torch.Tensor, section: DataSection) -> tuple[torch.Tensor, torch.Tensor]:
-    n = stream.numel() // section.sequence_length
+def split_sizes(tokens: int, section: DataSection) -> tuple[int, int]:
+    """(training blocks, validation blocks) that `tokens` tokens give; an error when either would be empty."""
+    n = tokens // section.sequence_length
     n_val = max(1, round(n * section.validation_fraction))
     if n - n_val < 1:
         raise PuzzleError(
-            f"data: only {stream.numel()} tokens, too few for blocks of {section.sequence_length} "
+            f"data: only {tokens} tokens, too few for blocks of {section.sequence_length} "
             "with a validation split; add text or lower data.sequence_length"
         )
+    return n - n_val, n_val
+
+
+def split_blocks(stream: torch.Tensor, section: DataSection) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    n = stream.numel() // section.sequence_length
+    n_val = split_sizes(stream.numel(), section)[1]
     blocks = stream[: n * section.sequence_length].view(n, section.sequence_length)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(section.split_seed))
     val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
     return blocks[train_idx].clone(), blocks[val_idx].clone()
 
 
-def load_blocks(section: DataSection, tokenizer) -> TokenBlocks:
+def _documents_with_text(section: DataSection) -> list[str]:
     docs = read_documents(section)
     if not any(d.strip() for d in docs):
         raise PuzzleError("data: the documents contain no text")
-    stream = tokenize_documents(docs, tokenizer)
+    return docs
+
+
+def count_tokens(section: DataSection, parent: ParentSection) -> int:
+    """Tokens the job's data gives with the job's tokenizer (data.tokenizer, else the parent's)."""
+    from transformers import AutoTokenizer
+
+    source = section.tokenizer or parent.path
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=parent.trust_remote_code)
+    return tokenize_documents(_documents_with_text(section), tokenizer).numel()
+
+
+def load_blocks(section: DataSection, tokenizer) -> TokenBlocks:
+    stream = tokenize_documents(_documents_with_text(section), tokenizer)
     train, validation = split_blocks(stream, section)
     h = hashlib.sha256()
     h.update(stream.numpy().tobytes())

@@ -129,7 +129,7 @@ def family_for(model_type: str) -> Family:
     family = FAMILIES.get(model_type)
     if family is None:
         raise PuzzleError(
-            f"parent model_type '{model_type}' is not supported; supported: {', '.join(sorted(FAMILIES))}"
+            f"parent.path: model_type '{model_type}' is not supported; supported: {', '.join(sorted(FAMILIES))}"
         )
     return family
 

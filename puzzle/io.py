@@ -1,7 +1,7 @@
 """Atomic writes: readers see either the old file or the complete new one, never a partial write.
 
 Every writer in puzzle goes through these helpers, so a process killed at any moment leaves no
-half-written file under its final name. A leaf module (standard library only), used by every package.
+half-written file under its final name. Used by every package; it imports only `puzzle.errors`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from puzzle.errors import PuzzleError
 
 
 def _umask() -> int:
@@ -75,13 +77,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    restore_swapped(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = _swapped(path)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
@@ -92,9 +95,32 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _swapped(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def restore_swapped(path: str | os.PathLike) -> bool:
+    """Put back a directory that `atomic_dir` had moved aside when a kill stopped it before the new one was in
+    place (the one moment neither exists). True if it did; readers of resumable state call this first."""
+    path = Path(path)
+    old = _swapped(path)
+    if path.exists() or not old.is_dir():
+        return False
+    os.replace(old, path)
+    return True
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file a stage wrote, or a one-line error naming it when it is damaged."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PuzzleError(f"{path}: damaged, not valid JSON ({e}); delete its stage folder to redo the stage") from None

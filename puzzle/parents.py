@@ -92,6 +92,59 @@ def parent_config(section: ParentSection) -> PretrainedConfig:
         raise PuzzleError(f"parent.path: cannot load {str(local)!r}: {_first_line(e)}") from None
 
 
+def check_checkpoint_weights(directory: Path, key: str) -> None:
+    """The checkpoint's weights are safetensors whose headers read and cover its index; only headers are read."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+        if pickled:
+            raise PuzzleError(
+                f"{key}: {str(directory)!r} has only pickled weights ({', '.join(pickled[:3])}); puzzle loads "
+                "safetensors only and never unpickles: save the model with save_pretrained(..., safe_serialization=True)"
+            )
+        raise PuzzleError(f"{key}: {str(directory)!r} has no model weights (*.safetensors)")
+    names: set[str] = set()
+    for file in files:
+        try:
+            with safe_open(file, "pt") as f:
+                names |= set(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise PuzzleError(f"{key}: {file} is damaged, not a readable safetensors file ({_first_line(e)})") from None
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise PuzzleError(f"{key}: {index} is damaged, not a safetensors index ({_first_line(e)})") from None
+        missing_files = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if missing_files:
+            raise PuzzleError(f"{key}: {index} names shards that are not there: {', '.join(missing_files[:3])}")
+        missing = sorted(set(weight_map) - names)
+        if missing:
+            raise PuzzleError(f"{key}: {index} names {len(missing)} tensors no shard holds (e.g. {missing[0]})")
+
+
+def check_weights(section: ParentSection) -> None:
+    """A local parent's weights can be loaded as puzzle loads them (a hub parent is checked when it loads)."""
+    if _is_local(section.path):
+        check_checkpoint_weights(Path(section.path).expanduser(), "parent.path")
+
+
+def check_tokenizer(section: ParentSection) -> None:
+    try:
+        AutoTokenizer.from_pretrained(str(Path(section.path).expanduser()) if _is_local(section.path) else section.path,
+                                      trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise PuzzleError(f"parent.path: no tokenizer loads from {section.path!r} ({_first_line(e)}); save one beside "
+                          "the weights or set data.tokenizer") from None
+
+
+def check_device(name: str) -> None:
+    _device(name)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

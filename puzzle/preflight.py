@@ -1,52 +1,96 @@
-"""Checks of a job's inputs that run before any command writes anything (and in full under `puzzle validate`).
+"""Checks of a job's inputs that every command runs before it writes anything, and `puzzle validate` in full.
 
-Cheap checks only: the parent's config (not its weights), the data files, the settings that depend on
-the parent's shape; each problem is one line naming the key or file, the value and what would fix it.
+Cheap checks only: the parent's config, its safetensors headers (not its weights) and its tokenizer; the
+device; the data (readable, and enough tokens for the job once tokenized); the run directory; the
+outputs of earlier stages that the command needs. Each problem is one line naming the key or file, the
+value and what would fix it; all of a job's problems are reported together.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 
 from puzzle.config import PuzzleConfig
 from puzzle.errors import ConfigError, PuzzleError
+from puzzle.rundir import RunDir, Stage
 
 
-def _parent_problems(config: PuzzleConfig) -> list[str]:
+def _parent_problems(config: PuzzleConfig) -> tuple[list[str], object | None]:
+    """Problems with the parent, and its config when it could be read."""
     from puzzle.distill.library import layer_spaces
     from puzzle.families import parent_shapes
-    from puzzle.parents import parent_config
+    from puzzle.parents import check_device, check_tokenizer, check_weights, parent_config
 
-    problems = []
     try:
-        shapes = parent_shapes(parent_config(config.parent))
-        layer_spaces(shapes, config.library, config.bld.coupled_pairs, every_pair=config.bld.mode == "coupled")
+        hf_config = parent_config(config.parent)
     except PuzzleError as e:
-        problems.append(str(e))
+        return [str(e)], None
+    problems = []
+    for check in (lambda: check_weights(config.parent), lambda: check_device(config.parent.device),
+                  lambda: layer_spaces(parent_shapes(hf_config), config.library, config.bld.coupled_pairs,
+                                       every_pair=config.bld.mode == "coupled")):
+        try:
+            check()
+        except PuzzleError as e:
+            problems.append(str(e))
+    if config.data.tokenizer is None:
+        try:
+            check_tokenizer(config.parent)
+        except PuzzleError as e:
+            problems.append(str(e))
+    return problems + _context_problems(config, hf_config), hf_config
+
+
+def _context_problems(config: PuzzleConfig, hf_config) -> list[str]:
+    """Lengths the parent cannot attend over."""
+    context = getattr(hf_config, "max_position_embeddings", None)
+    if not context:
+        return []
+    problems = []
+    if config.data.sequence_length > context:
+        problems.append(f"data.sequence_length: got {config.data.sequence_length}; the parent attends over at most "
+                        f"{context} positions (max_position_embeddings)")
+    if config.bld.sequence_length > context:
+        problems.append(f"bld.sequence_length: got {config.bld.sequence_length}; the parent attends over at most "
+                        f"{context} positions")
+    p = config.profile
+    if p.prefill_length + p.decode_length > context:
+        problems.append(f"profile.prefill_length: {p.prefill_length} + profile.decode_length {p.decode_length} tokens "
+                        f"exceed the parent's context of {context} positions")
     return problems
 
 
-def _data_problems(config: PuzzleConfig) -> list[str]:
-    from puzzle.data import check_files
+def _data_problems(config: PuzzleConfig, tokenizer_ok: bool) -> list[str]:
+    from puzzle.data import check_files, count_tokens, split_sizes
 
+    data = config.data
     problems = []
-    if config.data.files:
+    if data.files:
         try:
-            check_files(config.data.files)
+            check_files(data.files)
         except PuzzleError as e:
-            problems.append(str(e))
-    if config.data.tokenizer is not None and not Path(config.data.tokenizer).is_dir():
-        problems.append(f"data.tokenizer: {config.data.tokenizer!r} is not a directory")
-    if config.bld.sequence_length > config.data.sequence_length:
+            return [str(e)]
+    if data.tokenizer is not None and not Path(data.tokenizer).is_dir():
+        return [f"data.tokenizer: {data.tokenizer!r} is not a directory"]
+    if config.bld.sequence_length > data.sequence_length:
         problems.append(
             f"bld.sequence_length: {config.bld.sequence_length} is longer than data.sequence_length "
-            f"({config.data.sequence_length})"
+            f"({data.sequence_length})"
         )
+    if tokenizer_ok and data.files:
+        try:
+            split_sizes(count_tokens(data, config.parent), data)
+        except PuzzleError as e:
+            problems.append(str(e))
     return problems
 
 
 def _kd_problems(config: PuzzleConfig) -> list[str]:
+    from puzzle.parents import check_checkpoint_weights
+
     problems = []
     per_step = config.kd.batch_size * config.data.sequence_length
     if config.kd_steps == 0:
@@ -54,8 +98,15 @@ def _kd_problems(config: PuzzleConfig) -> list[str]:
             f"kd.tokens: got {config.kd.tokens}; one step takes kd.batch_size × data.sequence_length = {per_step} "
             f"tokens, so the budget is at least {per_step} (or lower kd.batch_size)"
         )
-    if config.kd.child is not None and not (Path(config.kd.child) / "config.json").is_file():
-        problems.append(f"kd.child: {config.kd.child!r} is not a child checkpoint (no config.json there)")
+    if config.kd.child is not None:
+        child = Path(config.kd.child)
+        if not (child / "config.json").is_file():
+            problems.append(f"kd.child: {config.kd.child!r} is not a child checkpoint (no config.json there)")
+        else:
+            try:
+                check_checkpoint_weights(child, "kd.child")
+            except PuzzleError as e:
+                problems.append(str(e))
     return problems
 
 
@@ -72,13 +123,101 @@ def _eval_problems(config: PuzzleConfig) -> list[str]:
     return [f"eval.tasks: {', '.join(unknown)} not known to lm-evaluation-harness (see `lm_eval --tasks list`)"] if unknown else []
 
 
+def run_dir_problems(path: Path) -> list[str]:
+    """The run directory can be created and written to; it is not a file and lies under no file."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            return [f"run.dir: {str(path)!r} is a file; give a directory (it is created if missing)"]
+        existing = path
+    else:
+        existing = path.parent
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            return [f"run.dir: {str(existing)!r} is a file, so {str(path)!r} cannot be created under it"]
+    try:
+        # A probe that leaves nothing behind: it is created and removed at once.
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".puzzle-probe-"))
+    except OSError as e:
+        return [f"run.dir: {str(path)!r} cannot be created or written in {str(existing)!r} ({e.strerror})"]
+    return []
+
+
+def _local_parent_problems(config: PuzzleConfig) -> list[str]:
+    """What can be seen of a local parent without importing transformers (a missing folder, no config.json)."""
+    path = config.parent.path
+    local = Path(path).expanduser()
+    if not (local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1):
+        return []  # a hub id: checked when its config is fetched
+    if not local.is_dir():
+        return [f"parent.path: {path!r} does not exist or is not a directory"]
+    if not (local / "config.json").is_file():
+        return [f"parent.path: {path!r} has no config.json; is it a Hugging Face checkpoint?"]
+    return []
+
+
+def _cheap_problems(config: PuzzleConfig) -> list[str]:
+    """Problems found without importing torch or transformers: a job that has them is answered at once."""
+    from puzzle.data import check_files
+
+    problems = _local_parent_problems(config)
+    if config.data.files:
+        try:
+            check_files(config.data.files)
+        except PuzzleError as e:
+            problems.append(str(e))
+    return problems
+
+
 def preflight(config: PuzzleConfig) -> list[str]:
     """Every problem with the job's inputs that can be seen without loading weights."""
-    return _parent_problems(config) + _data_problems(config) + _kd_problems(config) + _eval_problems(config)
+    cheap = _cheap_problems(config)
+    if cheap:
+        return cheap + run_dir_problems(config.run.dir)
+    parent, hf_config = _parent_problems(config)
+    tokenizer_ok = hf_config is not None and not any(p.startswith("parent.path: no tokenizer") for p in parent)
+    kd = _kd_problems(config)
+    if any(p.startswith("data.sequence_length") for p in parent):
+        kd = [p for p in kd if not p.startswith("kd.tokens")]  # a consequence of the length, not a problem of its own
+    return (parent + _data_problems(config, tokenizer_ok) + kd + _eval_problems(config)
+            + run_dir_problems(config.run.dir))
 
 
-def check_inputs(configs: list[PuzzleConfig], source: str = "inputs") -> None:
-    """Raise one ConfigError listing every problem of every job (a problem shared by jobs once)."""
-    problems = list(dict.fromkeys(p for config in configs for p in preflight(config)))
+def stage_problems(config: PuzzleConfig, stage: Stage) -> list[str]:
+    """The outputs of earlier stages that `stage` needs and that do not exist yet."""
+    from puzzle.pipeline import SPECS
+
+    run = RunDir.of(config)
+    return [p for p in (needs.problem(run) for needs in SPECS[stage].requires) if p is not None]
+
+
+def training_hint(config: PuzzleConfig, config_file: Path) -> str | None:
+    """For a parent that does not exist yet: the train-parent config beside the job file that makes it."""
+    import yaml
+
+    target = Path(config.parent.path).expanduser().resolve()
+    for candidate in sorted(Path(config_file).parent.glob("*.yaml")):
+        try:
+            raw = yaml.safe_load(candidate.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            continue
+        if isinstance(raw, dict) and "output" in raw and Path(str(raw["output"])).expanduser().resolve() == target:
+            return f"`puzzle train-parent {candidate}` makes it"
+    return None
+
+
+def check_inputs(configs: list[PuzzleConfig], stage: Stage | None = None, source: str = "inputs") -> None:
+    """Raise one ConfigError listing every problem of every job (a problem shared by jobs once), including
+    the earlier outputs `stage` needs when a command starts there. `source` is the job file, when there is one."""
+    problems = []
+    for config in configs:
+        for problem in preflight(config):
+            hint = training_hint(config, Path(source)) if "does not exist" in problem and problem.startswith(
+                "parent.path") and Path(source).is_file() else None
+            problems.append(f"{problem}; {hint}" if hint else problem)
+        if stage is not None:
+            problems += stage_problems(config, stage)
+    problems = list(dict.fromkeys(problems))
     if problems:
         raise ConfigError(problems, source)

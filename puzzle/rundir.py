@@ -57,6 +57,7 @@ class Status(str, enum.Enum):
     running = "running"
     done = "done"
     failed = "failed"
+    interrupted = "interrupted"  # was running when its process died (a kill, a lost machine)
 
 
 def versions() -> dict[str, str]:
@@ -126,14 +127,35 @@ class RunDir:
         if not file.is_file():
             return None
         try:
-            return json.loads(file.read_text())
-        except json.JSONDecodeError as e:
+            data = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             # Manifests are written atomically, so this is outside damage, not a crash of ours.
             raise PuzzleError(f"{file}: not valid JSON ({e}); delete the stage folder to redo it") from None
+        if not isinstance(data, dict) or not {"status", "fingerprint"} <= set(data):
+            raise PuzzleError(f"{file}: damaged, not a stage manifest (no status or fingerprint); delete the stage "
+                              "folder to redo it")
+        return data
 
     def is_done(self, stage: Stage, config_fingerprint: str) -> bool:
         m = self.manifest(stage)
         return m is not None and m["status"] == Status.done.value and m["fingerprint"] == config_fingerprint
+
+    def mark_interrupted(self) -> list[Stage]:
+        """Manifests still saying `running` whose lock no process holds belong to a process that died: say so.
+        Returns the stages so marked; each is redone when its command runs again."""
+        marked = []
+        for stage in Stage:
+            m = self.manifest(stage)
+            if m is None or m.get("status") != Status.running.value:
+                continue
+            try:
+                with self.lock(stage):
+                    atomic_write_json(self.stage_dir(stage) / "manifest.json",
+                                      {**m, "status": Status.interrupted.value, "finished": _now()})
+                    marked.append(stage)
+            except PuzzleError:
+                continue  # a live process holds it: it is running
+        return marked
 
     def write_config(self, config: PuzzleConfig) -> None:
         folder = self.path if self.job is None else self.path / "jobs" / self.job

@@ -5,11 +5,12 @@ Written by the search stage; read by realize (the chosen blocks), the report and
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from puzzle.blocks.specs import BlockChoice
+from puzzle.errors import PuzzleError
+from puzzle.io import read_json
 from puzzle.search.mip import Solution, Status
 from puzzle.search.problem import SearchProblem
 
@@ -97,7 +98,15 @@ def solutions_json(outcome: SearchOutcome) -> dict:
 
 
 def read_solutions(path: Path) -> SearchOutcome:
-    data = json.loads(path.read_text())
+    data = read_json(path)
+    try:
+        return _outcome(data, path)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PuzzleError(f"{path}: damaged, not a solutions file ({type(e).__name__}: {e}); run `puzzle search` "
+                          "again") from None
+
+
+def _outcome(data: dict, path: Path) -> SearchOutcome:
     return SearchOutcome(
         method=data.get("method", "mip"), solutions=[Architecture.from_json(x) for x in data["solutions"]],
         greedy=Architecture.from_json(data["greedy"]) if data.get("greedy") else None, notes=data.get("notes", []),

@@ -164,8 +164,6 @@ def run(ctx: StageContext, *, child: Path | None = None, output: Path | None = N
     and save the result to `output`. Nothing is written when no run has 2 FFNs left to fuse."""
     started = time.time()
     config = ctx.config
-    if max_distance is not None and not max_distance > 0:
-        raise PuzzleError(f"--max-distance: got {max_distance}; expected a positive cosine distance")
     source, target = _paths(config, child, output)
     parent = load_parent(config.parent)
     parameter = next(parent.model.parameters())
