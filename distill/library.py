@@ -21,7 +21,7 @@ from torch import nn
 
 from puzzle.errors import PuzzleError
 from puzzle.blocks.init import shaped_module
-from puzzle.io import atomic_path, atomic_write_json, sha256_file
+from puzzle.io import atomic_path, atomic_write_json, read_json, sha256_file
 from puzzle.blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates
 from puzzle.blocks.specs import (
     AttentionSpec, BlockChoice, FfnKind, FfnSpec, ParentShape, SubblockSpec, needs_training, spec_from_id,
@@ -166,7 +166,7 @@ class Library:
         space_file = self.directory / "space.json"
         if not space_file.is_file():
             raise PuzzleError(f"no library at {self.directory}; run `puzzle distill` first")
-        data = json.loads(space_file.read_text())
+        data = read_json(space_file)
         self.fingerprint = data["fingerprint"]
         if not self.fingerprint.endswith(f"-v{ENTRY_FORMAT}"):
             raise PuzzleError(

@@ -17,7 +17,7 @@ import torch
 
 import puzzle.blocks.modeling_puzzle as modeling
 from puzzle.errors import PuzzleError
-from puzzle.io import atomic_dir
+from puzzle.io import atomic_dir, read_json
 from puzzle.blocks.specs import AttentionKind, BlockChoice, FfnKind, ParentShape
 from puzzle.distill.library import Library
 from puzzle.families import parent_shapes
@@ -134,7 +134,7 @@ def load_child(directory: Path, dtype: torch.dtype | None = None, device="cpu") 
 
 
 def child_info(directory: Path) -> dict:
-    return json.loads((directory / "puzzle_child.json").read_text())
+    return read_json(directory / "puzzle_child.json")
 
 
 def child_choices(directory: Path) -> list[BlockChoice]:

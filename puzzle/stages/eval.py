@@ -9,7 +9,6 @@ lm-evaluation-harness tasks run when installed. Writes eval/results.json and res
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from puzzle.blocks.costs import DTYPE_BYTES, Scenario, kv_cache_bytes
-from puzzle.io import atomic_path, atomic_write_json
+from puzzle.io import atomic_path, atomic_write_json, read_json
 from puzzle.blocks.specs import BlockChoice
 from puzzle.checkpoint import build_child, child_choices, load_child
 from puzzle.config import PuzzleConfig
@@ -185,6 +184,6 @@ def _write(summary: EvalSummary) -> None:
 
 def read(ctx: StageContext) -> EvalSummary:
     file = ctx.directory / "results.json"
-    data = json.loads(file.read_text())
+    data = read_json(file)
     return EvalSummary([ModelResult(**m) for m in data["models"]], Scenario(**data["scenario"]), data["device"],
                        data["validation_tokens"], file, data["seconds"])

@@ -9,7 +9,6 @@ kd.checkpoint_every steps under kd/resume and picked up after a kill.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from puzzle.errors import PuzzleError
-from puzzle.io import atomic_path, atomic_write_json
+from puzzle.io import atomic_path, atomic_write_json, read_json
 from puzzle.checkpoint import child_info, load_child, write_checkpoint
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
@@ -104,6 +103,6 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
 
 
 def read(ctx: StageContext) -> KdSummary:
-    data = json.loads((ctx.directory / "summary.json").read_text())
+    data = read_json(ctx.directory / "summary.json")
     return KdSummary(ctx.directory / "checkpoint", data["steps"], data["tokens"], data["before"], data["after"],
                      data["seconds"])

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
-from puzzle.io import atomic_write_json
+from puzzle.io import atomic_write_json, read_json
 from puzzle.data import job_blocks
 from puzzle.distill.metrics import next_token_loss, perplexity
 from puzzle.parents import load_parent
@@ -72,4 +71,4 @@ def run(ctx: StageContext) -> ParentSummary:
 
 
 def read(ctx: StageContext) -> ParentSummary:
-    return ParentSummary.from_json(json.loads((ctx.directory / "summary.json").read_text()))
+    return ParentSummary.from_json(read_json(ctx.directory / "summary.json"))

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from puzzle.io import atomic_write_text
+from puzzle.io import atomic_write_text, read_json
 from puzzle.blocks.specs import AttentionKind, BlockChoice, FfnKind, SubblockSpec
 from puzzle.checkpoint import child_choices
 from puzzle.config import PuzzleConfig
@@ -163,7 +162,7 @@ def run(ctx: StageContext) -> ReportSummary:
     config, run_dir, directory = ctx.config, ctx.run, ctx.directory
     solutions = read_solutions(run_dir.stage_dir(Stage.search) / "solutions.json")
     choices = child_choices(run_dir.stage_dir(Stage.child) / "checkpoint")
-    results = json.loads((run_dir.stage_dir(Stage.eval) / "results.json").read_text())
+    results = read_json(run_dir.stage_dir(Stage.eval) / "results.json")
     kd_dir = run_dir.stage_dir(Stage.kd)
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -178,7 +177,7 @@ def run(ctx: StageContext) -> ReportSummary:
     if (kd_dir / "train_log.csv").is_file() and run_dir.done_fingerprint(Stage.kd) is not None:
         plot_kd(pd.read_csv(kd_dir / "train_log.csv", index_col="step"), directory / "kd.png")
         plots.append(directory / "kd.png")
-        kd_summary = json.loads((kd_dir / "summary.json").read_text())
+        kd_summary = read_json(kd_dir / "summary.json")
 
     comparison = comparison_table(results)
     comparison.index.name = "measure"
