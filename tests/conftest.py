@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from tests.helpers import FAST, scored_job, write_job
+
 # Determinism and a quiet, offline environment for every test.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -36,3 +38,38 @@ def tiny_parent_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# The session's trained libraries, each trained once. They are shared: never write into their run
+# directories; start from a copy instead (`tests.helpers.copy_run`, or `scored_job(..., start_from=...)`).
+
+
+@pytest.fixture(scope="session")
+def reference_library(tmp_path_factory, tiny_parent_dir):
+    """`write_job`'s library as it stands (8 BLD steps, 512 tokens per candidate), trained in one uninterrupted
+    run: (config, the library stage's summary of that training). test_bld's reference, test_scoring's library."""
+    from puzzle.api import distill_stage
+    from puzzle.config import load_config
+
+    torch.manual_seed(0)
+    config = load_config(write_job(tmp_path_factory.mktemp("reference_library"), tiny_parent_dir))
+    return config, distill_stage(config)
+
+
+@pytest.fixture(scope="session")
+def fast_library(tmp_path_factory, tiny_parent_dir):
+    """`write_job` with FAST: the library only (64 tokens per candidate). Its config."""
+    from puzzle.api import distill_stage
+    from puzzle.config import load_config
+
+    torch.manual_seed(0)
+    config = load_config(write_job(tmp_path_factory.mktemp("fast_library"), tiny_parent_dir), FAST)
+    distill_stage(config)
+    return config
+
+
+@pytest.fixture(scope="session")
+def fast_scored(tmp_path_factory, tiny_parent_dir, fast_library):
+    """`fast_library` with its blocks scored and a measured profile (FAST): what search and later stages read."""
+    torch.manual_seed(0)
+    return scored_job(tmp_path_factory.mktemp("fast_scored"), tiny_parent_dir, FAST, start_from=fast_library)[1]

@@ -14,7 +14,7 @@ from puzzle.api import realize_stage
 from puzzle.api import search_stage
 from puzzle.search.baselines import llm_drop, random_search, shortgpt, uniform_ffn
 from puzzle.search.mip import Block, InfeasibleBudget, Status
-from tests.test_search import FAST, cli, scored_job
+from tests.helpers import FAST, cli, scored_job
 
 # The roofline profile: latency costs are the same on every run, so the budgets below are met or not for sure.
 OVERRIDES = [*FAST, "profile.device=h100"]
@@ -22,8 +22,9 @@ METHODS = ["greedy", "shortgpt", "llm-drop", "uniform-ffn", "random"]
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_parent_dir):
-    return scored_job(tmp_path_factory.mktemp("baselines"), tiny_parent_dir, OVERRIDES)
+def job(tmp_path_factory, tiny_parent_dir, fast_scored):
+    # The session's library and scores; the profile is made again here, with the roofline.
+    return scored_job(tmp_path_factory.mktemp("baselines"), tiny_parent_dir, OVERRIDES, start_from=fast_scored)
 
 
 def with_method(config, method: str, *more: str):
@@ -111,7 +112,9 @@ def test_baseline_command_prints_the_method(job, monkeypatch, capsys):
                     "--budget", "params=0.85x")
     assert code == 0, out.err
     assert "solution 0 by uniform-ffn" in out.out and "vs uniform-ffn" in out.out and "uniform-ffn solve" in out.out
-    assert json.loads((config.run.dir / "search/solutions.json").read_text())["method"] == "uniform-ffn"
+    # A baseline is a job of its own: the job's own search is left alone, and the baseline's config sits beside it.
+    assert json.loads((config.run.dir / "jobs/uniform-ffn/search/solutions.json").read_text())["method"] == "uniform-ffn"
+    assert (config.run.dir / "jobs/uniform-ffn/config.yaml").is_file() and "puzzle run" in out.out
 
 
 def test_baseline_command_rejects_an_unknown_method(job, monkeypatch, capsys):

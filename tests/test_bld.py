@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import puzzle.distill.bld as bld
@@ -22,36 +21,7 @@ from puzzle.distill.library import bld_candidates
 from puzzle.stages.library import job_spaces
 from puzzle.parents import load_parent
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def write_job(tmp_path: Path, parent: Path, name: str = "job", **bld_changes) -> Path:
-    raw = {
-        "run": {"dir": str(tmp_path / name), "seed": 0},
-        "parent": {"path": str(parent)},
-        "data": {
-            "files": [str(ROOT / "examples/data/shakespeare/sonnets.txt")],
-            "sequence_length": 64, "validation_fraction": 0.1, "calibration_blocks": 4,
-        },
-        "library": {"windows": [8], "ffn_fractions": [0.5]},
-        "bld": {
-            "sequence_length": 32, "batch_size": 2, "tokens_per_candidate": 8 * 2 * 32, "learning_rate": 1e-3,
-            "eval_blocks": 2, "checkpoint_every": 2, **bld_changes,
-        },
-        "eval": {"batch_size": 2},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def library_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted((run_dir / "library/entries").glob("*.safetensors")):
-        for k, v in load_file(f).items():
-            out[f"{f.name}/{k}"] = v
-    return out
+from tests.helpers import copy_run, library_tensors, write_job
 
 
 def assert_same_library(a: Path, b: Path):
@@ -61,13 +31,11 @@ def assert_same_library(a: Path, b: Path):
         torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0, msg=k)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_parent_dir):
-    """One uninterrupted library, the reference for the resume, damage and sharding tests."""
-    tmp = tmp_path_factory.mktemp("bld_reference")
-    config = load_config(write_job(tmp, tiny_parent_dir))
-    summary = distill_stage(config)
-    return config, summary
+@pytest.fixture
+def reference(reference_library):
+    """One uninterrupted library (the session's, trained once), the reference for the resume, damage and
+    sharding tests: (config, summary). Read-only: a test that writes into its run directory copies it."""
+    return reference_library
 
 
 def test_library_trains_every_candidate(reference):
@@ -86,8 +54,8 @@ def test_library_trains_every_candidate(reference):
     assert not (config.run.dir / "library/.bld").exists() or not any((config.run.dir / "library/.bld").iterdir())
 
 
-def test_rerun_skips_finished_candidates(reference):
-    config, _ = reference
+def test_rerun_skips_finished_candidates(reference, tmp_path):
+    _, config = copy_run(reference[0], tmp_path)  # the rerun writes the stage's manifest, table and space
     assert distill_stage(config).trained_now == 0
 
 
@@ -162,6 +130,7 @@ def test_one_parent_forward_per_batch_feeds_every_candidate(tiny_parent_dir, tmp
     assert passes["n"] == 3 + 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [2])
 def test_two_processes_equal_one(reference, tmp_path, tiny_parent_dir, processes):
     job = write_job(tmp_path, tiny_parent_dir)
@@ -176,17 +145,55 @@ def test_two_processes_equal_one(reference, tmp_path, tiny_parent_dir, processes
     assert_same_library(tmp_path / "job", reference[0].run.dir)
 
 
+# `python -m puzzle ...` whose BLD holds still in the first parent forward after its first checkpoint: a SIGKILL
+# sent once that checkpoint is on disk lands mid-training whatever the machine's load (it would otherwise race
+# the few remaining steps). The hold ends on its own after 5 minutes, should nothing kill the process.
+HELD_AFTER_THE_FIRST_CHECKPOINT = """
+import runpy, sys, time
+import puzzle.distill.bld as bld
+
+real_save, real_forward, saved = bld.save_checkpoint, bld.parent_activations, []
+
+def save_checkpoint(*args, **kwargs):
+    real_save(*args, **kwargs)
+    saved.append(True)
+
+def parent_activations(*args, **kwargs):
+    if saved:
+        time.sleep(300)
+    return real_forward(*args, **kwargs)
+
+bld.save_checkpoint, bld.parent_activations = save_checkpoint, parent_activations
+sys.argv = ["puzzle", *sys.argv[1:]]
+runpy.run_module("puzzle", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
 def test_sigkill_at_any_moment_resumes_to_the_same_library(reference, tmp_path, tiny_parent_dir):
     job = write_job(tmp_path, tiny_parent_dir, tokens_per_candidate=8 * 2 * 32)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "puzzle", "distill", str(job)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    log = tmp_path / "killed.stderr"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", HELD_AFTER_THE_FIRST_CHECKPOINT, "distill", str(job)],
+                                stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     checkpoints = tmp_path / "job/library/.bld"
-    deadline = time.time() + 120
-    while not any(checkpoints.glob("*-rank0-of1/state.json")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.time() + 300
+        while not any(checkpoints.glob("*-rank0-of1/state.json")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The kill landed mid-training: the process died of it (it had not finished, nor failed before), a
+    # partial BLD checkpoint is on disk and the library is not complete.
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, log.read_text()[-2000:])
+    assert len(list(checkpoints.glob("*-rank0-of1/state.json"))) == 1
+    assert len(list((tmp_path / "job/library/entries").glob("*.json"))) < len(reference[1].rows)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_library(tmp_path / "job", reference[0].run.dir)

@@ -3,58 +3,15 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from puzzle.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
-SONNETS = str(ROOT / "examples/data/shakespeare/sonnets.txt")
-LUCRECE = str(ROOT / "examples/data/shakespeare/rape_of_lucrece.txt")
-
-
-def cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["puzzle", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def job(tmp_path, parent, **changes) -> Path:
-    raw = {
-        "run": {"dir": str(tmp_path / "run")},
-        "parent": {"path": str(parent)},
-        "data": {"files": [SONNETS, LUCRECE], "sequence_length": 64, "validation_fraction": 0.1},
-        "eval": {"validation_blocks": 4, "batch_size": 2},
-        "bld": {"sequence_length": 32, "tokens_per_candidate": 128, "batch_size": 2},
-        "scoring": {"validation_blocks": 2, "batch_size": 2},
-        "profile": {"weight_dtype": "float32", "prefill_length": 16, "decode_length": 4, "warmup": 1, "repeats": 2},
-        "search": {"budgets": {"params": "0.7x"}},
-        "kd": {"tokens": 256, "batch_size": 2, "eval_blocks": 2},
-    }
-    for section, values in changes.items():
-        raw.setdefault(section, {}).update(values)
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def assert_clean_failure(code, err, tmp_path, *fragments):
-    assert code == 2
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err
-    assert not (tmp_path / "run").exists(), "a failed command must not write its run directory"
+from tests.helpers import assert_clean_failure, cli, pipeline_job
 
 
 def test_help_lists_the_commands(monkeypatch, capsys):
-    code, out, _ = cli(monkeypatch, capsys, "--help")
+    code, (out, _) = cli(monkeypatch, capsys, "--help")
     assert code == 0
     for command in ("train-parent", "validate", "run"):
         assert command in out
@@ -63,22 +20,23 @@ def test_help_lists_the_commands(monkeypatch, capsys):
 def test_malformed_yaml(monkeypatch, capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("parent: {path: [x\n")
-    code, _, err = cli(monkeypatch, capsys, "run", bad)
+    code, (_, err) = cli(monkeypatch, capsys, "run", bad)
     assert_clean_failure(code, err, tmp_path, "malformed YAML at line")
 
 
 def test_unknown_key(monkeypatch, capsys, tmp_path, tiny_parent_dir):
-    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, tiny_parent_dir, kd={"tokenz": 5}))
+    code, (_, err) = cli(monkeypatch, capsys, "run", pipeline_job(tmp_path, tiny_parent_dir, kd={"tokenz": 5}))
     assert_clean_failure(code, err, tmp_path, "kd.tokenz: unknown key; did you mean 'tokens'? allowed keys here: ")
 
 
 def test_wrong_type(monkeypatch, capsys, tmp_path, tiny_parent_dir):
-    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, tiny_parent_dir), "--set", "eval.batch_size=many")
+    path = pipeline_job(tmp_path, tiny_parent_dir)
+    code, (_, err) = cli(monkeypatch, capsys, "run", path, "--set", "eval.batch_size=many")
     assert_clean_failure(code, err, tmp_path, "eval.batch_size: got 'many'; Input should be a valid integer")
 
 
 def test_missing_parent_path(monkeypatch, capsys, tmp_path):
-    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, tmp_path / "nowhere"))
+    code, (_, err) = cli(monkeypatch, capsys, "run", pipeline_job(tmp_path, tmp_path / "nowhere"))
     assert_clean_failure(code, err, tmp_path, "does not exist or is not a directory")
 
 
@@ -86,38 +44,40 @@ def test_unsupported_model_type(monkeypatch, capsys, tmp_path):
     fake = tmp_path / "gpt2"
     fake.mkdir()
     (fake / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, fake))
+    code, (_, err) = cli(monkeypatch, capsys, "run", pipeline_job(tmp_path, fake))
     assert_clean_failure(code, err, tmp_path, "'gpt2' is not supported; supported: gpt_oss, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe")
 
 
 def test_missing_data_path(monkeypatch, capsys, tmp_path, tiny_parent_dir):
-    path = job(tmp_path, tiny_parent_dir, data={"files": [str(tmp_path / "missing/*.txt")]})
-    code, _, err = cli(monkeypatch, capsys, "run", path)
+    path = pipeline_job(tmp_path, tiny_parent_dir, data={"files": [str(tmp_path / "missing/*.txt")]})
+    code, (_, err) = cli(monkeypatch, capsys, "run", path)
     assert_clean_failure(code, err, tmp_path, "data.files: no file matches")
 
 
 def test_unreadable_data_file(monkeypatch, capsys, tmp_path, tiny_parent_dir):
     binary = tmp_path / "weights.bin"
     binary.write_bytes(bytes(range(256)) * 4)
-    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, tiny_parent_dir, data={"files": [str(binary)]}))
+    path = pipeline_job(tmp_path, tiny_parent_dir, data={"files": [str(binary)]})
+    code, (_, err) = cli(monkeypatch, capsys, "run", path)
     assert_clean_failure(code, err, tmp_path, "is not UTF-8 text")
 
 
 def test_validate_reports_config_and_disk_problems_together(monkeypatch, capsys, tmp_path):
-    path = job(tmp_path, tmp_path / "nowhere", data={"files": [str(tmp_path / "none.txt")]})
-    code, _, err = cli(monkeypatch, capsys, "validate", path)
+    path = pipeline_job(tmp_path, tmp_path / "nowhere", data={"files": [str(tmp_path / "none.txt")]})
+    code, (_, err) = cli(monkeypatch, capsys, "validate", path)
     assert code == 2
     assert "2 problem(s)" in err and "parent.path" in err and "data.files" in err
 
 
 def test_validate_accepts_a_good_config(monkeypatch, capsys, tmp_path, tiny_parent_dir):
-    code, out, _ = cli(monkeypatch, capsys, "validate", job(tmp_path, tiny_parent_dir))
+    code, (out, _) = cli(monkeypatch, capsys, "validate", pipeline_job(tmp_path, tiny_parent_dir))
     assert code == 0 and "valid job config" in out
 
 
+@pytest.mark.slow
 def test_run_writes_the_parent_stage_and_reuses_it(monkeypatch, capsys, tmp_path, tiny_parent_dir):
-    path = job(tmp_path, tiny_parent_dir)
-    code, _, err = cli(monkeypatch, capsys, "run", path)
+    path = pipeline_job(tmp_path, tiny_parent_dir)
+    code, (_, err) = cli(monkeypatch, capsys, "run", path)
     assert code == 0, err
     run = tmp_path / "run"
     manifest = json.loads((run / "parent/manifest.json").read_text())
@@ -131,13 +91,14 @@ def test_run_writes_the_parent_stage_and_reuses_it(monkeypatch, capsys, tmp_path
     # A second run reuses the finished stages instead of redoing them: a measured profile is not measured
     # again (that would move the search with the machine's load), so nothing after it is redone either.
     profile = (run / "profile/profile.csv").read_text()
-    code, _, _ = cli(monkeypatch, capsys, "run", path)
+    code, (_, _) = cli(monkeypatch, capsys, "run", path)
     assert code == 0
     for stage in ("parent", "profile", "child", "kd", "eval"):
         assert json.loads((run / stage / "manifest.json").read_text())["runs"] == 1, stage
     assert (run / "profile/profile.csv").read_text() == profile
 
 
+@pytest.mark.slow
 def test_subprocess_entry_point_exit_code(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("parent: [\n")
@@ -162,7 +123,7 @@ def test_subprocess_entry_point_exit_code(tmp_path):
 )
 def test_distill_bad_library_options(monkeypatch, capsys, tmp_path, tiny_parent_dir, overrides, message):
     args = [arg for o in overrides for arg in ("--set", o)]
-    code, _, err = cli(monkeypatch, capsys, "distill", job(tmp_path, tiny_parent_dir), *args)
+    code, (_, err) = cli(monkeypatch, capsys, "distill", pipeline_job(tmp_path, tiny_parent_dir), *args)
     assert_clean_failure(code, err, tmp_path, message)
 
 
@@ -174,11 +135,11 @@ def test_distill_bad_library_options(monkeypatch, capsys, tmp_path, tiny_parent_
     ],
 )
 def test_profile_bad_input(monkeypatch, capsys, tmp_path, tiny_parent_dir, args, message):
-    code, _, err = cli(monkeypatch, capsys, "profile", job(tmp_path, tiny_parent_dir), *args)
+    code, (_, err) = cli(monkeypatch, capsys, "profile", pipeline_job(tmp_path, tiny_parent_dir), *args)
     assert_clean_failure(code, err, tmp_path, message)
 
 
 @pytest.mark.parametrize("command", ["profile", "score"])
 def test_stages_without_a_library(monkeypatch, capsys, tmp_path, tiny_parent_dir, command):
-    code, _, err = cli(monkeypatch, capsys, command, job(tmp_path, tiny_parent_dir))
+    code, (_, err) = cli(monkeypatch, capsys, command, pipeline_job(tmp_path, tiny_parent_dir))
     assert code == 2 and "no library" in err and "puzzle distill" in err and "Traceback" not in err

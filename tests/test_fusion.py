@@ -7,26 +7,14 @@ import torch
 
 from puzzle.blocks.fusion import Dependency, attention_free_runs, ffn_dependencies, fuse_mlp, fusion_groups
 from puzzle.blocks.modeling_puzzle import MLP, DeciLMConfig, DeciLMForCausalLM, RMSNorm
-from puzzle.config import load_config
 from puzzle.api import distill_stage
 from puzzle.checkpoint import load_child
 from puzzle.stages.fuse import fuse_child
-from tests.test_bld import write_job
-from tests.test_realize import with_solution
-from tests.test_search import FAST, cli
+from tests.helpers import FAST, cli, copy_run, with_random_norms, with_solution, write_job
 
 ATOL = 1e-5  # float32; the fused FFN sums the same products in another order
 FUSE = FAST + ["eval.speed_repeats=1", "eval.speed_warmup=0", "eval.validation_blocks=2"]
 ATTENTION, NO_ATTENTION = {"n_heads_in_group": 2}, {"no_op": True}
-
-
-def with_random_norms(model):
-    """Norm weights other than ones, so that a fusion that forgot to fold them fails."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-                p.copy_(torch.rand_like(p) + 0.5)
-    return model.eval()
 
 
 def child_with_run(attention: list[dict], sizes: list[int]) -> DeciLMForCausalLM:
@@ -95,11 +83,9 @@ def test_dependency_is_zero_after_an_ffn_that_adds_nothing():
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_parent_dir):
-    tmp = tmp_path_factory.mktemp("fusion")
-    path = write_job(tmp, tiny_parent_dir)
-    config = load_config(path, FUSE)
-    distill_stage(config)
+def job(tmp_path_factory, fast_library):
+    path, config = copy_run(fast_library, tmp_path_factory.mktemp("fusion"), FUSE)
+    distill_stage(config)  # the session's library, checked and reused
     return path, config
 
 

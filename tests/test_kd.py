@@ -13,9 +13,7 @@ import puzzle.distill.kd as kd
 from puzzle.distill.kd import cosine_loss, kl_divergence
 from puzzle.config import load_config
 from puzzle.api import kd_stage
-from tests.test_bld import write_job
-from tests.test_realize import with_solution
-from tests.test_search import FAST, cli, scored_job
+from tests.helpers import FAST, cli, scored_job, with_solution, write_job
 
 KD = ["kd.tokens=2048", "kd.batch_size=2", "kd.eval_blocks=4", "kd.learning_rate=0.001", "kd.checkpoint_every=4"]
 # A child far enough from the parent for KD to have something to recover.
@@ -23,8 +21,9 @@ DAMAGED = ["attention.kv1+ffn.linear", "attention.noop+ffn.i48"]
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_parent_dir):
-    path, config = scored_job(tmp_path_factory.mktemp("kd"), tiny_parent_dir, FAST + ["profile.device=h100"] + KD)
+def job(tmp_path_factory, tiny_parent_dir, fast_scored):
+    path, config = scored_job(tmp_path_factory.mktemp("kd"), tiny_parent_dir, FAST + ["profile.device=h100"] + KD,
+                              start_from=fast_scored)
     with_solution(config, DAMAGED)
     return path, config
 
@@ -81,6 +80,7 @@ def test_kd_killed_after_a_checkpoint_resumes_to_the_same_child(job, tmp_path, m
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_kd_on_two_processes_matches_one(job, tmp_path):
     path, reference = job
     expected = weights(kd_stage(reference).directory)

@@ -7,13 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from puzzle.blocks.modeling_puzzle import FP8_E4M3_MAX, DeciLMConfig, DeciLMForCausalLM, fp8_round_trip
-from puzzle.config import load_config
 from puzzle.api import distill_stage
 from puzzle.kv_fp8 import calibrate_kv_scales
-from tests.test_bld import write_job
-from tests.test_fusion import with_random_norms
-from tests.test_realize import with_solution
-from tests.test_search import FAST, cli
+from tests.helpers import FAST, cli, copy_run, with_random_norms, with_solution, write_job
 
 # E4M3 keeps 3 mantissa bits: rounding moves a normal value by at most half a step, 2^-4 of it; below
 # the smallest normal (2^-6) the step is fixed at 2^-9, so the error is at most 2^-10 (in scaled units).
@@ -122,10 +118,9 @@ def eval_cli(monkeypatch, capsys, path, *args):
     return cli(monkeypatch, capsys, "eval", path, *[a for f in EVAL for a in ("--set", f)], *args)
 
 
-def test_eval_with_fp8_kv_reports_the_kl_it_adds(tmp_path, tiny_parent_dir, monkeypatch, capsys):
-    path = write_job(tmp_path, tiny_parent_dir)
-    config = load_config(path, EVAL)
-    distill_stage(config)
+def test_eval_with_fp8_kv_reports_the_kl_it_adds(tmp_path, fast_library, monkeypatch, capsys):
+    path, config = copy_run(fast_library, tmp_path, EVAL)
+    distill_stage(config)  # the session's library, checked and reused
     with_solution(config, ["attention.kv1+ffn.i48", "attention.kv2.window8+ffn.i96"])
     code, out = eval_cli(monkeypatch, capsys, path)
     assert code == 0, out.err

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 from puzzle.blocks.costs import Scenario, active_parameters, decode_work, parameters
 from puzzle.blocks.init import init_ffn
-from puzzle.blocks.specs import BlockChoice, FfnKind, FfnSpec, spec_from_id
+from puzzle.blocks.specs import FfnKind, FfnSpec, spec_from_id
 from puzzle.distill.experts import ImportanceMethod, expert_importance
 from puzzle.distill.library import Library
 from puzzle.config import load_config
@@ -19,8 +19,7 @@ from puzzle.api import profile_stage
 from puzzle.api import realize_stage
 from puzzle.api import score_stage
 from puzzle.api import search_stage
-from tests.test_bld import write_job
-from tests.test_cli import assert_clean_failure, cli, job
+from tests.helpers import assert_clean_failure, cli, pipeline_job, with_solution, write_job
 from tests.tiny import tiny_model
 
 ATOL = 1e-5  # float32: the same math as the parent, partly in another order
@@ -140,13 +139,14 @@ def test_moe_ids_round_trip():
     ([8], "library.experts: 8 is outside 2..4"),
 ])
 def test_bad_library_experts_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, moe_parent_dir, experts, message):
-    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, moe_parent_dir, library={"experts": experts}))
+    path = pipeline_job(tmp_path, moe_parent_dir, library={"experts": experts})
+    code, (_, err) = cli(monkeypatch, capsys, "run", path)
     assert_clean_failure(code, err, tmp_path, message)
     assert sum(message in line for line in err.splitlines()) == 1
 
 
 def test_library_experts_on_a_dense_parent_is_an_error(monkeypatch, capsys, tmp_path, tiny_parent_dir):
-    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, tiny_parent_dir, library={"experts": [2]}))
+    code, (_, err) = cli(monkeypatch, capsys, "run", pipeline_job(tmp_path, tiny_parent_dir, library={"experts": [2]}))
     assert_clean_failure(code, err, tmp_path, "library.experts: the parent has no MoE layers")
 
 
@@ -188,16 +188,8 @@ def test_active_params_budget_is_met_by_removing_router_rows_only(moe_job):
     assert usage.used <= usage.limit < usage.parent
 
 
-def _with_solution(config, blocks: list[str]):
-    file = config.run.dir / "search/solutions.json"
-    file.parent.mkdir(parents=True, exist_ok=True)
-    layers = [{"layer": i, **BlockChoice.from_id(b).to_json()} for i, b in enumerate(blocks)]
-    file.write_text(json.dumps({"solutions": [{"layers": layers}]}))
-    return realize_stage(config, 0)
-
-
 def test_child_keeping_all_experts_equals_the_parent(moe_job, moe_parent_dir):
-    summary = _with_solution(moe_job, ["attention.kv2+ffn.moe4.top2"] * 3)
+    summary = with_solution(moe_job, ["attention.kv2+ffn.moe4.top2"] * 3)
     child = AutoModelForCausalLM.from_pretrained(summary.directory, trust_remote_code=True).eval()
     parent = MixtralForCausalLM.from_pretrained(moe_parent_dir).eval()
     ids = torch.randint(0, parent.config.vocab_size, (2, 24))
@@ -257,7 +249,7 @@ def test_gpt_oss_parent_with_mxfp4_experts_is_one_line_and_exit_2(monkeypatch, c
 
     monkeypatch.setattr(modeling_gpt_oss.GptOssExperts, "__init__", packed_init)
     monkeypatch.setattr(modeling_gpt_oss.GptOssPreTrainedModel, "_init_weights", lambda self, module: None)
-    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, gpt_oss_parent_dir))
+    code, (_, err) = cli(monkeypatch, capsys, "run", pipeline_job(tmp_path, gpt_oss_parent_dir))
     assert code == 2 and "Traceback" not in err
     assert "holds its experts in MXFP4; load it with Mxfp4Config(dequantize=True)" in err
 
@@ -305,12 +297,13 @@ def test_report_labels_kept_experts_and_shades_by_the_fraction_kept():
     assert label("ffn.moe6.top2", "ffn.moe8.top2")[1] > shade > label("ffn.noop", "ffn.moe8.top2")[1]
 
 
+@pytest.mark.slow
 def test_puzzle_run_takes_a_gpt_oss_parent_to_a_distilled_child_and_a_report(monkeypatch, capsys, tmp_path,
                                                                               gpt_oss_parent_dir):
-    path = job(tmp_path, gpt_oss_parent_dir, library={"windows": [4], "experts": [2]},
-               profile={"device": "h100"}, search={"budgets": {"kv": "0.6x", "experts": "0.75x"}},
-               eval={"kv_dtype": "fp8", "speed_repeats": 1, "speed_warmup": 0})
-    code, out, err = cli(monkeypatch, capsys, "run", path)
+    path = pipeline_job(tmp_path, gpt_oss_parent_dir, library={"windows": [4], "experts": [2]},
+                        profile={"device": "h100"}, search={"budgets": {"kv": "0.6x", "experts": "0.75x"}},
+                        eval={"kv_dtype": "fp8", "speed_repeats": 1, "speed_warmup": 0})
+    code, (out, err) = cli(monkeypatch, capsys, "run", path)
     assert code == 0, err
     results = json.loads((tmp_path / "run/eval/results.json").read_text())
     models = {m["name"]: m for m in results["models"]}

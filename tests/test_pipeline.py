@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 
 import puzzle.distill.bld as bld
 import puzzle.distill.kd as kd
-from tests.test_bld import library_tensors
-from tests.test_cli import cli, job
+from tests.helpers import cli, library_tensors, pipeline_job
 
 # Deterministic costs (roofline) so that runs can be compared output for output.
 PIPELINE = {
@@ -56,7 +55,7 @@ def reference(tmp_path_factory, tiny_parent_dir):
     from puzzle.cli import main
 
     tmp = tmp_path_factory.mktemp("pipeline_reference")
-    path = job(tmp, tiny_parent_dir, **PIPELINE)
+    path = pipeline_job(tmp, tiny_parent_dir, **PIPELINE)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["puzzle", "run", str(path)])
         with pytest.raises(SystemExit) as exit_:
@@ -65,6 +64,7 @@ def reference(tmp_path_factory, tiny_parent_dir):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_run_goes_from_parent_to_report(reference):
     for stage in ("parent", "library", "scores", "profile", "search", "child", "kd", "eval"):
         assert json.loads((reference / stage / "manifest.json").read_text())["status"] == "done", stage
@@ -75,6 +75,7 @@ def test_run_goes_from_parent_to_report(reference):
     assert results["models"][1]["parameters"] <= 0.7 * results["models"][0]["parameters"]
 
 
+@pytest.mark.slow
 def test_report_has_the_architecture_table_and_the_plots(reference):
     page = (reference / "report/report.html").read_text()
     child = json.loads((reference / "child/checkpoint/puzzle_child.json").read_text())
@@ -89,10 +90,11 @@ def test_report_has_the_architecture_table_and_the_plots(reference):
         assert (reference / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["bld", "kd"])
 def test_run_killed_in_the_middle_resumes_to_the_same_outputs(reference, where, tmp_path, tiny_parent_dir,
                                                               monkeypatch, capsys):
-    path = job(tmp_path, tiny_parent_dir, **PIPELINE)
+    path = pipeline_job(tmp_path, tiny_parent_dir, **PIPELINE)
     module = bld if where == "bld" else kd
     real = module.save_checkpoint
 
@@ -101,25 +103,26 @@ def test_run_killed_in_the_middle_resumes_to_the_same_outputs(reference, where, 
         raise KeyboardInterrupt
 
     monkeypatch.setattr(module, "save_checkpoint", killed_after_saving)
-    code, _, err = cli(monkeypatch, capsys, "run", path)
+    code, (_, err) = cli(monkeypatch, capsys, "run", path)
     assert code == 130 and "run the command again to resume" in err
     stage = "library" if where == "bld" else "kd"
     assert json.loads((tmp_path / "run" / stage / "manifest.json").read_text())["status"] == "failed"
     monkeypatch.setattr(module, "save_checkpoint", real)
-    code, _, err = cli(monkeypatch, capsys, "run", path)
+    code, (_, err) = cli(monkeypatch, capsys, "run", path)
     assert code == 0, err
     assert_same(outputs(tmp_path / "run"), outputs(reference))
 
 
+@pytest.mark.slow
 def test_multi_job_file_trains_the_library_once(tmp_path, tiny_parent_dir, monkeypatch, capsys):
-    path = job(tmp_path, tiny_parent_dir, **PIPELINE)
+    path = pipeline_job(tmp_path, tiny_parent_dir, **PIPELINE)
     raw = yaml.safe_load(path.read_text())
     del raw["search"]
     raw["jobs"] = {"light": {"search": {"budgets": {"params": "0.9x"}}},
                    "impossible": {"search": {"budgets": {"params": "10"}}},
                    "heavy": {"search": {"budgets": {"params": "0.6x"}}, "kd": {"tokens": 512}}}
     path.write_text(yaml.safe_dump(raw))
-    code, out, err = cli(monkeypatch, capsys, "run", path)
+    code, (out, err) = cli(monkeypatch, capsys, "run", path)
     # The impossible job stops with its reason; the jobs before and after it still finish.
     assert code == 2 and "job impossible stopped: budget params=10 cannot be met" in err.splitlines()[-1]
     run = tmp_path / "run"
@@ -133,18 +136,18 @@ def test_multi_job_file_trains_the_library_once(tmp_path, tiny_parent_dir, monke
     assert json.loads((run / "jobs/heavy/kd/summary.json").read_text())["steps"] == 4
     assert json.loads((run / "jobs/light/kd/summary.json").read_text())["steps"] == 8
     # One job alone, again: everything is reused.
-    code, _, err = cli(monkeypatch, capsys, "run", path, "--job", "heavy")
+    code, (_, err) = cli(monkeypatch, capsys, "run", path, "--job", "heavy")
     assert code == 0, err
     assert json.loads((run / "jobs/heavy/kd/manifest.json").read_text())["runs"] == 1
 
 
 def test_a_job_cannot_change_a_shared_stage(tmp_path, tiny_parent_dir, monkeypatch, capsys):
-    path = job(tmp_path, tiny_parent_dir)
+    path = pipeline_job(tmp_path, tiny_parent_dir)
     raw = yaml.safe_load(path.read_text())
     raw["jobs"] = {"a": {"bld": {"batch_size": 8}}, "b": {"search": {"budgets": {"params": "0.5x"}}}}
     raw["kd"]["tokens"] = 0
     path.write_text(yaml.safe_dump(raw))
-    code, _, err = cli(monkeypatch, capsys, "validate", path)
+    code, (_, err) = cli(monkeypatch, capsys, "validate", path)
     assert code == 2 and "Traceback" not in err
     lines = err.strip().splitlines()[1:]
     assert any(line.strip().startswith("jobs.a.bld: a job can set only search, realize, kd, eval") for line in lines)
@@ -153,7 +156,7 @@ def test_a_job_cannot_change_a_shared_stage(tmp_path, tiny_parent_dir, monkeypat
     raw["jobs"] = {"a": {}, "b": {}}
     raw["kd"]["tokens"] = 256
     path.write_text(yaml.safe_dump(raw))
-    code, _, err = cli(monkeypatch, capsys, "run", path, "--job", "c")
+    code, (_, err) = cli(monkeypatch, capsys, "run", path, "--job", "c")
     assert code == 2 and "--job: got 'c'; the jobs of this file are a, b" in err
 
 
@@ -163,7 +166,7 @@ def test_a_job_cannot_change_a_shared_stage(tmp_path, tiny_parent_dir, monkeypat
      ("report", "search/solutions.json does not exist; run `puzzle search` first")],
 )
 def test_stage_outputs_that_do_not_exist_are_named(tmp_path, tiny_parent_dir, monkeypatch, capsys, command, missing):
-    code, _, err = cli(monkeypatch, capsys, command, job(tmp_path, tiny_parent_dir))
+    code, (_, err) = cli(monkeypatch, capsys, command, pipeline_job(tmp_path, tiny_parent_dir))
     assert code == 2 and missing in err and "Traceback" not in err
 
 
@@ -172,18 +175,20 @@ def test_eval_task_without_lm_eval_installed(tmp_path, tiny_parent_dir, monkeypa
 
     if importlib.util.find_spec("lm_eval") is not None:
         pytest.skip("lm-evaluation-harness is installed here")
-    code, _, err = cli(monkeypatch, capsys, "run", job(tmp_path, tiny_parent_dir, eval={"tasks": ["hellaswag"]}))
+    path = pipeline_job(tmp_path, tiny_parent_dir, eval={"tasks": ["hellaswag"]})
+    code, (_, err) = cli(monkeypatch, capsys, "run", path)
     assert code == 2 and "eval.tasks: got ['hellaswag']; lm-evaluation-harness is not installed" in err
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_eval_reuses_its_results_until_the_child_changes(reference, tmp_path, tiny_parent_dir, monkeypatch, capsys):
-    path = job(tmp_path, tiny_parent_dir, **PIPELINE)
+    path = pipeline_job(tmp_path, tiny_parent_dir, **PIPELINE)
     shutil.copytree(reference, tmp_path / "run")
-    code, _, err = cli(monkeypatch, capsys, "eval", path)
+    code, (_, err) = cli(monkeypatch, capsys, "eval", path)
     assert code == 0, err
     assert json.loads((tmp_path / "run/eval/manifest.json").read_text())["runs"] == 1
-    code, _, err = cli(monkeypatch, capsys, "run", path, "--set", "kd.learning_rate=0.002")
+    code, (_, err) = cli(monkeypatch, capsys, "run", path, "--set", "kd.learning_rate=0.002")
     assert code == 0, err
     assert json.loads((tmp_path / "run/kd/manifest.json").read_text())["runs"] == 2
     assert json.loads((tmp_path / "run/eval/manifest.json").read_text())["runs"] == 2

@@ -7,13 +7,12 @@ from puzzle.blocks.costs import Scenario, active_parameters, decode_work, kv_cac
 from puzzle.errors import PuzzleError
 from puzzle.blocks.init import init_attention, init_ffn
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
-from puzzle.config import load_config
 from puzzle.api import distill_stage
 from puzzle.families import FamilyAdapter
 from puzzle.api import profile_stage
 from puzzle.search.hardware import GPUS, gpu
 from puzzle.search.profile import analytic_times
-from tests.test_bld import write_job
+from tests.helpers import copy_run
 from tests.tiny import VARIANTS, tiny_model
 
 # hidden 48, 6 heads of 8, 2 KV heads, FFN 96 (tests/tiny.py)
@@ -80,10 +79,10 @@ def test_unknown_device_and_fp8_on_a100():
 
 
 @pytest.fixture(scope="module")
-def tiny_library(tmp_path_factory, tiny_parent_dir):
-    tmp = tmp_path_factory.mktemp("profile")
-    config = load_config(write_job(tmp, tiny_parent_dir), ["bld.tokens_per_candidate=64"])
-    distill_stage(config)
+def tiny_library(tmp_path_factory, fast_library):
+    # The session's library alone (not its scores or profile): the tests here measure their own profiles.
+    _, config = copy_run(fast_library, tmp_path_factory.mktemp("profile"), ["bld.tokens_per_candidate=64"])
+    distill_stage(config)  # checked and reused
     return config
 
 

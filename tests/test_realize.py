@@ -13,28 +13,18 @@ from puzzle.distill.library import Library
 from puzzle.cli import main
 from puzzle.engines import servability
 from puzzle.parents import load_parent
-from puzzle.api import realize_stage
 from puzzle.blocks.specs import BlockChoice
 from puzzle.checkpoint import build_child
 from puzzle.api import search_stage
-from tests.test_search import scored_job
+from tests.helpers import scored_job, with_solution
 from tests.tiny import VARIANTS, tiny_model
 
 ATOL = 1e-5  # float32; the child runs the same math as the parent, partly in another order
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_parent_dir):
-    return scored_job(tmp_path_factory.mktemp("realize"), tiny_parent_dir)[1]
-
-
-def with_solution(config, blocks: list[str]):
-    """Write a solutions file by hand, as a search would, to realize chosen architectures."""
-    file = config.run.dir / "search/solutions.json"
-    file.parent.mkdir(parents=True, exist_ok=True)
-    layers = [{"layer": i, **BlockChoice.from_id(b).to_json()} for i, b in enumerate(blocks)]
-    file.write_text(json.dumps({"solutions": [{"layers": layers}]}))
-    return realize_stage(config, 0)
+def job(tmp_path_factory, tiny_parent_dir, fast_scored):
+    return scored_job(tmp_path_factory.mktemp("realize"), tiny_parent_dir, start_from=fast_scored)[1]
 
 
 def test_child_with_every_layer_kept_equals_the_parent(job):
@@ -55,6 +45,7 @@ MIXED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocks", MIXED, ids=["window-linear", "noop-kv1"])
 def test_fresh_process_loads_the_child_with_the_same_logits(job, blocks, tmp_path):
     summary = with_solution(job, blocks)

@@ -6,18 +6,17 @@ import torch
 
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec
 from puzzle.distill.scoring import ParentReference
-from puzzle.config import load_config
 from puzzle.api import distill_stage
 from puzzle.parents import load_parent
 from puzzle.api import score_stage
-from tests.test_bld import write_job
+from tests.helpers import copy_run
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, tiny_parent_dir):
+def scored(tmp_path_factory, reference_library):
     tmp = tmp_path_factory.mktemp("scoring")
-    config = load_config(write_job(tmp, tiny_parent_dir), ["scoring.validation_blocks=2", "scoring.batch_size=2"])
-    distill_stage(config)
+    _, config = copy_run(reference_library[0], tmp, ["scoring.validation_blocks=2", "scoring.batch_size=2"])
+    distill_stage(config)  # the session's library, checked and reused
     return config, score_stage(config)
 
 

@@ -1,39 +1,20 @@
 """`puzzle search` on the tiny parent's library, scores and profile."""
 
 import json
-import sys
 
 import pytest
 
 from puzzle.blocks.specs import BlockChoice
-from puzzle.cli import main
 from puzzle.families import parent_shapes
 from puzzle.parents import parent_config
-from puzzle.config import load_config
-from puzzle.api import distill_stage
-from puzzle.api import profile_stage
-from puzzle.api import score_stage
 from puzzle.api import search_stage
 from puzzle.search.mip import InfeasibleBudget
-from tests.test_bld import write_job
-
-FAST = ["bld.tokens_per_candidate=64", "scoring.validation_blocks=1", "profile.weight_dtype=float32",
-        "profile.prefill_length=16", "profile.decode_length=4", "profile.warmup=1", "profile.repeats=3"]
-
-
-def scored_job(tmp, parent, overrides=FAST):
-    """A tiny job with its library trained, its blocks scored and profiled: what search and later stages read."""
-    path = write_job(tmp, parent)
-    config = load_config(path, overrides)
-    distill_stage(config)
-    score_stage(config)
-    profile_stage(config)
-    return path, config
+from tests.helpers import FAST, cli, scored_job
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_parent_dir):
-    return scored_job(tmp_path_factory.mktemp("search"), tiny_parent_dir)
+def job(tmp_path_factory, tiny_parent_dir, fast_scored):
+    return scored_job(tmp_path_factory.mktemp("search"), tiny_parent_dir, start_from=fast_scored)
 
 
 def test_search_meets_the_budget_and_writes_solutions(job):
@@ -62,16 +43,6 @@ def test_infeasible_budget_names_the_smallest_reachable_value(job):
     _, config = job
     with pytest.raises(InfeasibleBudget, match=r"budget params=10 cannot be met: the smallest params any child"):
         search_stage(config, ["params=10"])
-
-
-def cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["puzzle", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    return code, capsys.readouterr()
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ def test_shipped_parent_is_small_and_safetensors():
     assert config["intermediate_size"] % 256 == 0
 
 
+@pytest.mark.slow
 def test_validation_perplexity_matches_the_readme(shipped):
     parent, blocks = shipped
     loss, tokens = validation_loss(parent.adapter, blocks.validation, batch_size=8)
@@ -50,6 +51,7 @@ def test_validation_perplexity_matches_the_readme(shipped):
     assert loss == pytest.approx(readme_figure("validation loss"), abs=2e-3)
 
 
+@pytest.mark.slow
 def test_shipped_parent_generates_text(shipped):
     parent, _ = shipped
     ids = parent.tokenizer("ROMEO.\n", return_tensors="pt").input_ids
@@ -62,6 +64,7 @@ def test_shipped_parent_generates_text(shipped):
 MOE_PARENT = ROOT / "examples/moe_parent"
 
 
+@pytest.mark.slow
 def test_shipped_moe_parent_is_small_and_scores_what_its_summary_says():
     weights = MOE_PARENT / "model.safetensors"
     assert weights.is_file() and weights.stat().st_size <= 12 * 1024 * 1024

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,12 +36,14 @@ def test_budget_sweep_and_device_problems_are_reported_together_before_anything_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
 
 
+@pytest.mark.slow
 def test_a_budget_given_twice_on_the_command_line_names_both(tmp_path):
     result = _puzzle("validate", str(_job(tmp_path)), "--budget", "latency=0.3x", "--budget", "latency=0.9x")
     assert result.returncode == 2
     assert "--budget 'latency=0.9x': latency is already given as 'latency=0.3x'" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_valid_job_with_budgets_is_valid(tmp_path):
     result = _puzzle("validate", str(_job(tmp_path, search={"budgets": {"latency": "0.5x"}})), "--budget", "params=0.6x",
                      "--sweep", "latency=0.3x:1x:4")
