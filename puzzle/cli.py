@@ -109,9 +109,24 @@ def _checked_jobs(path: Path, overrides: list[str] | None, job: str | None = Non
     data, the run directory, and the outputs of earlier stages that `stage` (where the command starts) needs."""
     from puzzle.preflight import check_inputs
 
-    jobs = load_jobs(path, overrides, job)
+    try:
+        jobs = load_jobs(path, overrides, job)
+    except ConfigError as e:
+        raise _with_input_problems(e) from None
     check_inputs(jobs, stage, str(path))
     return jobs
+
+
+def _with_input_problems(error: ConfigError, more: list[str] = ()) -> ConfigError:
+    """A config error together with what the input checks find on the config with its bad keys at their
+    defaults (a damaged parent file, an empty data file), so that one run reports every problem."""
+    from puzzle.preflight import preflight
+
+    problems = [*error.problems, *more]
+    bad_keys = {p.partition(":")[0] for p in problems}
+    for config in error.partial or []:
+        problems += [p for p in preflight(config) if p.partition(":")[0] not in bad_keys and p not in problems]
+    return ConfigError(problems, error.source)
 
 
 def _started(jobs: list[PuzzleConfig]) -> list[PuzzleConfig]:
@@ -190,7 +205,7 @@ def validate_command(config: ConfigArg, set_: SetOption = None, budget: BudgetOp
     try:
         jobs = load_jobs(config, (set_ or []) + overrides)
     except ConfigError as e:
-        raise ConfigError(e.problems + problems, str(config)) from None
+        raise _with_input_problems(e, problems) from None
     try:
         check_inputs(jobs, source=str(config))
     except ConfigError as e:

@@ -410,10 +410,32 @@ def format_validation_error(error: pydantic.ValidationError, model: type[BaseMod
 
 
 def validate(raw: dict[str, Any], model: type[Section] = PuzzleConfig, source: str = "config") -> Section:
+    """The validated config, or a ConfigError with every problem; the error carries, when it can be made, the
+    config with each bad key left at its default (`partial`), so that the checks of files and data can still
+    report their problems in the same run."""
     try:
         return model.model_validate(raw)
     except pydantic.ValidationError as e:
-        raise ConfigError(format_validation_error(e, model), source) from None
+        error = ConfigError(format_validation_error(e, model), source)
+        partial = _without_errors(raw, e, model)
+        error.partial = None if partial is None else [partial]
+        raise error from None
+
+
+def _without_errors(raw: dict[str, Any], error: pydantic.ValidationError, model: type[Section]) -> Section | None:
+    stripped = copy.deepcopy(raw)
+    for e in error.errors(include_url=False):
+        keys = [p for p in e["loc"] if isinstance(p, str) and not p.startswith(("function-", "literal["))]
+        node = stripped
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not keys or not isinstance(node, dict) or keys[-1] not in node:
+            return None  # a missing required key or a whole-section problem: no default to fall back on
+        del node[keys[-1]]
+    try:
+        return model.model_validate(stripped)
+    except pydantic.ValidationError:
+        return None
 
 
 def load_config(
@@ -468,20 +490,24 @@ def load_jobs(path: str | Path, overrides: list[str] | None = None) -> list[Puzz
     raw = apply_overrides(read_yaml(path), overrides or [])
     jobs, problems = _job_raws(raw)
     per_job: list[list[str]] = []
-    configs = []
+    configs, partial = [], []
     for _, job_raw in jobs:
         try:
             configs.append(validate(job_raw, PuzzleConfig, str(path)))
+            partial.append(configs[-1])
             per_job.append([])
         except ConfigError as e:
             per_job.append(e.problems)
+            partial += e.partial or []
     # A problem in the shared sections shows up in every job: report it once, without a job name.
     shared = set.intersection(*(set(p) for p in per_job)) if per_job else set()
     problems += sorted(shared, key=per_job[0].index) if shared else []
     for (name, _), found in zip(jobs, per_job):
         problems += [f"jobs.{name}: {p}" for p in found if p not in shared]
     if problems:
-        raise ConfigError(problems, str(path))
+        error = ConfigError(problems, str(path))
+        error.partial = partial if len(partial) == len(jobs) and jobs else None
+        raise error
     return configs
 
 

@@ -14,4 +14,7 @@ class ConfigError(PuzzleError):
     def __init__(self, problems: list[str], source: str = "config"):
         self.problems = problems
         self.source = source
+        # The configs with every bad key at its default, when they could be made: the checks of files and
+        # data run on them, so one run reports a bad budget and a damaged parent file together.
+        self.partial: list | None = None
         super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))

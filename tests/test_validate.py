@@ -49,3 +49,25 @@ def test_a_valid_job_with_budgets_is_valid(tmp_path):
                      "--sweep", "latency=0.3x:1x:4")
     assert result.returncode == 0, result.stderr
     assert "valid job config" in result.stdout
+
+
+def test_a_bad_budget_a_damaged_parent_file_and_an_empty_data_file_are_reported_in_one_run(tmp_path):
+    import shutil
+
+    parent = tmp_path / "parent"
+    shutil.copytree(ROOT / "examples/parent", parent)
+    weights = parent / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (tmp_path / "empty.txt").write_text("")
+    raw = {"parent": {"path": str(parent)}, "data": {"files": [str(tmp_path / "empty.txt")]},
+           "run": {"dir": str(tmp_path / "run")}, "search": {"budgets": {"latency": "fast"}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = _puzzle("validate", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].endswith("3 problem(s)")
+    assert any("budget 'latency=fast'" in line for line in lines)
+    assert any(f"{weights} is damaged, not a readable safetensors file" in line for line in lines)
+    assert any("data: the documents contain no text" in line for line in lines)
+    assert not (tmp_path / "run").exists()
