@@ -24,6 +24,7 @@ from torch import nn
 from puzzle.blocks.init import init_attention, init_ffn
 from puzzle.blocks.specs import AttentionSpec, FfnSpec
 from puzzle.distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from puzzle.distill.precision import compute
 from puzzle.distill.schedule import TrainingSettings, batch_indices
 
 
@@ -134,6 +135,7 @@ def predict(candidate: Candidate, module: nn.ModuleDict, adapter, acts: ParentAc
 
 
 def normalized_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    prediction, target = prediction.float(), target.float()  # reduced in fp32 whatever the parent's dtype
     return (prediction - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
 
 
@@ -144,8 +146,10 @@ def evaluate(candidates, modules, adapter, eval_blocks: torch.Tensor, batch_size
     batches = 0
     for start in range(0, len(eval_blocks), batch_size):
         acts = parent_activations(adapter, eval_blocks[start : start + batch_size])
-        for c in candidates:
-            totals[c.key] += normalized_mse(predict(c, modules[c.module_name], adapter, acts), acts.block_delta[c.layer]).item()
+        with compute(acts.block_delta[0].dtype, acts.block_delta[0].device):
+            for c in candidates:
+                prediction = predict(c, modules[c.module_name], adapter, acts)
+                totals[c.key] += normalized_mse(prediction, acts.block_delta[c.layer]).item()
         batches += 1
     return {k: v / batches for k, v in totals.items()}
 
@@ -155,7 +159,8 @@ def train_step(candidates, modules: nn.ModuleDict, adapter, input_ids: torch.Ten
     acts = parent_activations(adapter, input_ids)
     losses = {}
     for c in candidates:
-        loss = normalized_mse(predict(c, modules[c.module_name], adapter, acts), acts.block_delta[c.layer])
+        with compute(acts.block_delta[0].dtype, acts.block_delta[0].device):
+            loss = normalized_mse(predict(c, modules[c.module_name], adapter, acts), acts.block_delta[c.layer])
         loss.backward()  # frees this candidate's graph before the next one is built
         losses[c.key] = loss.item()
     optimizer.step()

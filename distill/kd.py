@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from puzzle.distill.metrics import kl_divergence
+from puzzle.distill.precision import compute
 from puzzle.distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from puzzle.distill.schedule import TrainingSettings, batch_indices
 
@@ -62,7 +63,8 @@ def cosine_loss(child_states, parent_states) -> torch.Tensor:
 def kd_losses(child: nn.Module, parent_states: ParentStates, input_ids: torch.Tensor, s: KdSettings) -> KdLosses:
     with torch.no_grad():
         p_states, p_logits = parent_states(input_ids)
-    out = child(input_ids, use_cache=False, output_hidden_states=True)
+    with compute(p_logits.dtype, p_logits.device):  # fp32 master weights, the parent's compute dtype
+        out = child(input_ids, use_cache=False, output_hidden_states=True)
     kl = kl_divergence(p_logits, out.logits)
     cos = cosine_loss(out.hidden_states, p_states)
     logits = out.logits[:, :-1].float()

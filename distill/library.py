@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -39,10 +40,12 @@ def entry_paths(directory: Path, candidate: Candidate) -> tuple[Path, Path]:
     return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
 
 
-def write_entry(directory: Path, result: CandidateResult, *, init: str, steps: int, tokens: int, fingerprint: str) -> dict:
+def write_entry(directory: Path, result: CandidateResult, *, init: str, steps: int, tokens: int, fingerprint: str,
+                dtype: torch.dtype = torch.float32) -> dict:
+    """`dtype`: what the weights are saved in (the parent's: a bf16 parent's library is bf16)."""
     weights, row_file = entry_paths(directory, result.candidate)
     with atomic_path(weights) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in result.module.state_dict().items()}, tmp)
+        save_file({k: v.detach().to(dtype).contiguous() for k, v in result.module.state_dict().items()}, tmp)
     c = result.candidate
     row = {
         "key": c.key,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from puzzle.distill.metrics import QualityMeter, predicted_log_probs
+from puzzle.distill.precision import compute
 
 METRICS = ("kl", "lm_loss", "top1", "top5", "top10")
 
@@ -60,8 +61,9 @@ class ParentReference:
         meter = QualityMeter(top_k=(1, 5, 10))
         for b in self.batches:
             h = b.hidden[layer]
-            h = h + attention(h, b.context.candidate_position_embeddings)
-            h = h + ffn(h)
+            with compute(h.dtype, h.device):  # a candidate (fp32 weights) in a bf16/fp16 parent
+                h = h + attention(h, b.context.candidate_position_embeddings)
+                h = (h + ffn(h)).to(b.hidden[layer].dtype)
             for i in range(layer + 1, adapter.num_layers):
                 h = adapter.run_layer(i, h, b.context)
             meter.add(b.log_probs, predicted_log_probs(adapter.head(h)), b.input_ids)

@@ -130,8 +130,9 @@ def _with_input_problems(error: ConfigError, more: list[str] = ()) -> ConfigErro
 
 
 def _started(jobs: list[PuzzleConfig]) -> list[PuzzleConfig]:
-    """The first writes of a command: each job's resolved config, and the truth about stages a kill left."""
-    for j in jobs:
+    """The first writes of a command: each job's resolved config, and the truth about stages a kill left
+    (by rank 0 alone in a multi-process job)."""
+    for j in jobs if _is_main_rank() else []:
         run_dir = RunDir.of(j)
         for stage in run_dir.mark_interrupted():
             console.print(f"stage {stage.value} of {run_dir.path} was interrupted (its process died); it is redone")
@@ -311,16 +312,22 @@ def distill(config: ConfigArg, set_: SetOption = None, num_processes: ProcessesO
 
 
 @app.command()
-def score(config: ConfigArg, set_: SetOption = None) -> None:
+def score(config: ConfigArg, set_: SetOption = None, num_processes: ProcessesOption = 1) -> None:
     """Score every block candidate by replacing that one layer of the parent (replace-1-block).
 
     Metrics on held-out text: KL(parent ‖ child) (default for the search), LM loss, top-1/5/10
-    agreement with the parent's greedy token. Writes RUN_DIR/scores/scores.csv; resumable per layer.
+    agreement with the parent's greedy token. Layers are sharded over --num-processes; the scores equal a
+    one-process run. Writes RUN_DIR/scores/scores.csv; resumable per layer.
     """
     from puzzle.api import score_stage
 
-    [job] = _started(_checked_jobs(config, set_, stage=Stage.scores)[:1])
-    render.scores(job, score_stage(job))
+    [job] = _checked_jobs(config, set_, stage=Stage.scores)[:1]
+    if _relaunched(num_processes, ["score", str(config)], set_):
+        return
+    _started([job])
+    summary = score_stage(job)
+    if _is_main_rank():
+        render.scores(job, summary)
 
 
 @app.command()

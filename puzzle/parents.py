@@ -7,6 +7,7 @@ only when the user sets `parent.trust_remote_code`.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,14 +147,18 @@ def check_device(name: str) -> None:
 
 
 def _device(name: str) -> torch.device:
+    """The device `parent.device` names for this process. 'cuda' (or 'auto' with a GPU) without an index is
+    the rank's own GPU in a multi-process job: LOCAL_RANK, as torchrun and accelerate set it."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise PuzzleError(f"parent.device: {name!r} is not a torch device (try 'cpu', 'cuda', 'cuda:0', 'auto')") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PuzzleError(f"parent.device: {name!r} asked for, but no CUDA device is available here")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 
 
@@ -181,6 +186,11 @@ def load_parent(section: ParentSection) -> Parent:
             f"parent.path: {path!r} holds its experts in MXFP4; load it with Mxfp4Config(dequantize=True), save that "
             "bf16 copy and give its path"
         )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # fp32 matrix products (an fp32 parent, fp32 losses) on the tensor cores' TF32 path.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     model.to(device).eval()
     model.requires_grad_(False)
     return Parent(model=model, tokenizer=tokenizer, adapter=FamilyAdapter(model), source=path)

@@ -68,3 +68,22 @@ def load_config_for(parent_dir):
     from puzzle.config import validate
 
     return validate({"parent": {"path": str(parent_dir)}, "data": {"files": ["x"]}})
+
+
+@pytest.mark.slow
+def test_two_processes_score_what_one_does(scored, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    config, summary = scored
+    path, _ = copy_run(config, tmp_path)
+    import shutil
+
+    shutil.rmtree(tmp_path / "job/scores")
+    overrides = ["--set", "scoring.validation_blocks=2", "--set", "scoring.batch_size=2"]
+    result = subprocess.run([sys.executable, "-m", "puzzle", "score", str(path), "--num-processes", "2", *overrides],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    two = pd.read_csv(tmp_path / "job/scores/scores.csv")
+    pd.testing.assert_frame_equal(two, summary.frame)

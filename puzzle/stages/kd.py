@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_path, atomic_write_json, read_json
@@ -70,7 +71,9 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
     source, _ = child_source(config, ctx.run)
     s = settings(config)
     parent = load_parent(config.parent)
-    child = load_child(source, next(parent.model.parameters()).dtype, parent.model.device)
+    dtype = next(parent.model.parameters()).dtype
+    # Trained in fp32 (master weights and AdamW state), computed in the parent's dtype, saved in it.
+    child = load_child(source, torch.float32, parent.model.device)
     blocks = job_blocks(config.data, parent.tokenizer)
     adapter = parent.adapter
 
@@ -89,7 +92,7 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
     if not team.is_main:
         return None
     tokens = s.steps * s.batch_size * blocks.train.shape[1]
-    write_checkpoint(directory / "checkpoint", child, parent, {
+    write_checkpoint(directory / "checkpoint", child.to(dtype), parent, {
         **child_info(source), "kd": {"source": str(source), "steps": s.steps, "tokens": tokens},
     })
     with atomic_path(directory / "train_log.csv") as tmp:

@@ -186,5 +186,6 @@ def _train_shard(config: PuzzleConfig, shard: list[Candidate], lib_dir: Path, en
         parent_spec = shape.attention if isinstance(spec, AttentionSpec) else shape.ffn
         init = init_name(spec, parent_spec) if c.attention is None or c.ffn is None else "coupled"
         tokens = steps * job.settings.batch_size * config.bld.sequence_length
-        write_entry(lib_dir, result, init=init, steps=steps, tokens=tokens, fingerprint=entry_key)
+        write_entry(lib_dir, result, init=init, steps=steps, tokens=tokens, fingerprint=entry_key,
+                    dtype=next(parent.model.parameters()).dtype)
     shutil.rmtree(checkpoint, ignore_errors=True)

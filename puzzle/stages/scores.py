@@ -2,7 +2,9 @@
 
 A block is an (attention, FFN) pair: decoupled candidates composed, plus coupled pairs from the
 library. Each layer's scores are written atomically as soon as the layer is done, so a killed run
-resumes at the first unfinished layer.
+resumes at the first unfinished layer. In a multi-process job the unfinished layers are sharded over the
+ranks (each on its own device); a layer's scores do not depend on who computes them, so N processes
+write what one does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from puzzle.io import atomic_path, atomic_write_json
 from puzzle.data import job_blocks
 from puzzle.distill.library import Library
 from puzzle.distill.scoring import METRICS, ParentReference
+from puzzle.distributed import Workers
 from puzzle.parents import load_parent
 from puzzle.pipeline import StageContext
 from puzzle.progress import progress_bar
@@ -32,21 +35,28 @@ class ScoreSummary:
     seconds: float
 
 
-def run(ctx: StageContext) -> ScoreSummary:
+def run(ctx: StageContext, team: Workers) -> ScoreSummary | None:
     started = time.time()
     config, score_dir = ctx.config, ctx.directory
     parent = load_parent(config.parent)
     library = Library(ctx.run.stage_dir(Stage.library), parent.adapter)
     blocks = job_blocks(config.data, parent.tokenizer).validation[: config.scoring.validation_blocks]
     todo = [i for i in range(len(library.layers)) if not _layer_done(score_dir, i, ctx.key)]
+    team.barrier()  # every rank has seen the same finished layers before any rank writes
+    mine = team.shard(todo)
     total = sum(len(library.layers[i].blocks()) for i in todo)
-    if todo:
+    if mine:
         reference = ParentReference(parent.adapter, blocks.to(parent.model.device), config.scoring.batch_size)
         with progress_bar() as bar:
-            task = bar.add_task("score blocks", total=total, status="")
-            for i in todo:
+            # Rank 0 draws its own share; the others work quietly.
+            task = bar.add_task("score blocks", total=sum(len(library.layers[i].blocks()) for i in mine), status="",
+                                visible=team.is_main)
+            for i in mine:
                 _score_layer(library, reference, i, score_dir, ctx.key,
                              lambda desc: bar.update(task, advance=1, status=desc))
+    team.barrier()
+    if not team.is_main:
+        return None
     frame = pd.concat([pd.read_csv(_layer_file(score_dir, i)) for i in range(len(library.layers))], ignore_index=True)
     table = score_dir / "scores.csv"
     with atomic_path(table) as tmp:

@@ -1,0 +1,41 @@
+"""A bf16 parent end to end, and each rank's own GPU (issue 15, first part)."""
+
+import torch
+from safetensors import safe_open
+
+from tests.helpers import cli, pipeline_job
+
+
+def _dtypes(path) -> set[str]:
+    with safe_open(path, "pt") as f:
+        return {f.get_slice(name).get_dtype() for name in f.keys()}
+
+
+def test_a_bf16_parent_runs_the_whole_pipeline_and_its_library_and_children_are_bf16(tmp_path, tiny_parent_dir,
+                                                                                     monkeypatch, capsys):
+    path = pipeline_job(tmp_path, tiny_parent_dir)
+    code, (out, err) = cli(monkeypatch, capsys, "run", path, "--set", "parent.dtype=bfloat16")
+    assert code == 0, err
+    run = tmp_path / "run"
+    entries = sorted((run / "library/entries").glob("*.safetensors"))
+    assert entries and all(_dtypes(e) == {"BF16"} for e in entries)
+    assert _dtypes(run / "child/checkpoint/model.safetensors") == {"BF16"}
+    assert _dtypes(run / "kd/checkpoint/model.safetensors") == {"BF16"}
+    import json
+
+    kd = json.loads((run / "kd/summary.json").read_text())
+    # Trained with fp32 master weights and bf16 compute: KD still lowers the held-out KL.
+    assert kd["after"]["kl"] < kd["before"]["kl"]
+    assert (run / "report/report.html").is_file()
+
+
+def test_cuda_without_an_index_is_the_ranks_own_gpu(monkeypatch):
+    from puzzle.parents import _device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert _device("cuda") == torch.device("cuda", 3)
+    assert _device("auto") == torch.device("cuda", 3)
+    assert _device("cuda:1") == torch.device("cuda", 1)  # an explicit index is kept
+    monkeypatch.delenv("LOCAL_RANK")
+    assert _device("cuda") == torch.device("cuda", 0)
