@@ -163,6 +163,10 @@ class ProfileSection(Section):
     weight_dtype: Literal["float32", "bfloat16", "float16", "fp8"] = Field("bfloat16", description="Weight dtype.")
     kv_dtype: Literal["float32", "bfloat16", "float16", "fp8"] = Field("bfloat16", description="KV-cache dtype.")
     batch_size: int = Field(1, ge=1, description="Sequences per batch.")
+    gpus: int = Field(
+        1, ge=1, description="GPUs a model is split over by tensor parallelism, for the roofline's fit check (weights "
+        "and KV cache divided evenly; the times are one GPU's)."
+    )
     prefill_length: int = Field(256, ge=1, description="Prompt tokens.")
     decode_length: int = Field(128, ge=1, description="Generated tokens.")
     warmup: int = Field(3, ge=0, description="Untimed runs before measuring.")

@@ -14,7 +14,7 @@ import torch
 
 from puzzle.blocks.costs import Scenario, active_parameters, kv_cache_bytes, parameters
 from puzzle.blocks.init import shaped_module
-from puzzle.blocks.specs import AttentionKind, AttentionSpec, BlockChoice, FfnKind, FfnSpec, SubblockSpec
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, BlockChoice, FfnKind, FfnSpec, ParentShape, SubblockSpec
 from puzzle.config import ProfileSection, PuzzleConfig
 from puzzle.distill.library import Library
 from puzzle.progress import progress_bar
@@ -49,26 +49,23 @@ class AdditiveCheck:
         return self.predicted_seconds / self.measured_seconds - 1
 
 
-def _device_name(section: ProfileSection, device: torch.device) -> str:
-    return gpu(section.device).name if section.device != "local" else local_device_name(device)
-
-
-def cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenario) -> list[CostRow]:
+def cost_rows(config: PuzzleConfig, shapes: list[ParentShape], space, scenario: Scenario, hf_config,
+              parent=None) -> list[CostRow]:
+    """Every candidate's costs at `scenario`, and the fixed row. `space`: the library's layers. A measured
+    profile needs the loaded `parent`; the analytic one (profile.device names a GPU) needs only its config."""
     section = config.profile
-    adapter = parent.adapter
-    device = parent.model.device
-    dtype = _torch_dtype(section)
-    name = _device_name(section, device)
     method = "measured" if section.device == "local" else "analytic"
+    dtype = _torch_dtype(section)
+    name = gpu(section.device).name if method == "analytic" else local_device_name(parent.model.device)
     timings: dict[tuple, tuple[Timing, Timing]] = {}
-    specs = [(i, s) for i, layer in enumerate(library.layers) for s in (*layer.attention, *layer.ffn)]
+    specs = [(i, s) for i, layer in enumerate(space) for s in (*layer.attention, *layer.ffn)]
     rows = []
     with progress_bar() as bar:
         task = bar.add_task(f"profile ({method}, {name})", total=len(specs), status="")
         for i, spec in specs:
-            shape = adapter.shape(i)
+            shape = shapes[i]
             if (spec, shape) not in timings:
-                timings[(spec, shape)] = _times(config, parent, i, spec, scenario, dtype)
+                timings[(spec, shape)] = _times(config, parent, shape, i, spec, scenario, dtype)
             prefill, decode = timings[(spec, shape)]
             params = parameters(spec, shape)
             rows.append(
@@ -83,19 +80,56 @@ def cost_rows(config: PuzzleConfig, parent, library: Library, scenario: Scenario
                 )
             )
             bar.update(task, advance=1, status=f"L{i} {spec.id}")
-    rows.append(_fixed_row(config, parent, scenario, dtype, method, name))
+    rows.append(_fixed_row(config, hf_config, parent, scenario, dtype, method, name))
     return rows
 
 
-def _times(config, parent, layer: int, spec: SubblockSpec, scenario: Scenario, dtype) -> tuple[Timing, Timing]:
+@dataclass(frozen=True)
+class Fit:
+    """Whether the parent's weights and KV cache at the scenario fit the profiled GPUs' memory."""
+
+    device: str
+    gpus: int
+    weight_bytes: float
+    kv_bytes: float
+    capacity_bytes: float
+
+    @property
+    def fits(self) -> bool:
+        return self.weight_bytes + self.kv_bytes <= self.capacity_bytes
+
+    def describe(self) -> str:
+        need = (self.weight_bytes + self.kv_bytes) / 2**30
+        verdict = "fits" if self.fits else "does NOT fit: the times above assume it would"
+        return (f"parent at this scenario: weights {self.weight_bytes / 2**30:.2f} GiB + KV cache "
+                f"{self.kv_bytes / 2**30:.2f} GiB = {need:.2f} GiB on {self.gpus}× {self.device} "
+                f"({self.capacity_bytes / 2**30:.0f} GiB): {verdict}")
+
+
+def parent_fit(rows: list[CostRow], shapes: list[ParentShape], device: str, gpus: int) -> Fit:
+    """The roofline's fit check: weights and KV split evenly over `gpus` (tensor parallelism)."""
+    by_key = {(r.layer, r.candidate): r for r in rows}
+    parent = [by_key[(i, s.attention.id)] for i, s in enumerate(shapes)] + [by_key[(i, s.ffn.id)] for i, s in enumerate(shapes)]
+    fixed = next(r for r in rows if r.layer == -1)
+    weights = fixed.weight_bytes + sum(r.weight_bytes for r in parent)
+    return Fit(device, gpus, weights, sum(r.kv_bytes for r in parent), gpus * gpu(device).memory_gib * 2**30)
+
+
+def fixed_parameters(hf_config) -> int:
+    """Embeddings, final norm and (unless tied) lm_head, from the config alone."""
+    h, v = hf_config.hidden_size, hf_config.vocab_size
+    return v * h + h + (0 if hf_config.tie_word_embeddings else v * h)
+
+
+def _times(config, parent, shape: ParentShape, layer: int, spec: SubblockSpec, scenario: Scenario,
+           dtype) -> tuple[Timing, Timing]:
     section = config.profile
-    adapter = parent.adapter
-    shape = adapter.shape(layer)
     if section.device != "local":
         prefill, decode = analytic_times(spec, shape, scenario, gpu(section.device))
         return Timing(prefill, prefill, 0.0), Timing(decode, decode, 0.0)
     if spec.removed:
         return Timing(0.0, 0.0, 0.0), Timing(0.0, 0.0, 0.0)  # removed: no module, no residual add
+    adapter = parent.adapter
     device = parent.model.device
     impl = config.parent.attn_implementation
     is_attention = isinstance(spec, AttentionSpec)
@@ -113,14 +147,10 @@ def _times(config, parent, layer: int, spec: SubblockSpec, scenario: Scenario, d
     )
 
 
-def _fixed_row(config, parent, scenario: Scenario, dtype, method: str, name: str) -> CostRow:
+def _fixed_row(config, hf_config, parent, scenario: Scenario, dtype, method: str, name: str) -> CostRow:
     """Embeddings, final norm and lm_head: paid by every child alike."""
-    cfg = parent.model.config
-    h, v = cfg.hidden_size, cfg.vocab_size
-    params = sum(p.numel() for p in parent.model.model.embed_tokens.parameters())
-    params += sum(p.numel() for p in parent.model.model.norm.parameters())
-    if not cfg.tie_word_embeddings:
-        params += sum(p.numel() for p in parent.model.lm_head.parameters())
+    h, v = hf_config.hidden_size, hf_config.vocab_size
+    params = fixed_parameters(hf_config)
     if method == "analytic":
         g = gpu(config.profile.device)
         peak = g.peak_flops(scenario.weight_dtype)
@@ -169,7 +199,7 @@ def additive_checks(config, parent, library: Library, rows, scenario: Scenario, 
     dtype = _torch_dtype(section)
     device = parent.model.device
     for scenario_name, sc in scenarios.items():
-        sc_rows = rows if sc == scenario else cost_rows(config, parent, library, sc)
+        sc_rows = rows if sc == scenario else cost_rows(config, adapter.shapes, library.layers, sc, adapter.config, parent)
         for model_name, choice in choices.items():
             layers = []
             for i, block in enumerate(choice):

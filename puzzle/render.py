@@ -84,6 +84,10 @@ def profile(summary) -> None:
             check_table.add_row(c.model, c.scenario, f"{c.predicted_seconds:.4f}", f"{c.measured_seconds:.4f}",
                                 f"{c.error:+.1%}")
         out.print(check_table)
+    if summary.fit is not None:
+        out.print(summary.fit.describe())
+        out.print("roofline assumptions: the datasheet's dense peak FLOP/s and memory bandwidth, reached by every "
+                  "kernel; no kernel-launch, communication or framework overhead")
     out.print(f"profile: {summary.table} ({summary.seconds:.1f} s)")
 
 

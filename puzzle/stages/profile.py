@@ -15,9 +15,10 @@ import pandas as pd
 
 from puzzle.io import atomic_path
 from puzzle.distill.library import Library
-from puzzle.parents import load_parent
+from puzzle.parents import load_parent, parent_config
 from puzzle.pipeline import StageContext
-from puzzle.profiling import AdditiveCheck, additive_checks, cost_rows
+from puzzle.families import parent_shapes
+from puzzle.profiling import AdditiveCheck, Fit, additive_checks, cost_rows, parent_fit
 from puzzle.rundir import RunDir, Stage
 from puzzle.search.profile import CostRow, read_profile
 
@@ -29,25 +30,34 @@ class ProfileSummary:
     checks: list[AdditiveCheck]
     device: str
     seconds: float
+    fit: Fit | None = None  # the roofline's: does the parent fit the GPUs at the scenario
 
 
 def run(ctx: StageContext) -> ProfileSummary:
     started = time.time()
     config = ctx.config
-    parent = load_parent(config.parent)
-    library = Library(ctx.run.stage_dir(Stage.library), parent.adapter)
-    rows = cost_rows(config, parent, library, config.profile.scenario)
+    hf_config = parent_config(config.parent)
+    shapes = parent_shapes(hf_config)
+    space = Library(ctx.run.stage_dir(Stage.library), None).layers
+    # The roofline needs only the parent's config; measuring needs its weights.
+    parent = load_parent(config.parent) if config.profile.device == "local" else None
+    rows = cost_rows(config, shapes, space, config.profile.scenario, hf_config, parent)
     table = ctx.directory / "profile.csv"
     with atomic_path(table) as tmp:
         pd.DataFrame([asdict(r) for r in rows]).to_csv(tmp, index=False)
     ctx.record.outputs = {"table": table.name, "device": rows[0].device, "method": rows[0].method}
-    return ProfileSummary(table, rows, [], rows[0].device, time.time() - started)
+    return _summary(config, table, rows, shapes, time.time() - started)
+
+
+def _summary(config, table: Path, rows: list[CostRow], shapes, seconds: float) -> ProfileSummary:
+    fit = None if config.profile.device == "local" else parent_fit(rows, shapes, config.profile.device,
+                                                                    config.profile.gpus)
+    return ProfileSummary(table, rows, [], rows[0].device, seconds, fit)
 
 
 def read(ctx: StageContext) -> ProfileSummary:
     table = ctx.directory / "profile.csv"
-    rows = read_profile(table)
-    return ProfileSummary(table, rows, [], rows[0].device, 0.0)
+    return _summary(ctx.config, table, read_profile(table), parent_shapes(parent_config(ctx.config.parent)), 0.0)
 
 
 def with_checks(summary: ProfileSummary, config, children: int) -> ProfileSummary:

@@ -29,17 +29,20 @@ def _problems(config: PuzzleConfig) -> list[tuple[int, SearchProblem]]:
     if not config.search.batch_sizes:
         return [(config.profile.batch_size, job_problem(config))]
     from puzzle.distill.library import Library
-    from puzzle.parents import load_parent
+    from puzzle.families import parent_shapes
+    from puzzle.parents import load_parent, parent_config
     from puzzle.profiling import cost_rows
 
     run = RunDir.of(config)
-    parent = load_parent(config.parent)
-    library = Library(run.stage_dir(Stage.library), parent.adapter)
+    hf_config = parent_config(config.parent)
+    parent = load_parent(config.parent) if config.profile.device == "local" else None
+    space = Library(run.stage_dir(Stage.library), None).layers
     scores = pd.read_csv(run.stage_dir(Stage.scores) / "scores.csv")
     out = []
     for batch in config.search.batch_sizes:
         scenario = replace(config.profile.scenario, batch_size=batch)
-        rows = pd.DataFrame([asdict(r) for r in cost_rows(config, parent, library, scenario)])
+        rows = pd.DataFrame([asdict(r) for r in cost_rows(config, parent_shapes(hf_config), space, scenario, hf_config,
+                                                          parent)])
         out.append((batch, build_problem(scores, rows, scenario, config.search.metric)))
     return out
 
