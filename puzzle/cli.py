@@ -300,15 +300,20 @@ def distill(config: ConfigArg, set_: SetOption = None, num_processes: ProcessesO
     damaged entry is retrained. Candidates are sharded over --num-processes; the library equals a
     one-process run. Writes RUN_DIR/library/ (see docs/run-directory.md).
     """
-    from puzzle.api import distill_stage
+    _on_processes(Stage.library, "distill", config, set_, num_processes)
 
-    [job] = _checked_jobs(config, set_, stage=Stage.library)[:1]
-    if _relaunched(num_processes, ["distill", str(config)], set_):
+
+def _on_processes(stage: Stage, command: str, config: Path, set_: list[str] | None, num_processes: int) -> None:
+    """A shared stage of the file's first job, on `num_processes` processes; rank 0 prints its summary."""
+    from puzzle.pipeline import run_stage
+
+    [job] = _checked_jobs(config, set_, stage=stage)[:1]
+    if _relaunched(num_processes, [command, str(config)], set_):
         return
     _started([job])
-    summary = distill_stage(job)
+    summary = run_stage(stage, job)
     if _is_main_rank():
-        render.library(summary)
+        _show(stage, job, summary)
 
 
 @app.command()
@@ -319,15 +324,7 @@ def score(config: ConfigArg, set_: SetOption = None, num_processes: ProcessesOpt
     agreement with the parent's greedy token. Layers are sharded over --num-processes; the scores equal a
     one-process run. Writes RUN_DIR/scores/scores.csv; resumable per layer.
     """
-    from puzzle.api import score_stage
-
-    [job] = _checked_jobs(config, set_, stage=Stage.scores)[:1]
-    if _relaunched(num_processes, ["score", str(config)], set_):
-        return
-    _started([job])
-    summary = score_stage(job)
-    if _is_main_rank():
-        render.scores(job, summary)
+    _on_processes(Stage.scores, "score", config, set_, num_processes)
 
 
 @app.command()
