@@ -54,7 +54,7 @@ def main() -> None:
     parent = load_parent(config.parent)
     adapter = parent.adapter
     library = Library(RunDir.of(config).stage_dir(Stage.library), adapter)
-    held_out = job_blocks(config.data, parent.tokenizer).validation[: config.scoring.validation_blocks]
+    held_out = job_blocks(config, parent.tokenizer).validation[: config.scoring.validation_blocks]
     all_blocks = [(i, a, f) for i, layer in enumerate(library.layers) for a in layer.attention for f in layer.ffn]
     step = max(1, len(all_blocks) // args.blocks)
     chosen = all_blocks[::step][: args.blocks]

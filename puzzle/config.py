@@ -59,14 +59,19 @@ class ParentSection(Section):
 class HubDataset(Section):
     name: str = Field(..., description="Dataset id on the hub (needs network access).")
     split: str = Field("train", description="Dataset split to read.")
-    text_column: str = Field("text", description="Column holding the text.")
 
 
 class DataSection(Section):
     files: list[str] = Field(
-        default_factory=list, description="Local text files or glob patterns; each file is one document."
+        default_factory=list, description="Local files or glob patterns: a text file is one document; a .jsonl, .json, "
+        ".parquet or .arrow file gives one document per row.",
     )
-    hub: HubDataset | None = Field(None, description="A hub dataset instead of local files.")
+    hub: HubDataset | None = Field(None, description="A hub dataset instead of local files (one document per row).")
+    text_column: str = Field("text", description="The column of table files and hub datasets that holds the text.")
+    messages_column: str | None = Field(
+        None, description="Instead of text_column: a column of chat messages ([{role, content}, …]) rendered with the "
+        "tokenizer's chat template, as post-training distillation data is.",
+    )
     tokenizer: str | None = Field(None, description="Tokenizer directory; defaults to the parent's.")
     sequence_length: int = Field(512, gt=1, description="Tokens per block.")
     validation_fraction: float = Field(

@@ -45,5 +45,5 @@ def block_influence(adapter, blocks: torch.Tensor, batch_size: int) -> BlockInfl
 def job_block_influence(config: PuzzleConfig) -> BlockInfluence:
     """Block Influence on the held-out blocks the scores are measured on."""
     parent = load_parent(config.parent)
-    blocks = job_blocks(config.data, parent.tokenizer).validation[: config.scoring.validation_blocks]
+    blocks = job_blocks(config, parent.tokenizer).validation[: config.scoring.validation_blocks]
     return block_influence(parent.adapter, blocks.to(parent.model.device), config.scoring.batch_size)

@@ -80,9 +80,9 @@ def _data_problems(config: PuzzleConfig, tokenizer_ok: bool) -> list[str]:
             f"bld.sequence_length: {config.bld.sequence_length} is longer than data.sequence_length "
             f"({data.sequence_length})"
         )
-    if tokenizer_ok and data.files:
+    if tokenizer_ok and data.files:  # a hub dataset is counted when it is fetched
         try:
-            split_sizes(count_tokens(data, config.parent), data)
+            split_sizes(count_tokens(config), data)
         except PuzzleError as e:
             problems.append(str(e))
     return problems

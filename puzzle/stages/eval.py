@@ -92,7 +92,7 @@ def run(ctx: StageContext) -> EvalSummary:
     device = parent.model.device
     dtype = next(parent.model.parameters()).dtype
     loaded = {name: load_child(path, dtype, device) for name, path in models}
-    token_blocks = job_blocks(config.data, parent.tokenizer)
+    token_blocks = job_blocks(config, parent.tokenizer)
     blocks = token_blocks.validation[: config.eval.validation_blocks].to(device)
     scenario = config.profile.scenario
     adapter = parent.adapter

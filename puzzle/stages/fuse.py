@@ -172,7 +172,7 @@ def run(ctx: StageContext, *, child: Path | None = None, output: Path | None = N
     span = [(r.start, r.stop - 1) for r in runs]
     if not runs:
         return FusionSummary(source, [], [], [], None, None, None, 0, time.time() - started)
-    blocks = job_blocks(config.data, parent.tokenizer).validation[: config.eval.validation_blocks]
+    blocks = job_blocks(config, parent.tokenizer).validation[: config.eval.validation_blocks]
     dependencies = ffn_dependencies(unfused, runs=runs, blocks=blocks, batch_size=config.eval.batch_size)
     groups = fusion_groups(runs, dependencies, include_last=include_last, max_distance=max_distance)
     if not groups:

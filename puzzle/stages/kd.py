@@ -74,7 +74,7 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
     dtype = next(parent.model.parameters()).dtype
     # Trained in fp32 (master weights and AdamW state), computed in the parent's dtype, saved in it.
     child = load_child(source, torch.float32, parent.model.device)
-    blocks = job_blocks(config.data, parent.tokenizer)
+    blocks = job_blocks(config, parent.tokenizer)
     adapter = parent.adapter
 
     def parent_states(x):

@@ -128,7 +128,7 @@ def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate]) -> Bl
     bld = config.bld
     adapter = parent.adapter
     device = next(parent.model.parameters()).device
-    data = job_blocks(config.data, parent.tokenizer)
+    data = job_blocks(config, parent.tokenizer)
     steps = math.ceil(bld.tokens_per_candidate / (bld.batch_size * bld.sequence_length))
     settings = TrainingSettings(
         learning_rate=bld.learning_rate, schedule=bld.schedule, warmup_fraction=bld.warmup_fraction, steps=steps,

@@ -43,7 +43,7 @@ def validation_loss(adapter, blocks, batch_size: int) -> tuple[float, int]:
 def run(ctx: StageContext) -> ParentSummary:
     config = ctx.config
     parent = load_parent(config.parent)
-    blocks = job_blocks(config.data, parent.tokenizer)
+    blocks = job_blocks(config, parent.tokenizer)
     loss, tokens = validation_loss(parent.adapter, blocks.validation[: config.eval.validation_blocks],
                                    config.eval.batch_size)
     cfg = parent.model.config

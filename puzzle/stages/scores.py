@@ -40,7 +40,7 @@ def run(ctx: StageContext, team: Workers) -> ScoreSummary | None:
     config, score_dir = ctx.config, ctx.directory
     parent = load_parent(config.parent)
     library = Library(ctx.run.stage_dir(Stage.library), parent.adapter)
-    blocks = job_blocks(config.data, parent.tokenizer).validation[: config.scoring.validation_blocks]
+    blocks = job_blocks(config, parent.tokenizer).validation[: config.scoring.validation_blocks]
     todo = [i for i in range(len(library.layers)) if not _layer_done(score_dir, i, ctx.key)]
     team.barrier()  # every rank has seen the same finished layers before any rank writes
     mine = team.shard(todo)
