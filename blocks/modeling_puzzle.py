@@ -129,6 +129,10 @@ class Attention(nn.Module):
         plain_causal = self.window is None and padding_mask is None and q_len == kv_len
         if sdpa and plain_causal:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # One new token that may see every key in the cache (a window's cache holds no more than the window):
+        # no mask to build, and sdpa keeps its fast path, as a decode step of the parent's own code does.
+        if sdpa and q_len == 1 and padding_mask is None and (self.window is None or kv_len <= self.window):
+            return F.scaled_dot_product_attention(q, k, v)
         allowed = causal_mask(q_len, kv_len, self.window, q.device)[None, None]
         if padding_mask is not None:  # [batch, kv_len], 1 for real tokens
             allowed = allowed & padding_mask[:, None, None, -kv_len:].bool()
