@@ -14,7 +14,3 @@ import torch
 def compute(dtype: torch.dtype, device: torch.device):
     """The autocast context for a parent of `dtype` on `device` (a no-op for fp32)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
-
-
-def activations_dtype(tensors) -> torch.dtype:
-    return next(iter(tensors)).dtype

@@ -24,7 +24,6 @@ from puzzle.config import (
     Section,
     apply_overrides,
     budget_flags,
-    budget_overrides,
     describe_fields,
     read_yaml,
     validate,
@@ -104,16 +103,22 @@ def load_jobs(path: Path, overrides: list[str] | None, job: str | None = None) -
 
 
 def _checked_jobs(path: Path, overrides: list[str] | None, job: str | None = None,
-                  stage: Stage | None = None) -> list[PuzzleConfig]:
-    """The jobs, with every input problem reported before anything is written: the config, the parent, the
-    data, the run directory, and the outputs of earlier stages that `stage` (where the command starts) needs."""
+                  stage: Stage | None = None, flag_problems: list[str] = ()) -> list[PuzzleConfig]:
+    """The jobs, with every input problem reported before anything is written, together with the problems
+    of the command's own flags: the config, the parent, the data, the run directory, and the outputs of
+    earlier stages that `stage` (where the command starts) needs."""
     from puzzle.preflight import check_inputs
 
     try:
         jobs = load_jobs(path, overrides, job)
     except ConfigError as e:
-        raise _with_input_problems(e) from None
-    check_inputs(jobs, stage, str(path))
+        raise _with_input_problems(e, flag_problems) from None
+    try:
+        check_inputs(jobs, stage, str(path))
+    except ConfigError as e:
+        raise ConfigError(e.problems + list(flag_problems), e.source) from None
+    if flag_problems:
+        raise ConfigError(list(flag_problems), str(path))
     return jobs
 
 
@@ -194,25 +199,13 @@ def validate_command(config: ConfigArg, set_: SetOption = None, budget: BudgetOp
     Job files are also checked against the disk: the parent's path and family, the data files. --budget
     and --sweep are checked as `puzzle search` would take them.
     """
-    from puzzle.preflight import check_inputs
-
     raw = apply_overrides(read_yaml(config), set_ or [])
     if _is_training_config(raw):
         validate(raw, ParentTrainingConfig, str(config))
         out.print(f"{config}: valid parent-training config")
         return
     overrides, problems = budget_flags(budget or [])
-    problems += _sweep_problems(sweep)
-    try:
-        jobs = load_jobs(config, (set_ or []) + overrides)
-    except ConfigError as e:
-        raise _with_input_problems(e, problems) from None
-    try:
-        check_inputs(jobs, source=str(config))
-    except ConfigError as e:
-        problems = e.problems + problems
-    if problems:
-        raise ConfigError(problems, str(config))
+    jobs = _checked_jobs(config, (set_ or []) + overrides, flag_problems=problems + _sweep_problems(sweep))
     names = [job.run.job for job in jobs if job.run.job]
     out.print(f"{config}: valid job config" + (f" with {len(names)} jobs: {', '.join(names)}" if names else ""))
 
@@ -377,13 +370,12 @@ def search(
     Reads RUN_DIR/scores and RUN_DIR/profile; writes RUN_DIR/search/solutions.json. The paper's greedy
     search runs on the same inputs and is printed beside the MIP's result.
     """
-    overrides = list(set_ or []) + budget_overrides(budget or [])
+    budgets, problems = budget_flags(budget or [])
+    overrides = list(set_ or []) + budgets
     overrides += [f"search.solutions={solutions}"] if solutions is not None else []
     overrides += [f"search.min_diff={min_diff}"] if min_diff is not None else []
-    problems = _sweep_problems(sweep)
-    if problems:
-        raise ConfigError(problems, "--sweep")
-    for job in _checked_jobs(config, overrides, job_name, stage=Stage.search):
+    for job in _checked_jobs(config, overrides, job_name, stage=Stage.search,
+                             flag_problems=problems + _sweep_problems(sweep)):
         _search_job(job, sweep)
 
 
@@ -418,8 +410,9 @@ def baseline(
     """
     from puzzle.api import with_settings
 
-    overrides = [*(set_ or []), f"search.method={method}", *budget_overrides(budget or [])]
-    for job in _checked_jobs(config, overrides, job_name, stage=Stage.search):
+    budgets, problems = budget_flags(budget or [])
+    overrides = [*(set_ or []), f"search.method={method}", *budgets]
+    for job in _checked_jobs(config, overrides, job_name, stage=Stage.search, flag_problems=problems):
         job = with_settings(job, [f"run.job={job.run.job}-{method}" if job.run.job else f"run.job={method}"])
         _search_job(_started([job])[0], None)
         follow = RunDir.of(job).path / "jobs" / job.run.job / "config.yaml"

@@ -92,8 +92,6 @@ LibrarySection = SpaceOptions
 
 
 def _parse_block(value: Any) -> BlockChoice:
-    if isinstance(value, BlockChoice):
-        return value
     try:
         return BlockChoice.from_id(str(value), coupled=True)
     except ValueError as e:
@@ -108,9 +106,6 @@ def _parse_budgets(value: Any) -> dict[BudgetKind, Budget]:
         raise ValueError("expected a mapping of budget kinds to values, e.g. {latency: 0.5x, memory: 40GiB}")
     budgets, problems = {}, []
     for kind, text in value.items():
-        if isinstance(text, Budget):
-            budgets[text.kind] = text
-            continue
         try:
             budget = parse_budget(f"{kind}={text}")
         except PuzzleError as e:

@@ -1,7 +1,8 @@
 """Loading a parent: a local Hugging Face directory, or a hub id when online.
 
 Weights load from safetensors only (`use_safetensors=True`), and the parent's own modeling code runs
-only when the user sets `parent.trust_remote_code`.
+only when the user sets `parent.trust_remote_code`. torch and transformers are imported by the functions
+that need them, so the first checks of a job (`local_checkpoint`) answer without them.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from typing import TYPE_CHECKING
 
 from puzzle.config import ParentSection
 from puzzle.errors import PuzzleError
-from puzzle.families import FamilyAdapter, family_for
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from puzzle.families import FamilyAdapter
 
 
 @dataclass
@@ -50,6 +54,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _hub_config(section: ParentSection) -> PretrainedConfig:
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(section.path, trust_remote_code=section.trust_remote_code, local_files_only=True)
     except (OSError, ValueError):
@@ -69,18 +75,30 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def parent_config(section: ParentSection) -> PretrainedConfig:
-    """Read and check the parent's config without loading weights (cheap; used before writing anything)."""
+def local_checkpoint(section: ParentSection) -> Path | None:
+    """The local folder `parent.path` names, checked to hold a config.json; None for a hub id."""
     if not _is_local(section.path):
-        config = _hub_config(section)
-        family_for(config.model_type)
-        return config
+        return None
     local = Path(section.path).expanduser()
     if not local.is_dir():
         raise PuzzleError(f"parent.path: {section.path!r} does not exist or is not a directory")
-    config_file = local / "config.json"
-    if not config_file.is_file():
+    if not (local / "config.json").is_file():
         raise PuzzleError(f"parent.path: {section.path!r} has no config.json; is it a Hugging Face checkpoint?")
+    return local
+
+
+def parent_config(section: ParentSection) -> PretrainedConfig:
+    """Read and check the parent's config without loading weights (cheap; used before writing anything)."""
+    from transformers import AutoConfig
+
+    from puzzle.families import family_for
+
+    local = local_checkpoint(section)
+    if local is None:
+        config = _hub_config(section)
+        family_for(config.model_type)
+        return config
+    config_file = local / "config.json"
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except json.JSONDecodeError as e:
@@ -134,6 +152,8 @@ def check_weights(section: ParentSection) -> None:
 
 
 def check_tokenizer(section: ParentSection) -> None:
+    from transformers import AutoTokenizer
+
     try:
         AutoTokenizer.from_pretrained(str(Path(section.path).expanduser()) if _is_local(section.path) else section.path,
                                       trust_remote_code=section.trust_remote_code)
@@ -142,13 +162,11 @@ def check_tokenizer(section: ParentSection) -> None:
                           "the weights or set data.tokenizer") from None
 
 
-def check_device(name: str) -> None:
-    _device(name)
-
-
-def _device(name: str) -> torch.device:
+def parent_device(name: str) -> torch.device:
     """The device `parent.device` names for this process. 'cuda' (or 'auto' with a GPU) without an index is
     the rank's own GPU in a multi-process job: LOCAL_RANK, as torchrun and accelerate set it."""
+    import torch
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -163,8 +181,13 @@ def _device(name: str) -> torch.device:
 
 
 def load_parent(section: ParentSection) -> Parent:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from puzzle.families import FamilyAdapter, family_for
+
     config = parent_config(section)
-    device = _device(section.device)
+    device = parent_device(section.device)
     path = str(Path(section.path).expanduser()) if _is_local(section.path) else section.path
     dtype = "auto" if section.dtype == "auto" else getattr(torch, section.dtype)
     attn_implementation = section.attn_implementation if family_for(config.model_type).sdpa else "eager"

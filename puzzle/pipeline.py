@@ -110,11 +110,15 @@ def _module(spec: StageSpec):
     return importlib.import_module(spec.module)
 
 
+def requirement_problems(spec: StageSpec, run: RunDir) -> list[str]:
+    """The outputs of earlier stages that `spec`'s stage needs and that do not exist yet."""
+    return [p for p in (needs.problem(run) for needs in spec.requires) if p is not None]
+
+
 def check_requirements(spec: StageSpec, run: RunDir) -> None:
-    for needs in spec.requires:
-        problem = needs.problem(run)
-        if problem is not None:
-            raise PuzzleError(problem)
+    problems = requirement_problems(spec, run)
+    if problems:
+        raise PuzzleError(problems[0])
 
 
 def stage_key(spec: StageSpec, config: PuzzleConfig, run: RunDir, **options: Any) -> str:

@@ -20,18 +20,17 @@ from puzzle.rundir import RunDir, Stage
 
 def _parent_problems(config: PuzzleConfig) -> tuple[list[str], object | None]:
     """Problems with the parent, and its config when it could be read."""
-    from puzzle.distill.library import layer_spaces
     from puzzle.families import parent_shapes
-    from puzzle.parents import check_device, check_tokenizer, check_weights, parent_config
+    from puzzle.parents import check_tokenizer, check_weights, parent_config, parent_device
+    from puzzle.stages.library import job_spaces
 
     try:
         hf_config = parent_config(config.parent)
     except PuzzleError as e:
         return [str(e)], None
     problems = []
-    for check in (lambda: check_weights(config.parent), lambda: check_device(config.parent.device),
-                  lambda: layer_spaces(parent_shapes(hf_config), config.library, config.bld.coupled_pairs,
-                                       every_pair=config.bld.mode == "coupled")):
+    for check in (lambda: check_weights(config.parent), lambda: parent_device(config.parent.device),
+                  lambda: job_spaces(config, parent_shapes(hf_config))):
         try:
             check()
         except PuzzleError as e:
@@ -144,24 +143,16 @@ def run_dir_problems(path: Path) -> list[str]:
     return []
 
 
-def _local_parent_problems(config: PuzzleConfig) -> list[str]:
-    """What can be seen of a local parent without importing transformers (a missing folder, no config.json)."""
-    path = config.parent.path
-    local = Path(path).expanduser()
-    if not (local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1):
-        return []  # a hub id: checked when its config is fetched
-    if not local.is_dir():
-        return [f"parent.path: {path!r} does not exist or is not a directory"]
-    if not (local / "config.json").is_file():
-        return [f"parent.path: {path!r} has no config.json; is it a Hugging Face checkpoint?"]
-    return []
-
-
 def _cheap_problems(config: PuzzleConfig) -> list[str]:
     """Problems found without importing torch or transformers: a job that has them is answered at once."""
     from puzzle.data import check_files
+    from puzzle.parents import local_checkpoint
 
-    problems = _local_parent_problems(config)
+    problems = []
+    try:
+        local_checkpoint(config.parent)
+    except PuzzleError as e:
+        problems.append(str(e))
     if config.data.files:
         try:
             check_files(config.data.files)
@@ -184,14 +175,6 @@ def preflight(config: PuzzleConfig) -> list[str]:
             + run_dir_problems(config.run.dir))
 
 
-def stage_problems(config: PuzzleConfig, stage: Stage) -> list[str]:
-    """The outputs of earlier stages that `stage` needs and that do not exist yet."""
-    from puzzle.pipeline import SPECS
-
-    run = RunDir.of(config)
-    return [p for p in (needs.problem(run) for needs in SPECS[stage].requires) if p is not None]
-
-
 def training_hint(config: PuzzleConfig, config_file: Path) -> str | None:
     """For a parent that does not exist yet: the train-parent config beside the job file that makes it."""
     import yaml
@@ -210,6 +193,8 @@ def training_hint(config: PuzzleConfig, config_file: Path) -> str | None:
 def check_inputs(configs: list[PuzzleConfig], stage: Stage | None = None, source: str = "inputs") -> None:
     """Raise one ConfigError listing every problem of every job (a problem shared by jobs once), including
     the earlier outputs `stage` needs when a command starts there. `source` is the job file, when there is one."""
+    from puzzle.pipeline import SPECS, requirement_problems
+
     problems = []
     for config in configs:
         for problem in preflight(config):
@@ -217,7 +202,7 @@ def check_inputs(configs: list[PuzzleConfig], stage: Stage | None = None, source
                 "parent.path") and Path(source).is_file() else None
             problems.append(f"{problem}; {hint}" if hint else problem)
         if stage is not None:
-            problems += stage_problems(config, stage)
+            problems += requirement_problems(SPECS[stage], RunDir.of(config))
     problems = list(dict.fromkeys(problems))
     if problems:
         raise ConfigError(problems, source)

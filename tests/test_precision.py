@@ -30,7 +30,7 @@ def test_a_bf16_parent_runs_the_whole_pipeline_and_its_library_and_children_are_
 
 
 def test_cuda_without_an_index_is_the_ranks_own_gpu(monkeypatch):
-    from puzzle.parents import _device
+    from puzzle.parents import parent_device as _device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "3")
