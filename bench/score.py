@@ -24,8 +24,8 @@ from puzzle.rundir import RunDir, Stage
 def full_model_kl(reference: ParentReference, layer, attention, ffn) -> float:
     """The naive way: every candidate runs the whole model from the embeddings.
 
-    The parent's log-probabilities are shared with the cached method (computing them once is not the
-    point here); only the prefix of layers before `layer` is recomputed per candidate.
+    The parent's log-probabilities come from its cached last hidden state, as in the cached method; only
+    the prefix of layers before `layer` is recomputed per candidate.
     """
     adapter = reference.adapter
     total, count = 0.0, 0
@@ -39,7 +39,8 @@ def full_model_kl(reference: ParentReference, layer, attention, ffn) -> float:
                 else:
                     h = adapter.run_layer(i, h, b.context)
             log_q = torch.log_softmax(adapter.head(h)[:, :-1].float(), -1)
-            total += (b.log_probs.exp() * (b.log_probs - log_q)).sum().item()
+            log_p = torch.log_softmax(adapter.head(b.hidden[-1])[:, :-1].float(), -1)
+            total += (log_p.exp() * (log_p - log_q)).sum().item()
             count += log_q.shape[0] * log_q.shape[1]
     return total / count
 

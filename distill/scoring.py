@@ -1,8 +1,10 @@
 """Replace-1-block scoring (docs/design.md §5): the parent with only layer i replaced, on held-out tokens.
 
-The parent's residual stream entering every layer, its next-token log-probabilities and its greedy
-tokens are computed once (`ParentReference`); a candidate then runs only layers i..L from the cached
-input of layer i. Metrics: KL(parent ‖ child) averaged over predicted positions, the child's LM loss,
+The parent's residual stream entering every layer is computed once (`ParentReference`); a candidate
+then runs only layers i..L from the cached input of layer i. The parent's log-probabilities are recomputed
+from its cached last hidden state for each score: one lm_head per batch is cheap, while caching float32
+log-probabilities of every held-out token would outweigh the parent itself (33 GB for 16 blocks of 4,096
+tokens at Llama-3's 128K vocabulary). Metrics: KL(parent ‖ child) averaged over predicted positions, the child's LM loss,
 and top-1/5/10 agreement (the parent's greedy token is among the child's k most likely).
 """
 
@@ -37,7 +39,6 @@ class _Batch:
     input_ids: torch.Tensor
     context: object  # the adapter's LayerContext for these blocks
     hidden: list[torch.Tensor]  # entering each layer, then the last layer's output
-    log_probs: torch.Tensor  # parent's, at predicted positions
 
 
 class ParentReference:
@@ -51,8 +52,7 @@ class ParentReference:
                 ids = blocks[start : start + batch_size]
                 hidden = adapter.embed(ids)
                 ctx = adapter.context(hidden)
-                states = adapter.hidden_states(ids, ctx)
-                self.batches.append(_Batch(ids, ctx, states, predicted_log_probs(adapter.head(states[-1]))))
+                self.batches.append(_Batch(ids, ctx, adapter.hidden_states(ids, ctx)))
 
     @torch.no_grad()
     def score(self, layer: int, attention: nn.Module, ffn: nn.Module) -> BlockMetrics:
@@ -66,5 +66,6 @@ class ParentReference:
                 h = (h + ffn(h)).to(b.hidden[layer].dtype)
             for i in range(layer + 1, adapter.num_layers):
                 h = adapter.run_layer(i, h, b.context)
-            meter.add(b.log_probs, predicted_log_probs(adapter.head(h)), b.input_ids)
+            reference = predicted_log_probs(adapter.head(b.hidden[-1]))
+            meter.add(reference, predicted_log_probs(adapter.head(h)), b.input_ids)
         return BlockMetrics(**meter.means())
