@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from puzzle.distill.bld import parent_activations, train_step
 from puzzle.config import load_config
 from puzzle.distill.library import bld_candidates
-from puzzle.stages.library import job_spaces, prepare_bld
+from puzzle.stages.library import group_modules, job_spaces, prepare_bld
 from puzzle.parents import load_parent
 
 
@@ -57,25 +57,26 @@ def main() -> None:
     shapes = [adapter.shape(i) for i in range(adapter.num_layers)]
     candidates = bld_candidates(job_spaces(config, shapes), shapes)
     job = prepare_bld(config, parent, candidates)
+    modules = group_modules(config, parent, job, candidates)
     x = job.train[: config.bld.batch_size]
-    params = [p for p in job.modules.parameters() if p.requires_grad]
+    params = [p for p in modules.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)
     n = len(candidates)
 
     with FlopCounterMode(display=False) as parent_count:
         parent_activations(adapter, x)
     with FlopCounterMode(display=False) as step_count:
-        train_step(candidates, job.modules, adapter, x, optimizer)
+        train_step(candidates, modules, adapter, x, optimizer)
     parent_flops = parent_count.get_total_flops()
     candidate_flops = step_count.get_total_flops() - parent_flops
     rate = matmul_rate()
     floor = (parent_flops + candidate_flops) / rate
 
-    ours = timed(lambda: train_step(candidates, job.modules, adapter, x, optimizer), args.steps)
+    ours = timed(lambda: train_step(candidates, modules, adapter, x, optimizer), args.steps)
 
     def naive_step():
         for c in candidates:
-            train_step([c], job.modules, adapter, x, optimizer)
+            train_step([c], modules, adapter, x, optimizer)
 
     naive = timed(naive_step, max(1, args.steps // 2))
     parent_time = timed(lambda: parent_activations(adapter, x), 5)

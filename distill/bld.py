@@ -5,9 +5,10 @@ parent's input to that block. Decoupled candidates replace one subblock and keep
 the parent, frozen; coupled candidates replace both. Loss: normalized MSE
 `MSE(child_delta, parent_delta) / MSE(parent_delta, 0)`.
 
-One parent forward per batch feeds every candidate of every layer: the parent's activations are
-computed once under no_grad, then each candidate runs only its own layer on them. Candidates share no
-parameters, so one AdamW over all of them is the same as one optimizer each.
+One parent forward per batch feeds every candidate of a group, whatever their layers: the parent's
+activations are computed once under no_grad, then each candidate runs only its own layer on them.
+Candidates share no parameters and see the same batches, so one AdamW over a group is the same as one
+optimizer each, and a library trained in several groups equals the one trained in one.
 
 `adapter` is the family adapter of `puzzle.families` (passed in: distill does not import puzzle).
 """
@@ -189,12 +190,18 @@ def train_candidates(
     checkpoint_dir: Path,
     on_step: Callable[[int, dict[str, float]], None] = lambda step, losses: None,
 ) -> list[CandidateResult]:
-    """Train `candidates` together for `settings.steps` steps; resumes from `checkpoint_dir` if it can."""
+    """Train `candidates` together for `settings.steps` steps; resumes from `checkpoint_dir` if it can.
+
+    `train_blocks` stay where they are (a token file on the host): each step's batch alone goes to the
+    candidates' device."""
     params = [p for p in modules.parameters() if p.requires_grad]
+    device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0, fused=True)
-    # `modules` arrive initialized from the parent, so this is the init even when resuming.
-    initial_weights = {k: v.detach().clone() for k, v in modules.state_dict().items()}
-    state = load_checkpoint(checkpoint_dir, modules, optimizer, tag=repr(settings))
+    # `modules` arrive initialized from the parent, so this is the init even when resuming. It waits on the
+    # host: the device's memory is for the training state.
+    initial_weights = {k: v.detach().to("cpu", copy=True) for k, v in modules.state_dict().items()}
+    tag = repr(settings) + "|" + ",".join(c.key for c in candidates)
+    state = load_checkpoint(checkpoint_dir, modules, optimizer, tag=tag)
     if state is None:
         state = TrainingState(initial=evaluate(candidates, modules, adapter, eval_blocks, settings.batch_size))
         state.train_loss = {c.key: [] for c in candidates}
@@ -202,14 +209,14 @@ def train_candidates(
     while state.step < settings.steps:
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate_at(state.step)
-        x = train_blocks[batch_indices(state.step, len(train_blocks), settings.batch_size, settings.seed)]
+        x = train_blocks[batch_indices(state.step, len(train_blocks), settings.batch_size, settings.seed)].to(device)
         losses = train_step(candidates, modules, adapter, x, optimizer)
         for key, loss in losses.items():
             state.train_loss[key].append(round(loss, 6))
         state.step += 1
         on_step(state.step, losses)
         if state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
-            save_checkpoint(checkpoint_dir, modules, optimizer, state, tag=repr(settings))
+            save_checkpoint(checkpoint_dir, modules, optimizer, state, tag=tag)
     modules.eval()
     final = evaluate(candidates, modules, adapter, eval_blocks, settings.batch_size)
     results = []

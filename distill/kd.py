@@ -61,6 +61,7 @@ def cosine_loss(child_states, parent_states) -> torch.Tensor:
 
 
 def kd_losses(child: nn.Module, parent_states: ParentStates, input_ids: torch.Tensor, s: KdSettings) -> KdLosses:
+    input_ids = input_ids.to(next(child.parameters()).device)  # batches are read on the host
     with torch.no_grad():
         p_states, p_logits = parent_states(input_ids)
     with compute(p_logits.dtype, p_logits.device):  # fp32 master weights, the parent's compute dtype

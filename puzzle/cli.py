@@ -103,11 +103,13 @@ def load_jobs(path: Path, overrides: list[str] | None, job: str | None = None) -
 
 
 def _checked_jobs(path: Path, overrides: list[str] | None, job: str | None = None,
-                  stage: Stage | None = None, flag_problems: list[str] = ()) -> list[PuzzleConfig]:
+                  stage: Stage | None = None, flag_problems: list[str] = (), processes: int = 1) -> list[PuzzleConfig]:
     """The jobs, with every input problem reported before anything is written, together with the problems
-    of the command's own flags: the config, the parent, the data, the run directory, and the outputs of
-    earlier stages that `stage` (where the command starts) needs."""
-    from puzzle.preflight import check_inputs
+    of the command's own flags: the config, the parent, the data, the run directory, the outputs of
+    earlier stages that `stage` (where the command starts) needs, and the memory plan of what the command
+    runs (`stage` alone, or every stage) on `processes` processes of this machine."""
+    from puzzle.pipeline import RUN_ORDER
+    from puzzle.preflight import check_inputs, memory_problems
 
     try:
         jobs = load_jobs(path, overrides, job)
@@ -119,6 +121,10 @@ def _checked_jobs(path: Path, overrides: list[str] | None, job: str | None = Non
         raise ConfigError(e.problems + list(flag_problems), e.source) from None
     if flag_problems:
         raise ConfigError(list(flag_problems), str(path))
+    processes = max(processes, int(os.environ.get("WORLD_SIZE", "1")))  # inside torchrun: its world
+    memory = memory_problems(jobs, [stage] if stage else list(RUN_ORDER), processes, bounds=stage is not None)
+    if memory:
+        raise ConfigError(memory, str(path))
     return jobs
 
 
@@ -208,6 +214,59 @@ def validate_command(config: ConfigArg, set_: SetOption = None, budget: BudgetOp
     jobs = _checked_jobs(config, (set_ or []) + overrides, flag_problems=problems + _sweep_problems(sweep))
     names = [job.run.job for job in jobs if job.run.job]
     out.print(f"{config}: valid job config" + (f" with {len(names)} jobs: {', '.join(names)}" if names else ""))
+    _show_plan(jobs[0])
+
+
+def _show_plan(job: PuzzleConfig, **where) -> None:
+    from puzzle.preflight import job_plan
+
+    render.memory_plan(job_plan(job, **where))
+
+
+GpusOption = Annotated[int, typer.Option("--gpus", help="GPUs of --device, one rank each.")]
+
+
+@app.command()
+def plan(
+    config: ConfigArg,
+    set_: SetOption = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="A GPU of the sheet (h100, h200, a100, l40s, b200, rtx4090) to plan for; default: this machine "
+        "(its GPU, or run.memory_limit / its RAM).", show_default=False)] = None,
+    gpus: GpusOption = 1,
+    num_processes: Annotated[int, typer.Option("--num-processes", help="Processes on this machine (without --device).")] = 1,
+) -> None:
+    """The memory plan: per stage, the peak memory one rank needs (weights, activations, candidates, optimizer
+    states, caches) and whether it fits. Reads only the parent's config.json: no weights, no data.
+
+    Exits with 2 when a stage cannot fit, naming the stage, the numbers and what to change.
+    """
+    from puzzle.config import load_jobs as load
+    from puzzle.preflight import job_plan
+    from puzzle.parents import local_checkpoint
+
+    problems = [] if gpus >= 1 else [f"--gpus: got {gpus}; expected a positive count"]
+    if num_processes < 1:
+        problems.append(f"--num-processes: got {num_processes}; expected a positive count")
+    if device is not None:
+        from puzzle.search.hardware import gpu
+
+        try:
+            gpu(device)
+        except PuzzleError as e:
+            problems.append(f"--device: {e}")
+    jobs = load(config, set_ or [])
+    try:
+        local_checkpoint(jobs[0].parent)
+    except PuzzleError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError(problems, str(config))
+    where = {"device": device, "gpus": gpus} if device else {"processes": num_processes}
+    memory = job_plan(jobs[0], **where)
+    render.memory_plan(memory)
+    if memory.problems():
+        raise ConfigError(memory.problems(), str(config))
 
 
 def _sweep_problems(sweep: str | None) -> list[str]:
@@ -231,12 +290,14 @@ def run(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None) -
     a `jobs:` mapping (e.g. three budgets) runs each job on the shared library, scores and profile.
     """
     from puzzle.pipeline import RUN_ORDER, SPECS, run_stage
+    from puzzle.preflight import memory_problems
 
     jobs = _checked_jobs(config, set_, job_name)
     missing = [f"search.budgets: {_job_label(j)}has none; `puzzle run` needs a budget, e.g. search.budgets: "
                "{latency: 0.5x}" for j in jobs if not j.search.budgets]
     if missing:
         raise ConfigError(missing, str(config))
+    _show_plan(jobs[0])
     steps = [(None, stage) for stage in RUN_ORDER if stage not in JOB_STAGES]
     steps += [(j, stage) for j in jobs for stage in RUN_ORDER if stage in JOB_STAGES]
     _started(jobs)
@@ -249,6 +310,10 @@ def run(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None) -
         title = f"{_job_label(owner) if owner else ''}{SPECS[stage].title}"
         console.rule(f"[bold]stage {n}/{len(steps)}: {title}[/bold] ({time.time() - started:.0f} s so far)")
         try:
+            if stage in JOB_STAGES:  # planned for the child the search chose, now that it has
+                memory = memory_problems([job], [stage])
+                if memory:
+                    raise PuzzleError("; ".join(memory))
             _show(stage, job, run_stage(stage, job))
         except PuzzleError as e:
             # One job's impossible budget must not cost the other jobs of the file their results.
@@ -300,7 +365,7 @@ def _on_processes(stage: Stage, command: str, config: Path, set_: list[str] | No
     """A shared stage of the file's first job, on `num_processes` processes; rank 0 prints its summary."""
     from puzzle.pipeline import run_stage
 
-    [job] = _checked_jobs(config, set_, stage=stage)[:1]
+    [job] = _checked_jobs(config, set_, stage=stage, processes=num_processes)[:1]
     if _relaunched(num_processes, [command, str(config)], set_):
         return
     _started([job])
@@ -450,7 +515,7 @@ def kd(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None,
     """
     from puzzle.api import kd_stage
 
-    jobs = _checked_jobs(config, set_, job_name, stage=Stage.kd)
+    jobs = _checked_jobs(config, set_, job_name, stage=Stage.kd, processes=num_processes)
     if _relaunched(num_processes, ["kd", str(config)] + (["--job", job_name] if job_name else []), set_):
         return
     for j in jobs:
@@ -561,3 +626,22 @@ def main() -> None:
         if e.code == 130:
             print("interrupted; finished work is kept, run the command again to resume", file=sys.stderr)
         raise
+    finally:
+        _report_peak_memory()
+
+
+def _report_peak_memory() -> None:
+    """For bench/scale.py: this process's peak memory (resident set; the CUDA allocator's peak when it ran),
+    as JSON at $PUZZLE_PEAK_MEMORY_FILE.rankR. The resident peak is VmHWM, which starts at exec: getrusage's
+    ru_maxrss would start from the launching process's size."""
+    path = os.environ.get("PUZZLE_PEAK_MEMORY_FILE")
+    if not path:
+        return
+    from puzzle.io import atomic_write_json
+
+    status = Path("/proc/self/status").read_text()
+    peak = {"rss": int(status.split("VmHWM:")[1].split()[0]) * 1024}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda"] = torch.cuda.max_memory_allocated()
+    atomic_write_json(Path(f"{path}.rank{os.environ.get('RANK', '0')}"), peak)

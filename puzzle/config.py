@@ -13,7 +13,7 @@ import copy
 import difflib
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 import pydantic
 import yaml
@@ -34,6 +34,26 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
+def _parse_memory(value: Any) -> float | None:
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    budget = None
+    try:
+        budget = parse_budget(f"memory={value}")
+    except PuzzleError:
+        pass
+    if budget is None or budget.relative:
+        raise ValueError(f"expected an amount of memory with a unit, e.g. 20GiB or 500MB; got {value!r}")
+    return budget.value
+
+
+MemorySize = Annotated[
+    Optional[float],
+    BeforeValidator(_parse_memory),
+    PlainSerializer(lambda n: None if n is None else f"{n / 2**30:.6g}GiB"),
+]
+
+
 class RunSection(Section):
     dir: Path = Field(Path("runs/default"), description="Run directory: one folder per stage, see docs/run-directory.md.")
     seed: int = Field(0, description="Seed for every random choice of the run (data order, initializations).")
@@ -41,6 +61,11 @@ class RunSection(Section):
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="Name of this job: its search, child, kd, eval and report go to run.dir/jobs/NAME, sharing "
         "the run's library, scores and profile with other jobs. Set for each entry of a file's `jobs:` mapping.",
+    )
+    memory_limit: MemorySize = Field(
+        None, gt=0, description="Memory this run may use on one machine, e.g. 20GiB, shared by its processes (CPU) or "
+        "per GPU: the memory plan checks every stage against it and BLD packs its candidate groups under it. "
+        "Default: the GPU's memory, or this machine's RAM.",
     )
 
 
@@ -214,6 +239,10 @@ class SearchSection(Section):
     solutions: int = Field(1, ge=1, description="Number of diverse solutions.")
     min_diff: int = Field(1, ge=1, description="Layers in which each solution differs from every earlier one.")
     batch_sizes: list[int] = Field(default_factory=list, description="Batch sizes to sweep; empty = profile's.")
+    allow_unreliable_profile: bool = Field(
+        False, description="Search on measured costs that stayed unreliable after the profile re-measured them (a wide "
+        "spread, a zero time, a pruned subblock slower than the parent's); off: the search stops and says which.",
+    )
 
 
 class RealizeSection(Section):

@@ -2,9 +2,10 @@
 
 Documents (local text files, one document each; jsonl, json, parquet or arrow files, one document per row
 of `data.text_column` or of `data.messages_column` rendered with the tokenizer's chat template; or a hub
-dataset when online) are read through `datasets`, tokenized without special tokens, joined with an
-end-of-sequence token between documents and cut into blocks of `sequence_length` tokens. A job's stream
-is tokenized once into the run's token file and read from it by every stage and job. The train/validation split is a fixed, seeded choice of blocks, so every
+dataset when online) are streamed through `datasets`, tokenized without special tokens, joined with an end-of-sequence token
+between documents and cut into blocks of `sequence_length` tokens. A job's stream is tokenized once,
+streaming, into the run's token file, which every stage and job memory-maps: a batch is read from it
+when it is needed, and the corpus is never held in memory. The train/validation split is a fixed, seeded choice of blocks, so every
 stage of every run sees the same held-out text.
 """
 
@@ -15,7 +16,9 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import numpy as np
 
 from puzzle.config import DataSection, PuzzleConfig
 from puzzle.errors import PuzzleError
@@ -25,10 +28,38 @@ if TYPE_CHECKING:
     import torch
 
 
+class BlockSet:
+    """Blocks of `length` tokens starting at `starts` in a token array (the run's memory-mapped token file),
+    read when indexed: indexing gives an int64 tensor of the chosen blocks, and nothing else is held."""
+
+    def __init__(self, tokens: np.ndarray, starts: np.ndarray, length: int):
+        self.tokens, self.starts, self.length = tokens, starts, length
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        import torch
+
+        if isinstance(index, torch.Tensor):
+            index = index.numpy()
+        rows = np.atleast_1d(self.starts[index])
+        blocks = torch.from_numpy(self.tokens[rows[:, None] + np.arange(self.length)].astype(np.int64))
+        return blocks[0] if np.ndim(self.starts[index]) == 0 else blocks
+
+    def recut(self, length: int) -> BlockSet:
+        """The same tokens in blocks of `length` (the tail of each block that does not fill one is dropped)."""
+        if length > self.length:
+            raise PuzzleError(f"bld.sequence_length: {length} is longer than data.sequence_length ({self.length}); "
+                              "lower it or raise data.sequence_length")
+        per = self.length // length
+        return BlockSet(self.tokens, (self.starts[:, None] + np.arange(per) * length).ravel(), length)
+
+
 @dataclass(frozen=True)
 class TokenBlocks:
-    train: torch.Tensor  # [n_train, sequence_length] int64
-    validation: torch.Tensor  # [n_validation, sequence_length] int64
+    train: BlockSet
+    validation: BlockSet
     fingerprint: str  # identifies documents, tokenizer and split
 
     def calibration(self, n: int) -> torch.Tensor:
@@ -81,54 +112,71 @@ def _quiet_datasets():
     return datasets
 
 
-def _rows(section: DataSection, table, source: str, tokenizer) -> list[str]:
-    """A table's documents: its text column, or its messages column rendered with the tokenizer's chat template."""
+def _rows(section: DataSection, table, source: str, tokenizer) -> Iterator[str]:
+    """A table's documents, row by row: its text column, or its messages column rendered with the tokenizer's
+    chat template."""
     column = section.messages_column or section.text_column
     key = "data.messages_column" if section.messages_column else "data.text_column"
-    if column not in table.column_names:
-        raise PuzzleError(f"{key}: {column!r} is not a column of {source} (columns: {', '.join(table.column_names)})")
-    if not section.messages_column:
-        return [str(text) for text in table[column]]
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+    if section.messages_column and (tokenizer is None or not getattr(tokenizer, "chat_template", None)):
         raise PuzzleError(f"data.messages_column: the tokenizer has no chat template to render {source}'s "
                           f"{column!r} with; give a tokenizer that has one (data.tokenizer) or use data.text_column")
-    return [tokenizer.apply_chat_template(messages, tokenize=False) for messages in table[column]]
+    for row in table:
+        if column not in row:
+            raise PuzzleError(f"{key}: {column!r} is not a column of {source} (columns: {', '.join(row)})")
+        value = row[column]
+        yield tokenizer.apply_chat_template(value, tokenize=False) if section.messages_column else str(value)
 
 
-def read_documents(section: DataSection, tokenizer=None) -> list[str]:
-    """The documents, in a fixed order, through `datasets`: a text file is one document, a table file (jsonl,
-    json, parquet, arrow) or a hub dataset one per row. `tokenizer` renders chat messages."""
+def _table_rows(section: DataSection, kind: str, path: Path, tokenizer) -> Iterator[str]:
+    """A table file's documents, streamed from the file (nothing cached, nothing held whole)."""
     datasets = _quiet_datasets()
+    rows = iter(_rows(section, datasets.load_dataset(kind, data_files=[str(path)], split="train", streaming=True),
+                      str(path), tokenizer))
+    while True:
+        try:
+            yield next(rows)
+        except StopIteration:
+            return
+        except PuzzleError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any reader failure of a user's file is that file's problem
+            raise PuzzleError(f"data.files: {str(path)!r} is not a readable {kind} file ({str(e).splitlines()[0]})") from None
+
+
+def iter_documents(section: DataSection, tokenizer=None) -> Iterator[str]:
+    """The documents, in a fixed order, one at a time: a text file is one document, a table file (jsonl, json,
+    parquet, arrow) or a hub dataset one per row. `tokenizer` renders chat messages."""
     if section.hub is not None:
-        table = datasets.load_dataset(section.hub.name, split=section.hub.split)
-        return _rows(section, table, section.hub.name, tokenizer)
-    docs = []
+        table = _quiet_datasets().load_dataset(section.hub.name, split=section.hub.split, streaming=True)
+        yield from _rows(section, table, section.hub.name, tokenizer)
+        return
     for f in resolve_files(section.files):
         kind = TABLE_FORMATS.get(f.suffix.lower())
         if kind is None:
-            docs.append(_read_text(f))
-            continue
-        try:
-            table = datasets.load_dataset(kind, data_files=[str(f)], split="train", keep_in_memory=True)
-        except Exception as e:  # noqa: BLE001 - any reader failure of a user's file is that file's problem
-            raise PuzzleError(f"data.files: {str(f)!r} is not a readable {kind} file ({str(e).splitlines()[0]})") from None
-        docs += _rows(section, table, str(f), tokenizer)
-    return docs
+            yield _read_text(f)
+        else:
+            yield from _table_rows(section, kind, f, tokenizer)
 
 
-def tokenize_documents(docs: list[str], tokenizer, chunk: int = 256) -> torch.Tensor:
-    """The documents' tokens, an end-of-sequence token after each, tokenized `chunk` documents at a time."""
-    import numpy as np
-    import torch
+def read_documents(section: DataSection, tokenizer=None) -> list[str]:
+    """Every document (for what needs them all at once: training a tokenizer on a small corpus)."""
+    return list(iter_documents(section, tokenizer))
 
+
+def tokenize_documents(docs: Iterable[str], tokenizer, chunk: int = 256) -> Iterator[np.ndarray]:
+    """The documents' tokens as int32 arrays, an end-of-sequence token after each, `chunk` documents at a time;
+    an error when no document has text."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise PuzzleError("the tokenizer has no end-of-sequence token to separate documents")
-    parts = []
-    for start in range(0, len(docs), chunk):
-        for encoded in tokenizer(docs[start : start + chunk], add_special_tokens=False)["input_ids"]:
-            parts.append(np.asarray(encoded + [eos], dtype=np.int32))
-    return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)).long()
+    has_text = False
+    docs = iter(docs)
+    while batch := [d for _, d in zip(range(chunk), docs)]:
+        has_text = has_text or any(d.strip() for d in batch)
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        yield np.concatenate([np.asarray(ids + [eos], dtype=np.int32) for ids in encoded])
+    if not has_text:
+        raise PuzzleError("data: the documents contain no text")
 
 
 def split_sizes(tokens: int, section: DataSection) -> tuple[int, int]:
@@ -143,22 +191,15 @@ def split_sizes(tokens: int, section: DataSection) -> tuple[int, int]:
     return n - n_val, n_val
 
 
-def split_blocks(stream: torch.Tensor, section: DataSection) -> tuple[torch.Tensor, torch.Tensor]:
+def split_starts(tokens: int, section: DataSection) -> tuple[np.ndarray, np.ndarray]:
+    """Token offsets of the training and validation blocks: a fixed, seeded choice of held-out blocks."""
     import torch
 
-    n = stream.numel() // section.sequence_length
-    n_val = split_sizes(stream.numel(), section)[1]
-    blocks = stream[: n * section.sequence_length].view(n, section.sequence_length)
+    n = tokens // section.sequence_length
+    n_val = split_sizes(tokens, section)[1]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(section.split_seed))
-    val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
-    return blocks[train_idx].clone(), blocks[val_idx].clone()
-
-
-def _documents_with_text(section: DataSection, tokenizer=None) -> list[str]:
-    docs = read_documents(section, tokenizer)
-    if not any(d.strip() for d in docs):
-        raise PuzzleError("data: the documents contain no text")
-    return docs
+    val_idx, train_idx = order[:n_val].sort().values.numpy(), order[n_val:].sort().values.numpy()
+    return train_idx * section.sequence_length, val_idx * section.sequence_length
 
 
 def count_tokens(config: PuzzleConfig) -> int:
@@ -171,19 +212,21 @@ def count_tokens(config: PuzzleConfig) -> int:
     file = Path(config.run.dir) / "tokens" / f"{stream_key(section, tokenizer)}.int32"
     if file.is_file():
         return file.stat().st_size // 4
-    return tokenize_documents(_documents_with_text(section, tokenizer), tokenizer).numel()
+    return sum(len(chunk) for chunk in tokenize_documents(iter_documents(section, tokenizer), tokenizer))
 
 
-def _blocks(stream: torch.Tensor, identity: str, section: DataSection) -> TokenBlocks:
-    train, validation = split_blocks(stream, section)
+def _blocks(tokens: np.ndarray, identity: str, section: DataSection) -> TokenBlocks:
+    train, validation = split_starts(len(tokens), section)
     h = hashlib.sha256(identity.encode())
     h.update(f"{section.sequence_length}/{section.validation_fraction}/{section.split_seed}".encode())
-    return TokenBlocks(train=train, validation=validation, fingerprint=h.hexdigest()[:16])
+    length = section.sequence_length
+    return TokenBlocks(BlockSet(tokens, train, length), BlockSet(tokens, validation, length), h.hexdigest()[:16])
 
 
 def load_blocks(section: DataSection, tokenizer) -> TokenBlocks:
-    stream = tokenize_documents(_documents_with_text(section, tokenizer), tokenizer)
-    return _blocks(stream, hashlib.sha256(stream.numpy().tobytes()).hexdigest(), section)
+    """Blocks of a small corpus tokenized in memory (parent training: no run directory to cache it in)."""
+    tokens = np.concatenate(list(tokenize_documents(iter_documents(section, tokenizer), tokenizer)))
+    return _blocks(tokens, hashlib.sha256(tokens.tobytes()).hexdigest(), section)
 
 
 def _tokenizer_identity(tokenizer) -> str:
@@ -204,20 +247,24 @@ def stream_key(section: DataSection, tokenizer) -> str:
     return h.hexdigest()[:24]
 
 
-def token_stream(section: DataSection, tokenizer, cache: Path) -> tuple[torch.Tensor, str]:
-    """The job's token stream, tokenized once into `cache` and read from it by every later stage and job.
+def token_stream(section: DataSection, tokenizer, cache: Path) -> tuple[np.ndarray, str]:
+    """The job's token stream, memory-mapped from `cache`, where the first call writes it by streaming the
+    documents through the tokenizer; every later stage and job reads the file.
 
     The file is int32 tokens, written whole or not at all; its name is the stream's key."""
-    import numpy as np
-    import torch
+    from puzzle.progress import progress_bar
 
     key = stream_key(section, tokenizer)
     file = cache / f"{key}.int32"
     if not file.is_file():
-        stream = tokenize_documents(_documents_with_text(section, tokenizer), tokenizer)
-        with atomic_path(file) as tmp:
-            stream.numpy().astype(np.int32).tofile(tmp)
-    return torch.from_numpy(np.fromfile(file, dtype=np.int32)).long(), key
+        with atomic_path(file) as tmp, open(tmp, "wb") as out, progress_bar() as bar:
+            task = bar.add_task("tokenizing the documents", total=None, status="")
+            written = 0
+            for chunk in tokenize_documents(iter_documents(section, tokenizer), tokenizer):
+                chunk.tofile(out)
+                written += len(chunk)
+                bar.update(task, status=f"{written:,} tokens")
+    return np.memmap(file, dtype=np.int32, mode="r"), key
 
 
 def job_blocks(config: PuzzleConfig, parent_tokenizer) -> TokenBlocks:
@@ -228,5 +275,5 @@ def job_blocks(config: PuzzleConfig, parent_tokenizer) -> TokenBlocks:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
-    stream, key = token_stream(config.data, tokenizer, Path(config.run.dir) / "tokens")
-    return _blocks(stream, key, config.data)
+    tokens, key = token_stream(config.data, tokenizer, Path(config.run.dir) / "tokens")
+    return _blocks(tokens, key, config.data)

@@ -190,6 +190,32 @@ def training_hint(config: PuzzleConfig, config_file: Path) -> str | None:
     return None
 
 
+def job_plan(config: PuzzleConfig, *, device: str | None = None, gpus: int = 1, processes: int = 1):
+    """The job's memory plan (puzzle/memory.py) on a GPU of the sheet, or on this machine."""
+    from puzzle.distill.library import bld_candidates
+    from puzzle.families import parent_shapes
+    from puzzle.memory import plan, target
+    from puzzle.parents import parent_config
+    from puzzle.stages.library import job_spaces
+
+    hf_config = parent_config(config.parent)
+    shapes = parent_shapes(hf_config)
+    candidates = bld_candidates(job_spaces(config, shapes), shapes)
+    return plan(config, hf_config, target(config, device=device, gpus=gpus, processes=processes), candidates)
+
+
+def memory_problems(configs: list[PuzzleConfig], stages: list[Stage], processes: int = 1,
+                    bounds: bool = True) -> list[str]:
+    """The memory plan's verdict on this machine for the stages a command runs: one line per stage that
+    cannot fit, before anything is written. `bounds=False`: not the stages whose child the search has yet to
+    choose (`puzzle run` checks those when it reaches them)."""
+    problems = []
+    for config in configs:
+        label = f"job {config.run.job}: " if config.run.job else ""
+        problems += [label + p for p in job_plan(config, processes=processes).problems(stages, bounds)]
+    return list(dict.fromkeys(problems))
+
+
 def check_inputs(configs: list[PuzzleConfig], stage: Stage | None = None, source: str = "inputs") -> None:
     """Raise one ConfigError listing every problem of every job (a problem shared by jobs once), including
     the earlier outputs `stage` needs when a command starts there. `source` is the job file, when there is one."""

@@ -211,3 +211,20 @@ def frontier(job: PuzzleConfig, sweep: str, points, table_file, plot_file) -> No
         table.add_row(p.budget, f"{p.limit:.6g}", fmt(p.objective), fmt(p.used), fmt(p.greedy_objective))
     out.print(table)
     out.print(f"frontier: {table_file}, plot: {plot_file}")
+
+
+def memory_plan(plan) -> None:
+    from puzzle.memory import gib
+
+    t = plan.target
+    table = Table(title=f"memory plan per rank on {t.name}: {gib(t.capacity)} per rank, {t.ranks} rank(s)")
+    for column in ("stage", "part", "GiB", "fits"):
+        table.add_column(column, justify="right" if column == "GiB" else "left")
+    for stage in plan.stages:
+        for term in stage.terms:
+            where = " [host]" if term.host and t.is_gpu else ""
+            table.add_row("", term.name + where, f"{term.bytes / 2**30:.2f}", "")
+        verdict = "yes" if plan.fits(stage.stage) else "[red]NO[/red]"
+        table.add_row(stage.stage.value, f"[bold]peak[/bold]{' — ' + stage.note if stage.note else ''}",
+                      f"[bold]{stage.peak(t) / 2**30:.2f}[/bold]", verdict, end_section=True)
+    out.print(table)

@@ -182,13 +182,13 @@ def _finish(cfg, model, tokenizer, blocks: TokenBlocks, log: list[dict], seconds
         ).save_pretrained(tmp)
         # The shipped figure is measured on the shipped (rounded) weights, loaded as users load them.
         shipped = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-        val_loss = mean_loss(shipped, blocks.validation)
+        val_loss = mean_loss(shipped, blocks.validation[:])
         summary = {
             "parameters": sum(p.numel() for p in shipped.parameters()),
             "validation_loss": round(val_loss, 4),
             "validation_perplexity": round(math.exp(val_loss), 3),
             "validation_blocks": len(blocks.validation),
-            "validation_tokens": int(blocks.validation[:, 1:].numel()),
+            "validation_tokens": len(blocks.validation) * (blocks.validation.length - 1),
             "train_blocks": len(blocks.train),
             "data_fingerprint": blocks.fingerprint,
             "training_seconds": round(seconds, 1),

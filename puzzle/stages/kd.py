@@ -91,7 +91,7 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
         )
     if not team.is_main:
         return None
-    tokens = s.steps * s.batch_size * blocks.train.shape[1]
+    tokens = s.steps * s.batch_size * blocks.train.length
     write_checkpoint(directory / "checkpoint", child.to(dtype), parent, {
         **child_info(source), "kd": {"source": str(source), "steps": s.steps, "tokens": tokens},
     })

@@ -2,11 +2,15 @@
 distillation (docs/design.md §3–4).
 
 Every entry is checked each time the stage runs (its weights' checksum and the settings that trained
-it), and only missing or damaged entries are trained, sharded over the ranks of a multi-process job.
+it), and only missing or damaged entries are trained. Candidates are trained in the groups of the memory
+plan (puzzle/memory.py): balanced by bytes, each fitting beside the parent in one rank's memory; ranks
+take groups in turn. The groups are packed from every candidate of the library, finished or not, so a
+resumed run finds the same groups and their checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import time
@@ -30,6 +34,7 @@ from puzzle.distill.library import (
 from puzzle.distill.schedule import TrainingSettings
 from puzzle.distributed import Workers
 from puzzle.families import parent_shapes
+from puzzle.memory import bld_groups, model_shape, target
 from puzzle.parents import load_parent, parent_config
 from puzzle.pipeline import StageContext
 from puzzle.progress import progress_bar
@@ -54,6 +59,7 @@ class LibrarySummary:
     rows: list[LibraryRow]
     trained_now: int
     seconds: float
+    groups: int = 0  # groups trained now
 
 
 def job_spaces(config: PuzzleConfig, shapes: list[ParentShape]) -> list[LayerSpace]:
@@ -67,29 +73,21 @@ def entry_fingerprint(config: PuzzleConfig) -> str:
     return f"{fingerprint(config, keys)}-v{ENTRY_FORMAT}"
 
 
-def recut(blocks: torch.Tensor, length: int) -> torch.Tensor:
-    """Cut data blocks into BLD blocks; BLD uses only the training split, so validation stays unseen."""
-    if length > blocks.shape[1]:
-        raise PuzzleError(
-            f"bld.sequence_length: {length} is longer than data.sequence_length ({blocks.shape[1]}); "
-            "lower it or raise data.sequence_length"
-        )
-    per = blocks.shape[1] // length
-    return blocks[:, : per * length].reshape(-1, length)
-
-
 def run(ctx: StageContext, team: Workers) -> LibrarySummary:
     started = time.time()
     config, lib_dir = ctx.config, ctx.directory
-    shapes = parent_shapes(parent_config(config.parent))
+    hf_config = parent_config(config.parent)
+    shapes = parent_shapes(hf_config)
     spaces = job_spaces(config, shapes)
     candidates = bld_candidates(spaces, shapes)
     entry_key = entry_fingerprint(config)
     todo = [c for c in candidates if read_entry(lib_dir, c, entry_key) is None]
     team.barrier()  # every rank has seen the same finished entries before any rank writes new ones
-    shard = team.shard(todo)
-    if shard:
-        _train_shard(config, shard, lib_dir, entry_key, team, len(todo))
+    groups, _ = bld_groups(config, model_shape(config, hf_config), candidates, target(config, processes=team.world))
+    groups = [[c for c in group if c in todo] for group in groups]
+    mine = [group for group in team.shard(groups) if group]
+    if mine:
+        _train_groups(config, mine, lib_dir, entry_key, team, len(todo))
     team.barrier()
     rows = []
     for c in candidates:
@@ -103,8 +101,8 @@ def run(ctx: StageContext, team: Workers) -> LibrarySummary:
         with atomic_path(lib_dir / "table.csv") as tmp:
             pd.DataFrame([r.__dict__ for r in rows]).to_csv(tmp, index=False)
         ctx.record.outputs = {"candidates": len(rows), "trained_now": len(todo), "table": "table.csv",
-                              "space": "space.json"}
-    return LibrarySummary(lib_dir, rows, len(todo), time.time() - started)
+                              "space": "space.json", "groups": sum(1 for g in groups if g)}
+    return LibrarySummary(lib_dir, rows, len(todo), time.time() - started, sum(1 for g in groups if g))
 
 
 def read(ctx: StageContext) -> LibrarySummary:
@@ -115,18 +113,16 @@ def read(ctx: StageContext) -> LibrarySummary:
 
 @dataclass
 class BldJob:
-    """Everything one process needs to train its candidates."""
+    """What every group of one process shares: the data, the FFN scores that initialize candidates, the schedule."""
 
-    candidates: list[Candidate]
-    modules: nn.ModuleDict
-    train: torch.Tensor
-    held_out: torch.Tensor
+    train: object  # BlockSet on the host, read a batch at a time
+    held_out: torch.Tensor  # on the device
+    scores: list | None
     settings: TrainingSettings
 
 
 def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate]) -> BldJob:
     bld = config.bld
-    adapter = parent.adapter
     device = next(parent.model.parameters()).device
     data = job_blocks(config, parent.tokenizer)
     steps = math.ceil(bld.tokens_per_candidate / (bld.batch_size * bld.sequence_length))
@@ -134,17 +130,20 @@ def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate]) -> Bl
         learning_rate=bld.learning_rate, schedule=bld.schedule, warmup_fraction=bld.warmup_fraction, steps=steps,
         batch_size=bld.batch_size, seed=config.run.seed, checkpoint_every=bld.checkpoint_every,
     )
-    scores = ffn_scores(config, adapter, data, candidates, device)
-    modules = nn.ModuleDict(
-        {c.module_name: build_module(c, adapter, scores, config.parent.attn_implementation) for c in candidates}
-    ).to(device)
     return BldJob(
-        candidates=candidates,
-        modules=modules,
-        train=recut(data.train, bld.sequence_length).to(device),
-        held_out=recut(data.validation, bld.sequence_length)[: bld.eval_blocks].to(device),
+        train=data.train.recut(bld.sequence_length),
+        held_out=data.validation.recut(bld.sequence_length)[: bld.eval_blocks].to(device),
+        scores=ffn_scores(config, parent.adapter, data, candidates, device),
         settings=settings,
     )
+
+
+def group_modules(config: PuzzleConfig, parent, job: BldJob, group: list[Candidate]) -> nn.ModuleDict:
+    """A group's candidates, initialized from the parent, on the parent's device."""
+    device = next(parent.model.parameters()).device
+    return nn.ModuleDict(
+        {c.module_name: build_module(c, parent.adapter, job.scores, config.parent.attn_implementation) for c in group}
+    ).to(device)
 
 
 def ffn_scores(config: PuzzleConfig, adapter, data, candidates: list[Candidate], device) -> list | None:
@@ -161,31 +160,41 @@ def ffn_scores(config: PuzzleConfig, adapter, data, candidates: list[Candidate],
     return [c if c is not None else e for c, e in zip(channels, experts)]
 
 
-def _train_shard(config: PuzzleConfig, shard: list[Candidate], lib_dir: Path, entry_key: str, team: Workers,
-                 total: int) -> None:
+def _train_groups(config: PuzzleConfig, groups: list[list[Candidate]], lib_dir: Path, entry_key: str,
+                  team: Workers, total: int) -> None:
     parent = load_parent(config.parent)
-    adapter = parent.adapter
-    job = prepare_bld(config, parent, shard)
+    job = prepare_bld(config, parent, [c for group in groups for c in group])
     steps = job.settings.steps
-    checkpoint = lib_dir / ".bld" / f"{entry_key}-rank{team.rank}-of{team.world}"
+    done = 0
     with progress_bar() as bar:
-        # Rank 0 draws the bar for everyone: ranks step in lockstep, each over its shard.
+        # Rank 0 draws the bar for everyone: ranks step in lockstep, each over its own groups.
         task = bar.add_task(f"BLD {total} candidates", total=steps * total, status="", visible=team.is_main)
+        for n, group in enumerate(groups, 1):
+            modules = group_modules(config, parent, job, group)
 
-        def on_step(step: int, losses: dict[str, float]) -> None:
-            mean = sum(losses.values()) / len(losses)
-            bar.update(task, completed=step * total, status=f"step {step}/{steps} mean nMSE {mean:.4f}")
+            def on_step(step: int, losses: dict[str, float]) -> None:
+                mean = sum(losses.values()) / len(losses)
+                bar.update(task, completed=(done + step * len(group)) * team.world,
+                           status=f"group {n}/{len(groups)} step {step}/{steps} mean nMSE {mean:.4f}")
 
-        results = train_candidates(
-            shard, job.modules, adapter, job.train, job.held_out, job.settings, checkpoint, on_step=on_step
-        )
+            name = hashlib.sha256(",".join(c.key for c in group).encode()).hexdigest()[:12]
+            checkpoint = lib_dir / ".bld" / f"{entry_key}-{name}"
+            results = train_candidates(group, modules, parent.adapter, job.train, job.held_out, job.settings,
+                                       checkpoint, on_step=on_step)
+            _write_entries(config, parent, results, lib_dir, entry_key, steps)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            done += steps * len(group)
+            del modules, results  # the next group's state takes this one's place
+
+
+def _write_entries(config: PuzzleConfig, parent, results, lib_dir: Path, entry_key: str, steps: int) -> None:
+    adapter = parent.adapter
+    tokens = steps * config.bld.batch_size * config.bld.sequence_length
     for result in results:
         c = result.candidate
         spec = c.attention if c.attention is not None else c.ffn
         shape = adapter.shape(c.layer)
         parent_spec = shape.attention if isinstance(spec, AttentionSpec) else shape.ffn
         init = init_name(spec, parent_spec) if c.attention is None or c.ffn is None else "coupled"
-        tokens = steps * job.settings.batch_size * config.bld.sequence_length
         write_entry(lib_dir, result, init=init, steps=steps, tokens=tokens, fingerprint=entry_key,
                     dtype=next(parent.model.parameters()).dtype)
-    shutil.rmtree(checkpoint, ignore_errors=True)

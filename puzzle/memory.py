@@ -1,0 +1,392 @@
+"""The memory plan (docs/design.md §15): the peak memory every stage needs on one rank, from the parent's
+config and the job alone (no weights are read), against what a rank has: a GPU's memory, or
+`run.memory_limit` (else this machine's RAM) shared by the processes of a CPU run.
+
+A stage's peak is a sum of named terms (weights, optimizer states, activations, caches), each a formula
+of the shapes and the job's batch settings; the formulas follow what the code allocates (docs/design.md
+§15 lists them). What the code keeps on the host (BLD's initial-weight snapshot) counts against host
+memory only: on a CPU run that is the same memory.
+
+BLD is planned in groups: candidates are packed by bytes into the fewest balanced groups that fit next to
+the parent, and the library stage trains exactly these groups (`bld_groups`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from puzzle.blocks.costs import parameters
+from puzzle.blocks.specs import ParentShape
+from puzzle.config import PuzzleConfig
+from puzzle.errors import PuzzleError
+from puzzle.rundir import RunDir, Stage
+from puzzle.search.hardware import gpu
+
+GIB = 2**30
+# The process before any model is loaded: Python, torch, transformers, datasets, tokenizers, pandas
+# (resident size measured on this project's CPU machine, torch 2.13).
+CPU_RUNTIME = 0.45 * GIB
+# CUDA context, kernels and cuBLAS workspaces: outside torch's allocator but in the GPU's memory.
+CUDA_RUNTIME = 1.0 * GIB
+# BLD packs its groups into this share of what is left beside the parent: the allocator's fragmentation
+# and the formulas' rounding take the rest.
+PACKING_SHARE = 0.9
+# fp32 master weight, its gradient, AdamW's two moments: what every trained parameter costs.
+TRAINED_BYTES = 16
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    bytes: float
+    host: bool = False  # kept in host memory (counts on the device only when the device is the host)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one rank may use."""
+
+    name: str  # "h100", "this machine"
+    capacity: float  # bytes per rank
+    ranks: int
+    is_gpu: bool
+    change: str  # what a user changes for more memory per rank
+
+    @property
+    def runtime(self) -> Term:
+        return Term("runtime (CUDA context)" if self.is_gpu else "runtime (python, torch)",
+                    CUDA_RUNTIME if self.is_gpu else CPU_RUNTIME)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: Stage
+    terms: tuple[Term, ...]
+    ranks: int  # processes the stage runs on
+    groups: int | None = None  # BLD: candidate groups
+    note: str = ""
+    fix: str = ""  # what to change when it does not fit, where the stage knows better than the target
+    bound: bool = False  # planned for a child as large as the parent, the search not having chosen one yet
+
+    def peak(self, target: Target) -> float:
+        """Bytes one rank needs at its peak, in the target's memory."""
+        return sum(t.bytes for t in self.terms if not (t.host and target.is_gpu))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    target: Target
+    stages: tuple[StagePlan, ...]
+
+    def stage(self, stage: Stage) -> StagePlan:
+        return next(s for s in self.stages if s.stage is stage)
+
+    def fits(self, stage: Stage) -> bool:
+        return self.stage(stage).peak(self.target) <= self.target.capacity
+
+    def problems(self, stages: list[Stage] | None = None, bounds: bool = True) -> list[str]:
+        """One line for each stage (of `stages`, default all) that cannot fit, with the numbers and the fix;
+        `bounds=False` leaves out stages planned for a child the search has not chosen yet."""
+        out = []
+        for s in self.stages:
+            if (stages is not None and s.stage not in stages) or self.fits(s.stage) or (s.bound and not bounds):
+                continue
+            biggest = max((t for t in s.terms if not (t.host and self.target.is_gpu)), key=lambda t: t.bytes)
+            fix = s.fix or self.target.change
+            if any(t.name.startswith("parent") and "weights" in t.name and t.bytes > self.target.capacity
+                   for t in s.terms):
+                fix = ("the parent's weights alone exceed a rank's memory and every rank holds the whole parent "
+                       f"(sharding it over GPUs is not built yet): {self.target.change}")
+            out.append(
+                f"memory plan: stage {s.stage.value} needs {gib(s.peak(self.target))} per rank, more than the "
+                f"{gib(self.target.capacity)} a rank has on {self.target.name} (largest part: {biggest.name}, "
+                f"{gib(biggest.bytes)}){': ' + s.note if s.note else ''}; {fix}"
+            )
+        return out
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A model's sizes from its config: what every formula reads."""
+
+    shapes: tuple[ParentShape, ...]
+    vocab_size: int
+    fixed_params: int  # embeddings, final norm, untied lm_head
+    dtype_bytes: int
+    tied: bool = False  # lm_head is the embedding matrix
+    mapped: bool = False  # loaded on the CPU in its checkpoint's dtype: the safetensors file stays memory-mapped
+
+    @property
+    def hidden_size(self) -> int:
+        return self.shapes[0].hidden_size
+
+    @property
+    def params(self) -> int:
+        return self.fixed_params + sum(parameters(s.attention, s) + parameters(s.ffn, s) for s in self.shapes)
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.params * self.dtype_bytes
+
+    def parent_weights(self, target: Target, uses_head: bool, name: str = "parent weights") -> Term:
+        """The parent's resident weights in a stage. A memory-mapped checkpoint (a CPU run in the file's dtype)
+        pages in only what the stage reads: not the embedding matrix (a few rows are read), nor an lm_head
+        the stage never applies."""
+        if target.is_gpu or not self.mapped:
+            return Term(name, self.weight_bytes)
+        embedding = self.vocab_size * self.hidden_size * self.dtype_bytes
+        unread = 0 if self.tied and uses_head else embedding
+        if not self.tied and not uses_head:
+            unread += embedding  # the untied lm_head
+        return Term(f"{name} (read from the memory-mapped file)", self.weight_bytes - unread)
+
+    def widest(self) -> int:
+        """Widest per-token intermediate of a layer: a dense FFN, or the routed experts of an MoE one."""
+        return max(s.intermediate_size * (s.experts_per_token or 1) for s in self.shapes)
+
+
+def model_shape(config: PuzzleConfig, hf_config) -> ModelShape:
+    from puzzle.families import parent_shapes
+    from puzzle.profiling import fixed_parameters
+
+    dtype = config.parent.dtype
+    if dtype == "auto":
+        found = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        dtype = str(found).removeprefix("torch.") if found is not None else "float32"
+    stored = _stored_dtype(config, hf_config)
+    return ModelShape(tuple(parent_shapes(hf_config)), hf_config.vocab_size, fixed_parameters(hf_config),
+                      DTYPE_BYTES.get(dtype, 4), bool(getattr(hf_config, "tie_word_embeddings", False)),
+                      config.parent.device == "cpu" and stored == dtype)
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _stored_dtype(config: PuzzleConfig, hf_config) -> str:
+    """The dtype of the parent's weights on disk: a local checkpoint's first tensor (its header only), else
+    what the config says."""
+    from safetensors import safe_open
+
+    from puzzle.parents import local_checkpoint
+
+    directory = local_checkpoint(config.parent)
+    for file in sorted(directory.glob("*.safetensors"))[:1] if directory else []:
+        with safe_open(file, "pt") as f:
+            name = next(iter(f.keys()), None)
+            if name is not None:
+                return SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype(), "")
+    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return str(stored).removeprefix("torch.") if stored is not None else "float32"
+
+
+# --- targets -----------------------------------------------------------------------------------------
+
+
+def machine_memory() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def target(config: PuzzleConfig, *, device: str | None = None, gpus: int = 1, processes: int = 1) -> Target:
+    """`device` names a GPU of the sheet (`gpus` of them, one rank each); otherwise this machine: its CUDA
+    device when the parent runs on one, else `run.memory_limit` (or the RAM) shared by `processes`."""
+    if device is not None:
+        spec = gpu(device)
+        return Target(spec.name, spec.memory_gib * GIB, gpus, True, "use GPUs with more memory")
+    if config.parent.device.startswith("cuda") or config.parent.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+            capacity = min(total, config.run.memory_limit) if config.run.memory_limit else total
+            return Target(torch.cuda.get_device_name(0), capacity, processes, True, "use GPUs with more memory")
+    limit = config.run.memory_limit or machine_memory()
+    where = f"this machine (run.memory_limit {gib(limit)})" if config.run.memory_limit else "this machine"
+    if processes > 1:
+        where += f" shared by {processes} processes"
+    return Target(where, limit / processes, processes, False,
+                  "raise run.memory_limit if the machine has more, or run fewer processes")
+
+
+# --- stages --------------------------------------------------------------------------------------------
+
+
+def _candidate_bytes(params: int, target: Target) -> float:
+    """A BLD candidate's trained state, plus its fp32 initial weights kept on the host."""
+    return params * TRAINED_BYTES + (0 if target.is_gpu else params * 4)
+
+
+def _bld_fixed(config: PuzzleConfig, model: ModelShape, target: Target, largest: int) -> list[Term]:
+    """BLD's terms that do not grow with the group: runtime, parent, the parent's activations of one batch,
+    one candidate's forward and backward (candidates are back-propagated one at a time)."""
+    b, t, h = config.bld.batch_size, config.bld.sequence_length, model.hidden_size
+    layers = len(model.shapes)
+    act = model.dtype_bytes
+    compute = min(act, 4)
+    candidate_acts = b * t * (8 * h + 5 * model.widest()) * compute + 3 * b * t * h * 4
+    autocast_copy = largest * 2 if act < 4 else 0
+    return [
+        target.runtime,
+        model.parent_weights(target, uses_head=False),
+        Term("parent activations (3 per layer)", 3 * layers * b * t * h * act + b * t * 3 * model.widest() * act),
+        Term("one candidate's activations", candidate_acts + autocast_copy),
+    ]
+
+
+def pack(sizes: list[float], capacity: float, min_groups: int = 1) -> list[list[int]] | None:
+    """Indices of `sizes` in the fewest groups (at least `min_groups`, at most one per item) whose sums fit
+    `capacity`, balanced: largest first into the lightest group. None when one item alone does not fit."""
+    if not sizes:
+        return []
+    if max(sizes) > capacity:
+        return None
+    k = min(len(sizes), max(min_groups, math.ceil(sum(sizes) / capacity)))
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    while True:
+        groups: list[list[int]] = [[] for _ in range(k)]
+        loads = [0.0] * k
+        for i in order:
+            g = min(range(k), key=lambda j: (loads[j], j))
+            groups[g].append(i)
+            loads[g] += sizes[i]
+        if max(loads) <= capacity or k == len(sizes):
+            return [sorted(g) for g in groups if g]
+        k += 1
+
+
+def candidate_params(candidate, shape: ParentShape) -> int:
+    return sum(parameters(s, shape) for s in (candidate.attention, candidate.ffn) if s is not None)
+
+
+def bld_groups(config: PuzzleConfig, model: ModelShape, candidates: list, target: Target) -> tuple[list[list], StagePlan]:
+    """The candidates in the groups BLD trains, and the stage's plan (its peak: the heaviest group)."""
+    sizes = [candidate_params(c, model.shapes[c.layer]) for c in candidates]
+    fixed = _bld_fixed(config, model, target, max(sizes, default=0))
+    room = PACKING_SHARE * (target.capacity - sum(t.bytes for t in fixed))
+    bytes_of = [_candidate_bytes(n, target) for n in sizes]
+    groups = pack(bytes_of, room, min_groups=target.ranks) if room > 0 else None
+    if groups is None:
+        # Nothing fits beside the parent: plan one candidate per group, so the plan shows by how much.
+        groups = [[i] for i in range(len(candidates))]
+        note = "not even the largest candidate fits beside the parent"
+    else:
+        note = f"{len(candidates)} candidates in {len(groups)} group(s), {math.ceil(len(groups) / target.ranks)} per rank"
+    heaviest = max(groups, key=lambda g: sum(sizes[i] for i in g), default=[])
+    params = sum(sizes[i] for i in heaviest)
+    terms = [*fixed, Term("candidates: fp32 weights, grads, AdamW (heaviest group)", params * TRAINED_BYTES),
+             Term("candidates' initial weights (fp32, host)", params * 4, host=True)]
+    plan = StagePlan(Stage.library, tuple(terms), target.ranks, len(groups), note,
+                     "lower bld.batch_size or bld.sequence_length (the parent's activations of a batch stay beside every group)")
+    return [[candidates[i] for i in g] for g in groups], plan
+
+
+def _logit_terms(model: ModelShape, blocks: int, length: int, name: str, models: int = 2) -> Term:
+    """A batch's logits in the model's dtype and their float32 log-softmax, for each of `models` models."""
+    return Term(name, models * blocks * length * model.vocab_size * (model.dtype_bytes + 8))
+
+
+def _scores(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
+    n, t, h = config.scoring.validation_blocks, config.data.sequence_length, model.hidden_size
+    layers = len(model.shapes)
+    reference = (layers + 1) * n * t * h * model.dtype_bytes
+    layer_modules = max(parameters(s.attention, s) + parameters(s.ffn, s) for s in model.shapes) * 4 * 3
+    terms = (target.runtime, model.parent_weights(target, uses_head=True),
+             Term("parent reference: hidden states of the held-out blocks", reference),
+             Term("one layer's library modules (fp32)", layer_modules),
+             _logit_terms(model, config.scoring.batch_size, t, "logits of one batch"))
+    return StagePlan(Stage.scores, terms, target.ranks,
+                     fix="lower scoring.validation_blocks (their hidden states at every layer are kept) or scoring.batch_size")
+
+
+UPPER_BOUND = "child as large as the parent (no search yet: an upper bound)"
+
+
+def _child_params(config: PuzzleConfig, model: ModelShape) -> tuple[int, str]:
+    """The child's parameters: from the job's chosen architecture when the search has run, else the parent's
+    (an upper bound: the search only removes)."""
+    from puzzle.solutions import read_solutions
+
+    file = RunDir.of(config).stage_dir(Stage.search) / "solutions.json"
+    if file.is_file():
+        try:
+            blocks = read_solutions(file).solutions[config.realize.solution].blocks
+        except (PuzzleError, IndexError):
+            blocks = None
+        if blocks:
+            layers = sum(parameters(b.attention, s) + parameters(b.ffn, s) for b, s in zip(blocks, model.shapes))
+            return model.fixed_params + layers, "child from the job's search"
+    return model.params, UPPER_BOUND
+
+
+def _kd(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
+    child, source = _child_params(config, model)
+    b = max(1, config.kd.batch_size // target.ranks)
+    t, h, layers = config.data.sequence_length, model.hidden_size, len(model.shapes)
+    act = model.dtype_bytes
+    per_layer = b * t * (12 * h + 4 * model.widest()) * min(act, 4)
+    terms = [target.runtime, model.parent_weights(target, uses_head=True, name="parent (teacher) weights"),
+             Term("child: fp32 weights, grads, AdamW", child * TRAINED_BYTES)]
+    if act < 4:
+        terms.append(Term("child weights cast for autocast", child * 2))
+    if target.ranks > 1:
+        terms.append(Term("DDP gradient buckets", child * 4))
+    terms += [Term("child activations for backward", layers * per_layer),
+              Term("teacher hidden states", (layers + 1) * b * t * h * act),
+              Term("logits: teacher, child, float32 log-softmax and grads", b * t * model.vocab_size * (2 * act + 20))]
+    fix = ("every rank holds the whole child with its gradients and AdamW states (they are not sharded over ranks): "
+           "lower kd.batch_size or data.sequence_length, or search for a smaller child")
+    return StagePlan(Stage.kd, tuple(terms), target.ranks, note=source, fix=fix, bound=source == UPPER_BOUND)
+
+
+def _two_models(stage: Stage, config: PuzzleConfig, model: ModelShape, target: Target, batch: int) -> StagePlan:
+    child, source = _child_params(config, model)
+    terms = (target.runtime, model.parent_weights(target, uses_head=True),
+             Term("child weights (parent's dtype)", child * model.dtype_bytes),
+             _logit_terms(model, batch, config.data.sequence_length, "logits of one batch"))
+    return StagePlan(stage, terms, 1, note=source, fix="lower eval.batch_size or data.sequence_length",
+                     bound=source == UPPER_BOUND)
+
+
+def _parent(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
+    terms = (target.runtime, model.parent_weights(target, uses_head=True),
+             _logit_terms(model, config.eval.batch_size, config.data.sequence_length, "logits of one batch", 1))
+    return StagePlan(Stage.parent, terms, 1, fix="lower eval.batch_size or data.sequence_length")
+
+
+def _profile(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
+    if config.profile.device != "local":
+        return StagePlan(Stage.profile, (target.runtime,), 1, note="analytic: no weights are loaded")
+    timed = DTYPE_BYTES.get(config.profile.weight_dtype, 4)
+    layer = max(parameters(s.attention, s) + parameters(s.ffn, s) for s in model.shapes)
+    terms = (target.runtime, model.parent_weights(target, uses_head=True),
+             Term("a whole model of fresh modules in the profiled dtype", model.params * timed),
+             Term("the timed stacks: a candidate and its partner in every layer", len(model.shapes) * layer * timed))
+    return StagePlan(Stage.profile, terms, 1, note="measured")
+
+
+def _light(stage: Stage, target: Target, note: str) -> StagePlan:
+    return StagePlan(stage, (target.runtime,), 1, note=note)
+
+
+def plan(config: PuzzleConfig, hf_config, tgt: Target, candidates: list) -> MemoryPlan:
+    """Every stage's plan for `config` on `tgt`; `candidates`: what BLD trains."""
+    model = model_shape(config, hf_config)
+    stages = (
+        _parent(config, model, tgt),
+        bld_groups(config, model, candidates, tgt)[1],
+        _scores(config, model, tgt),
+        _profile(config, model, tgt),
+        _light(Stage.search, tgt, "the MIP on the CPU"),
+        _two_models(Stage.child, config, model, tgt, 1),
+        _kd(config, model, tgt),
+        _two_models(Stage.eval, config, model, tgt, config.eval.batch_size),
+        _light(Stage.report, tgt, "tables and plots"),
+        _two_models(Stage.fuse, config, model, tgt, config.eval.batch_size),
+    )
+    return MemoryPlan(tgt, stages)

@@ -1,0 +1,92 @@
+"""The memory plan, and BLD in the groups it packs."""
+
+from pathlib import Path
+
+import pandas as pd
+from safetensors.torch import load_file
+
+from puzzle.api import distill_stage
+from puzzle.config import load_config
+from puzzle.distill.library import bld_candidates
+from puzzle.memory import (
+    PACKING_SHARE, _bld_fixed, _candidate_bytes, bld_groups, candidate_params, model_shape, pack, target,
+)
+from puzzle.parents import parent_config
+from puzzle.preflight import job_plan
+from puzzle.rundir import Stage
+from puzzle.stages.library import job_spaces
+from tests.helpers import cli, write_job
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_pack_balances_by_bytes_under_the_capacity():
+    sizes = [9, 7, 6, 5, 4, 3, 2, 2, 1]
+    groups = pack(sizes, capacity=14)
+    loads = sorted(sum(sizes[i] for i in g) for g in groups)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    assert len(groups) == 3 and loads == [13, 13, 13]  # 39 bytes in the fewest groups of at most 14
+    assert len(pack(sizes, capacity=100, min_groups=4)) == 4  # at least one group per rank
+    assert pack(sizes, capacity=8) is None  # the 9 fits nowhere
+
+
+def test_llama_8b_fits_one_h100_in_groups_and_70b_says_what_does_not():
+    eight = job_plan(load_config(EXAMPLES / "llama-3.1-8b.yaml"), device="h100", gpus=1)
+    library = eight.stage(Stage.library)
+    assert eight.fits(Stage.library) and library.groups > 1
+    assert library.peak(eight.target) <= 80 * 2**30
+    on_eight = job_plan(load_config(EXAMPLES / "llama-3.1-8b.yaml"), device="h100", gpus=8)
+    assert on_eight.stage(Stage.library).groups == 8  # one group per rank, each lighter
+    assert on_eight.stage(Stage.library).peak(on_eight.target) < library.peak(eight.target)
+    seventy = job_plan(load_config(EXAMPLES / "llama-3.1-70b.yaml"), device="h100", gpus=1)
+    problems = seventy.problems([Stage.library])
+    assert len(problems) == 1 and "parent weights, 131.42 GiB" in problems[0]
+    assert "every rank holds the whole parent" in problems[0]
+
+
+def test_plan_command_prints_every_stage_and_exits_2_when_one_cannot_fit(monkeypatch, capsys):
+    code, captured = cli(monkeypatch, capsys, "plan", str(EXAMPLES / "llama-3.1-70b.yaml"), "--device", "h100", "--gpus", "8")
+    assert code == 2
+    assert "memory plan per rank on h100" in captured.out
+    for stage in ("library", "scores", "kd", "eval"):
+        assert stage in captured.out
+    assert "stage library needs" in captured.err
+
+
+def _limit_for_groups(config, groups: int) -> float:
+    """A run.memory_limit under which BLD of `config` needs about `groups` groups here."""
+    model = model_shape(config, parent_config(config.parent))
+    candidates = bld_candidates(job_spaces(config, list(model.shapes)), list(model.shapes))
+    tgt = target(config)
+    sizes = [_candidate_bytes(candidate_params(c, model.shapes[c.layer]), tgt) for c in candidates]
+    fixed = sum(t.bytes for t in _bld_fixed(config, model, tgt, max(sizes)))
+    return fixed + sum(sizes) / groups / PACKING_SHARE * 1.05
+
+
+def test_a_library_trained_in_groups_equals_the_one_group_library(tmp_path, tiny_parent_dir, reference_library):
+    reference, summary = reference_library
+    config = load_config(write_job(tmp_path, tiny_parent_dir))
+    limit = _limit_for_groups(config, 3)
+    grouped = load_config(write_job(tmp_path, tiny_parent_dir), [f"run.memory_limit={limit:.0f}B"])
+    model = model_shape(grouped, parent_config(grouped.parent))
+    candidates = bld_candidates(job_spaces(grouped, list(model.shapes)), list(model.shapes))
+    assert len(bld_groups(grouped, model, candidates, target(grouped))[0]) >= 3
+    assert len(bld_groups(reference, model, candidates, target(reference))[0]) == 1
+    result = distill_stage(grouped)
+    assert result.groups >= 3
+    ours, theirs = (pd.read_csv(d / "table.csv") for d in (result.directory, summary.directory))
+    pd.testing.assert_frame_equal(ours.drop(columns="trained_now"), theirs.drop(columns="trained_now"), rtol=1e-6)
+    for entry in sorted((summary.directory / "entries").glob("*.safetensors")):
+        a, b = load_file(entry), load_file(result.directory / "entries" / entry.name)
+        for key in a:
+            assert (a[key] - b[key]).abs().max().item() <= 1e-6, f"{entry.name} {key}"
+
+
+def test_a_stage_that_cannot_fit_stops_before_writing(tmp_path, tiny_parent_dir, monkeypatch, capsys):
+    job = write_job(tmp_path, tiny_parent_dir)
+    code, captured = cli(monkeypatch, capsys, "distill", str(job), "--set", "run.memory_limit=200MiB")
+    assert code == 2
+    lines = [line for line in captured.err.splitlines() if line.strip().startswith("memory plan:")]
+    assert len(lines) == 1 and "stage library needs" in lines[0] and "run.memory_limit" in lines[0]
+    assert "Traceback" not in captured.err
+    assert not (tmp_path / "job").exists()
