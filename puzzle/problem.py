@@ -11,6 +11,7 @@ import pandas as pd
 
 from puzzle.io import atomic_path
 from puzzle.config import PuzzleConfig
+from puzzle.errors import PuzzleError
 from puzzle.rundir import RunDir, Stage
 from puzzle.search.budgets import Sweep
 from puzzle.search.problem import QUANTITY, FrontierPoint, SearchProblem, build_problem, frontier_points
@@ -20,8 +21,34 @@ def job_problem(config: PuzzleConfig) -> SearchProblem:
     """The job's problem at its profile scenario, from the run's scores and profile tables."""
     run = RunDir.of(config)
     scores = pd.read_csv(run.stage_dir(Stage.scores) / "scores.csv")
-    profile = pd.read_csv(run.stage_dir(Stage.profile) / "profile.csv")
-    return build_problem(scores, profile, config.profile.scenario, config.search.metric)
+    return build_problem(scores, trusted(job_profile(config), config), config.profile.scenario, config.search.metric)
+
+
+def job_profile(config: PuzzleConfig) -> pd.DataFrame:
+    return pd.read_csv(RunDir.of(config).stage_dir(Stage.profile) / "profile.csv", keep_default_na=False,
+                       na_values={c: ["nan"] for c in ("prefill_seconds", "decode_seconds")})
+
+
+def unreliable(profile: pd.DataFrame) -> pd.DataFrame:
+    """The rows the profile marked unreliable (none in a profile written before the mark existed)."""
+    return profile[profile.get("unreliable", pd.Series("", index=profile.index)).astype(str) != ""]
+
+
+def describe_unreliable(marked: pd.DataFrame) -> str:
+    return "; ".join(f"L{r.layer} {r.candidate}: {r.unreliable}" for r in marked.head(3).itertuples())
+
+
+def trusted(profile: pd.DataFrame, config: PuzzleConfig) -> pd.DataFrame:
+    """The profile, unless rows of it are marked unreliable and search.allow_unreliable_profile is off."""
+    marked = unreliable(profile)
+    if len(marked) and not config.search.allow_unreliable_profile:
+        shown = describe_unreliable(marked)
+        raise PuzzleError(
+            f"profile: {len(marked)} measured cost(s) stayed unreliable after re-measuring ({shown}); delete "
+            f"{RunDir.of(config).stage_dir(Stage.profile)} and profile again on a quiet machine, use the roofline "
+            "(profile.device: h100 or another GPU), or set search.allow_unreliable_profile: true to search on them"
+        )
+    return profile
 
 
 def job_frontier(config: PuzzleConfig, sweep: Sweep) -> tuple[list[FrontierPoint], float]:

@@ -14,7 +14,9 @@ import torch
 
 from puzzle.blocks.costs import Scenario, active_parameters, kv_cache_bytes, parameters
 from puzzle.blocks.init import shaped_module
-from puzzle.blocks.specs import AttentionKind, AttentionSpec, BlockChoice, FfnKind, FfnSpec, ParentShape, SubblockSpec
+from puzzle.blocks.specs import (
+    AttentionKind, AttentionSpec, BlockChoice, FfnKind, FfnSpec, ParentShape, SubblockSpec, spec_from_id,
+)
 from puzzle.config import ProfileSection, PuzzleConfig
 from puzzle.distill.library import Library
 from puzzle.progress import progress_bar
@@ -49,23 +51,77 @@ class AdditiveCheck:
         return self.predicted_seconds / self.measured_seconds - 1
 
 
+# A measured row is re-measured, then refused by the search, when a time is zero or negative, when a
+# candidate (every one prunes the parent's subblock) is timed this much slower than the parent's own
+# subblock of its layer, or when its repeats spread so widely that the same noise in every layer would
+# move a child's predicted latency by more than this share of the parent's. The spread counts in seconds,
+# not as a ratio: a 100 % spread of a 0.1 ms row cannot move the search, a 20 % spread of the largest can.
+SLOWER_LIMIT = 1.25
+NOISE_SHARE = 0.10
+
+
+def unreliable_rows(rows: list[CostRow], shapes: list[ParentShape], scenario: Scenario) -> dict[tuple[int, str], str]:
+    """(layer, candidate) → why its measured costs cannot be trusted."""
+    by_key = {(r.layer, r.candidate): r for r in rows}
+    parent = sum(by_key[(i, s.id)].latency(scenario) for i, shape in enumerate(shapes) for s in (shape.attention, shape.ffn))
+    parent += next(r for r in rows if r.layer == -1).latency(scenario)
+    found = {}
+    for r in rows:
+        if r.method != "measured" or (r.layer >= 0 and spec_from_id(r.candidate).removed):
+            continue  # a removed subblock costs nothing by construction
+        why = []
+        if min(r.prefill_seconds, r.decode_seconds) <= 0:
+            why.append("a zero or negative time")
+        noise = scenario.latency(r.prefill_spread * r.prefill_median, r.decode_spread * r.decode_median)
+        if noise * (1 if r.layer < 0 else len(shapes)) > NOISE_SHARE * parent:
+            why.append(f"repeats spread {max(r.prefill_spread, r.decode_spread):.0%} ({noise * 1e3:.3g} ms a batch, "
+                       f"of the parent's {parent * 1e3:.3g} ms)")
+        if r.layer >= 0:
+            shape = shapes[r.layer]
+            own = by_key[(r.layer, (shape.attention if r.subblock == "attention" else shape.ffn).id)]
+            if r is not own and r.latency(scenario) > SLOWER_LIMIT * own.latency(scenario):
+                why.append(f"timed {r.latency(scenario) / own.latency(scenario):.2f}x the parent's {own.candidate}, "
+                           "which it prunes")
+        if why:
+            found[(r.layer, r.candidate)] = ", ".join(why)
+    return found
+
+
 def cost_rows(config: PuzzleConfig, shapes: list[ParentShape], space, scenario: Scenario, hf_config,
               parent=None) -> list[CostRow]:
     """Every candidate's costs at `scenario`, and the fixed row. `space`: the library's layers. A measured
-    profile needs the loaded `parent`; the analytic one (profile.device names a GPU) needs only its config."""
+    profile needs the loaded `parent`; the analytic one (profile.device names a GPU) needs only its config.
+
+    Measured rows that look wrong (`unreliable_rows`) are measured once more with twice the repeats; what
+    still looks wrong is marked in the row, and the search refuses it unless search.allow_unreliable_profile."""
+    rows = _cost_rows(config, shapes, space, scenario, hf_config, parent, config.profile.repeats)
+    suspects = unreliable_rows(rows, shapes, scenario)
+    if not suspects:
+        return rows
+    again = _cost_rows(config, shapes, space, scenario, hf_config, parent, 2 * config.profile.repeats, set(suspects))
+    by_key = {(r.layer, r.candidate): r for r in again}
+    rows = [by_key.get((r.layer, r.candidate), r) for r in rows]
+    still = unreliable_rows(rows, shapes, scenario)
+    return [replace(r, unreliable=still.get((r.layer, r.candidate), "")) for r in rows]
+
+
+def _cost_rows(config: PuzzleConfig, shapes: list[ParentShape], space, scenario: Scenario, hf_config, parent,
+               repeats: int, only: set[tuple[int, str]] | None = None) -> list[CostRow]:
+    """The rows of every candidate and the fixed row, or of the (layer, candidate) keys in `only`."""
     section = config.profile
     method = "measured" if section.device == "local" else "analytic"
     dtype = _torch_dtype(section)
     name = gpu(section.device).name if method == "analytic" else local_device_name(parent.model.device)
     timings: dict[tuple, tuple[Timing, Timing]] = {}
-    specs = [(i, s) for i, layer in enumerate(space) for s in (*layer.attention, *layer.ffn)]
+    specs = [(i, s) for i, layer in enumerate(space) for s in (*layer.attention, *layer.ffn)
+             if only is None or (i, s.id) in only]
     rows = []
     with progress_bar() as bar:
-        task = bar.add_task(f"profile ({method}, {name})", total=len(specs), status="")
+        task = bar.add_task(f"profile ({method}, {name})" + (" again" if only else ""), total=len(specs), status="")
         for i, spec in specs:
             shape = shapes[i]
             if (spec, shape) not in timings:
-                timings[(spec, shape)] = _times(config, parent, shape, i, spec, scenario, dtype)
+                timings[(spec, shape)] = _times(config, parent, shape, i, spec, scenario, dtype, repeats)
             prefill, decode = timings[(spec, shape)]
             params = parameters(spec, shape)
             rows.append(
@@ -80,7 +136,8 @@ def cost_rows(config: PuzzleConfig, shapes: list[ParentShape], space, scenario: 
                 )
             )
             bar.update(task, advance=1, status=f"L{i} {spec.id}")
-    rows.append(_fixed_row(config, hf_config, parent, scenario, dtype, method, name))
+    if only is None or any(layer == -1 for layer, _ in only):
+        rows.append(_fixed_row(config, hf_config, parent, scenario, dtype, method, name, repeats))
     return rows
 
 
@@ -122,7 +179,7 @@ def fixed_parameters(hf_config) -> int:
 
 
 def _times(config, parent, shape: ParentShape, layer: int, spec: SubblockSpec, scenario: Scenario,
-           dtype) -> tuple[Timing, Timing]:
+           dtype, repeats: int) -> tuple[Timing, Timing]:
     section = config.profile
     if section.device != "local":
         prefill, decode = analytic_times(spec, shape, scenario, gpu(section.device))
@@ -143,11 +200,11 @@ def _times(config, parent, shape: ParentShape, layer: int, spec: SubblockSpec, s
     baseline = modules(lambda p: shaped_module(AttentionSpec(AttentionKind.noop) if is_attention else FfnSpec(FfnKind.noop), p, impl))
     return differential_times(
         candidate, partner, baseline, is_attention, parent.adapter.rotary, scenario, shape.hidden_size,
-        device, dtype, section.warmup, section.repeats,
+        device, dtype, section.warmup, repeats,
     )
 
 
-def _fixed_row(config, hf_config, parent, scenario: Scenario, dtype, method: str, name: str) -> CostRow:
+def _fixed_row(config, hf_config, parent, scenario: Scenario, dtype, method: str, name: str, repeats: int) -> CostRow:
     """Embeddings, final norm and lm_head: paid by every child alike."""
     h, v = hf_config.hidden_size, hf_config.vocab_size
     params = fixed_parameters(hf_config)
@@ -166,7 +223,7 @@ def _fixed_row(config, hf_config, parent, scenario: Scenario, dtype, method: str
         ]
         embed, norm, head = _outer_modules(parent, dtype)
         model = WholeModel(embed, parent.adapter.rotary, layers, norm, head, scenario, parent.model.device, dtype)
-        p_t, d_t = outside_times(model, parent.model.device, config.profile.warmup, config.profile.repeats)
+        p_t, d_t = outside_times(model, parent.model.device, config.profile.warmup, repeats)
     return CostRow(
         layer=-1, subblock="fixed", candidate="embeddings+norm+lm_head", params=params, experts=0,
         active_params=params,

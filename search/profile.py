@@ -39,6 +39,7 @@ class CostRow:
     decode_spread: float
     method: str  # "measured" | "analytic"
     device: str
+    unreliable: str = ""  # why this measured row cannot be trusted after re-measuring; empty when it can
 
     def latency(self, scenario: Scenario) -> float:
         return scenario.latency(self.prefill_seconds, self.decode_seconds)
@@ -170,7 +171,10 @@ def outside_times(model: WholeModel, device, warmup: int, repeats: int) -> tuple
 def read_profile(table) -> list[CostRow]:
     import pandas as pd
 
-    return [CostRow(**r) for r in pd.read_csv(table).to_dict("records")]
+    frame = pd.read_csv(table, keep_default_na=False, na_values={"prefill_seconds": ["nan"]})
+    if "unreliable" not in frame:
+        frame["unreliable"] = ""
+    return [CostRow(**{**r, "unreliable": str(r["unreliable"])}) for r in frame.to_dict("records")]
 
 
 def predicted_latency(rows: list[CostRow], choices, scenario: Scenario) -> float:

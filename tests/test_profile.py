@@ -1,5 +1,7 @@
 """Cost model: exact counts, KV rules, roofline monotonicity, measured profile on the tiny library."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -113,3 +115,78 @@ def load_config_with(config, overrides):
     from puzzle.config import apply_overrides, validate
 
     return validate(apply_overrides(yaml.safe_load(yaml.safe_dump(config.model_dump(mode="json"))), overrides))
+
+
+def _row(layer, subblock, candidate, prefill, decode, spread=0.1, method="measured"):
+    from puzzle.search.profile import CostRow
+
+    return CostRow(layer=layer, subblock=subblock, candidate=candidate, params=1, experts=0, active_params=1,
+                   weight_bytes=1.0, kv_bytes=0.0, prefill_seconds=prefill, decode_seconds=decode,
+                   prefill_median=prefill, decode_median=decode, prefill_spread=spread, decode_spread=spread,
+                   method=method, device="cpu")
+
+
+def test_unreliable_rows_are_wide_spreads_zero_times_and_pruned_blocks_slower_than_the_parent():
+    from puzzle.profiling import unreliable_rows
+
+    shape = ParentShape(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64)
+    scenario = Scenario(batch_size=1, prefill_length=16, decode_length=4)
+    rows = [
+        _row(0, "attention", "attention.kv2", 1.0, 0.1), _row(0, "attention", "attention.kv1", 2.0, 0.2),
+        _row(0, "attention", "attention.noop", 0.0, 0.0), _row(0, "ffn", "ffn.i64", 1.0, 0.1),
+        _row(0, "ffn", "ffn.i32", 0.5, 0.0), _row(0, "ffn", "ffn.i16", 0.4, 0.04, spread=3.0),
+        _row(-1, "fixed", "embeddings+norm+lm_head", 1.0, 0.1),
+    ]
+    found = unreliable_rows(rows, [shape], scenario)
+    assert set(found) == {(0, "attention.kv1"), (0, "ffn.i32"), (0, "ffn.i16")}
+    assert "2.00x the parent's attention.kv2" in found[(0, "attention.kv1")]
+    assert "zero" in found[(0, "ffn.i32")] and "spread 300%" in found[(0, "ffn.i16")]
+    assert unreliable_rows([replace(r, method="analytic") for r in rows], [shape], scenario) == {}
+
+
+@pytest.mark.parametrize("stays_bad", [False, True])
+def test_a_suspect_row_is_measured_again_and_marked_only_if_it_stays_wrong(tiny_library, tmp_path, monkeypatch,
+                                                                          stays_bad):
+    import puzzle.profiling as profiling
+    from puzzle.search.timing import Timing
+
+    _, config = copy_run(tiny_library, tmp_path, ["bld.tokens_per_candidate=64", "profile.weight_dtype=float32",
+                                                  "profile.repeats=2", "profile.warmup=0", "profile.prefill_length=8",
+                                                  "profile.decode_length=2"])
+    from puzzle.distill.library import Library
+
+    space = Library(config.run.dir / "library", None).layers[0]
+    target = next(s for s in space.ffn if not s.removed and s.id != space.ffn[0].id)  # a pruned FFN of layer 0
+    real, calls = profiling._times, []
+
+    def times(config, parent, shape, layer, spec, scenario, dtype, repeats):
+        if spec == target and layer == 0:
+            calls.append(repeats)
+            # Zero (suspect), then zero again or a clean tiny time: the real one of a module this small is noise.
+            t = 0.0 if stays_bad or len(calls) == 1 else 1e-9
+            return Timing(t, t, 0.0), Timing(t, t, 0.0)
+        return real(config, parent, shape, layer, spec, scenario, dtype, repeats)
+
+    monkeypatch.setattr(profiling, "_times", times)
+    rows = {(r.layer, r.candidate): r for r in profile_stage(config).rows}
+    assert calls == [2, 4]  # measured again with twice the repeats
+    assert (rows[(0, target.id)].unreliable != "") == stays_bad
+
+
+def test_the_search_refuses_an_unreliable_profile_unless_allowed(fast_scored, tmp_path):
+    import pandas as pd
+
+    from puzzle.api import search_stage
+
+    _, config = copy_run(fast_scored, tmp_path, ["search.allow_unreliable_profile=false",
+                                                "search.budgets.params=0.8x"])
+    table = config.run.dir / "profile/profile.csv"
+    frame = pd.read_csv(table, keep_default_na=False)
+    frame["unreliable"] = ""  # whatever this machine's noise marked: the test marks one row itself
+    frame.loc[1, "unreliable"] = "repeats spread 900%"
+    frame.to_csv(table, index=False)
+    with pytest.raises(PuzzleError, match=r"profile: 1 measured cost\(s\) stayed unreliable .*repeats spread 900%.*"
+                                          "allow_unreliable_profile"):
+        search_stage(config)
+    allowed = load_config_with(config, ["search.allow_unreliable_profile=true"])
+    assert search_stage(allowed).solutions

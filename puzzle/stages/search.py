@@ -16,7 +16,7 @@ from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json
 from puzzle.config import PuzzleConfig
 from puzzle.pipeline import StageContext
-from puzzle.problem import job_problem
+from puzzle.problem import describe_unreliable, job_problem, job_profile, trusted, unreliable
 from puzzle.solutions import Architecture, BatchResult, SearchOutcome, read_solutions, solutions_json
 from puzzle.rundir import RunDir, Stage
 from puzzle.search import baselines
@@ -43,7 +43,7 @@ def _problems(config: PuzzleConfig) -> list[tuple[int, SearchProblem]]:
         scenario = replace(config.profile.scenario, batch_size=batch)
         rows = pd.DataFrame([asdict(r) for r in cost_rows(config, parent_shapes(hf_config), space, scenario, hf_config,
                                                           parent)])
-        out.append((batch, build_problem(scores, rows, scenario, config.search.metric)))
+        out.append((batch, build_problem(scores, trusted(rows, config), scenario, config.search.metric)))
     return out
 
 
@@ -102,6 +102,10 @@ def run(ctx: StageContext) -> SearchOutcome:
         for k, limit in limits.items()
         if problem.parent_totals[k] <= limit
     ]
+    marked = unreliable(job_profile(config))
+    if len(marked):
+        notes.append(f"searched on {len(marked)} measured cost(s) that stayed unreliable after re-measuring "
+                     f"(search.allow_unreliable_profile), e.g. {describe_unreliable(marked)}")
     if s.batch_sizes:
         notes.append("batch sizes: " + ", ".join(
             f"{b.batch_size}: {'infeasible' if b.objective is None else f'{b.objective:.4g}'}" for b in batches
