@@ -10,6 +10,7 @@ Every subblock maps the residual stream `hidden` [batch, seq, hidden] to what it
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
@@ -443,8 +444,14 @@ class DeciLMModel(DeciLMPreTrainedModel):
             position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
         position_embeddings = self.rotary_emb(hidden, position_ids)
         states = [hidden] if output_hidden_states else None
+        # Activation checkpointing (training only): keep each layer's input, recompute the rest in backward.
+        recompute = self.training and getattr(self, "activation_checkpointing", False)
         for layer in self.layers:
-            hidden = layer(hidden, position_embeddings, cache if use_cache else None, attention_mask)
+            if recompute:
+                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, position_embeddings, None, attention_mask,
+                                                           use_reentrant=False)
+            else:
+                hidden = layer(hidden, position_embeddings, cache if use_cache else None, attention_mask)
             if states is not None:
                 states.append(hidden)
         return self.norm(hidden), (cache if use_cache else None), (tuple(states) if states is not None else None)

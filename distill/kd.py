@@ -7,8 +7,10 @@ Loss = kl_weight · KL(parent ‖ child) on next-token distributions
 Every child keeps the parent's layer count (a removed block passes its input on), so layer i of the
 child is compared with layer i of the parent. The parent runs under no_grad through its family adapter
 (`parent_states`, passed in: distill does not import puzzle). Multi-process: every rank takes an equal
-share of each batch and DistributedDataParallel averages the gradients, so N processes take the same
-steps as one.
+share of each batch and the gradients are averaged, so N processes take the same steps as one: by
+DistributedDataParallel (every rank holds the whole child), or sharded by FSDP2 (`fully_shard` on every
+decoder layer and then the rest: each rank holds 1/N of the weights, gradients and AdamW moments, and
+gathers one layer at a time), each rank then checkpointing its own shards.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 
 from puzzle.distill.metrics import kl_divergence
 from puzzle.distill.precision import compute
-from puzzle.distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from puzzle.distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint, saved_step
 from puzzle.distill.schedule import TrainingSettings, batch_indices
 
 # (hidden states: the residual stream entering each layer and leaving the last, logits) of the parent.
@@ -97,19 +99,27 @@ def distill(
     rank: int = 0,
     world: int = 1,
     on_step: Callable[[int, dict[str, float]], None] = lambda step, losses: None,
+    sharded: bool = False,
 ) -> KdOutcome:
-    """Train every parameter of `child` for `settings.steps` steps; resumes from `checkpoint_dir` if it can."""
+    """Train every parameter of `child` for `settings.steps` steps; resumes from `checkpoint_dir` if it can.
+    `sharded`: FSDP2 over the `world` ranks (the child is sharded in place) instead of DDP."""
     if settings.batch_size % world:
         raise ValueError(f"batch size {settings.batch_size} does not split over {world} processes")
+    sharded = sharded and world > 1
+    if sharded:
+        shard(child)
+        checkpoint_dir = checkpoint_dir / f"rank{rank}-of{world}"
     trained = nn.ModuleDict({"child": child})
     optimizer = torch.optim.AdamW(child.parameters(), lr=settings.learning_rate, weight_decay=0.0)
-    state = load_checkpoint(checkpoint_dir, trained, optimizer, tag=repr(settings))
+    state = None
+    if not sharded or _one_step_everywhere(saved_step(checkpoint_dir, repr(settings))):
+        state = load_checkpoint(checkpoint_dir, trained, optimizer, tag=repr(settings))
     if state is None:
         child.eval()
         state = TrainingState(initial=evaluate(child, parent_states, eval_blocks, settings),
                               train_loss={k: [] for k in ("total", "kl", "cosine", "lm")})
     model = child
-    if world > 1:
+    if world > 1 and not sharded:
         model = nn.parallel.DistributedDataParallel(child)
     child.train()
     share = settings.batch_size // world
@@ -126,7 +136,26 @@ def distill(
             state.train_loss[k].append(v)
         state.step += 1
         on_step(state.step, values)
-        if rank == 0 and state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
+        if (rank == 0 or sharded) and state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
             save_checkpoint(checkpoint_dir, trained, optimizer, state, tag=repr(settings))
     child.eval()
     return KdOutcome(state.initial, evaluate(child, parent_states, eval_blocks, settings), state.train_loss)
+
+
+def shard(child: nn.Module) -> None:
+    """FSDP2 over the default process group: each decoder layer a unit, then the embeddings, norm and head."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in child.model.layers:
+        fully_shard(layer)
+    fully_shard(child)
+
+
+def _one_step_everywhere(step: int | None) -> bool:
+    """Every rank saved its shards at the same step (a kill while ranks were saving leaves them apart: then
+    training starts over)."""
+    import torch.distributed as dist
+
+    steps = [None] * dist.get_world_size()
+    dist.all_gather_object(steps, step)
+    return steps[0] is not None and len(set(steps)) == 1

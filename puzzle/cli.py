@@ -109,7 +109,7 @@ def _checked_jobs(path: Path, overrides: list[str] | None, job: str | None = Non
     earlier stages that `stage` (where the command starts) needs, and the memory plan of what the command
     runs (`stage` alone, or every stage) on `processes` processes of this machine."""
     from puzzle.pipeline import RUN_ORDER
-    from puzzle.preflight import check_inputs, memory_problems
+    from puzzle.preflight import check_inputs, memory_problems, process_problems
 
     try:
         jobs = load_jobs(path, overrides, job)
@@ -122,9 +122,10 @@ def _checked_jobs(path: Path, overrides: list[str] | None, job: str | None = Non
     if flag_problems:
         raise ConfigError(list(flag_problems), str(path))
     processes = max(processes, int(os.environ.get("WORLD_SIZE", "1")))  # inside torchrun: its world
-    memory = memory_problems(jobs, [stage] if stage else list(RUN_ORDER), processes, bounds=stage is not None)
+    memory = process_problems(jobs, stage, processes)
+    memory += memory_problems(jobs, [stage] if stage else list(RUN_ORDER), processes, bounds=stage is not None)
     if memory:
-        raise ConfigError(memory, str(path))
+        raise ConfigError(list(dict.fromkeys(memory)), str(path))
     return jobs
 
 

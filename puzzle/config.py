@@ -259,6 +259,14 @@ class KdSection(TrainingSchedule):
     cosine_weight: float = Field(1.0, ge=0, description="Weight of Σ (1 − cos) over layer hidden states.")
     lm_weight: float = Field(0.0, ge=0, description="Weight of the LM loss (off by default: it hurt in the paper).")
     eval_blocks: int = Field(8, ge=1, description="Held-out blocks for the loss before and after distillation.")
+    shard: bool = Field(
+        False, description="With several processes, shard the child, its gradients and AdamW states over them (FSDP2) "
+        "instead of holding the whole child on every rank (DDP).",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Keep only each layer's input for the backward pass and recompute the rest: less memory "
+        "for about a third more compute.",
+    )
 
     @pydantic.model_validator(mode="after")
     def _some_loss(self) -> KdSection:

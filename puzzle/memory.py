@@ -326,21 +326,33 @@ def _child_params(config: PuzzleConfig, model: ModelShape) -> tuple[int, str]:
 
 def _kd(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
     child, source = _child_params(config, model)
+    sharded = config.kd.shard and target.ranks > 1
+    n = target.ranks if sharded else 1
     b = max(1, config.kd.batch_size // target.ranks)
     t, h, layers = config.data.sequence_length, model.hidden_size, len(model.shapes)
     act = model.dtype_bytes
-    per_layer = b * t * (12 * h + 4 * model.widest()) * min(act, 4)
-    terms = [target.runtime, model.parent_weights(target, uses_head=True, name="parent (teacher) weights"),
-             Term("child: fp32 weights, grads, AdamW", child * TRAINED_BYTES)]
+    widest_layer = max(parameters(s.attention, s) + parameters(s.ffn, s) for s in model.shapes)
+    one_layer = b * t * (12 * h + 4 * model.widest()) * min(act, 4)
+    terms = [target.runtime, model.parent_weights(target, uses_head=True, name="parent (teacher) weights")]
+    if sharded:
+        terms += [Term(f"child: fp32 weights, grads, AdamW, 1/{n} per rank (FSDP2)", child * TRAINED_BYTES / n),
+                  Term("child layers gathered (two at a time) and the embeddings and head (FSDP2 root)",
+                       (2 * widest_layer + model.fixed_params) * 4)]
+    else:
+        terms.append(Term("child: fp32 weights, grads, AdamW", child * TRAINED_BYTES))
+        if target.ranks > 1:
+            terms.append(Term("DDP gradient buckets", child * 4))
     if act < 4:
-        terms.append(Term("child weights cast for autocast", child * 2))
-    if target.ranks > 1:
-        terms.append(Term("DDP gradient buckets", child * 4))
-    terms += [Term("child activations for backward", layers * per_layer),
-              Term("teacher hidden states", (layers + 1) * b * t * h * act),
+        terms.append(Term("child weights cast for autocast", (2 * widest_layer if sharded else child) * 2))
+    if config.kd.activation_checkpointing:
+        terms.append(Term("child activations: each layer's input, one layer recomputed",
+                          layers * b * t * h * min(act, 4) + one_layer))
+    else:
+        terms.append(Term("child activations for backward", layers * one_layer))
+    terms += [Term("teacher hidden states", (layers + 1) * b * t * h * act),
               Term("logits: teacher, child, float32 log-softmax and grads", b * t * model.vocab_size * (2 * act + 20))]
-    fix = ("every rank holds the whole child with its gradients and AdamW states (they are not sharded over ranks): "
-           "lower kd.batch_size or data.sequence_length, or search for a smaller child")
+    fix = ("lower kd.batch_size or data.sequence_length, set kd.activation_checkpointing, run more processes with "
+           "kd.shard, or search for a smaller child")
     return StagePlan(Stage.kd, tuple(terms), target.ranks, note=source, fix=fix, bound=source == UPPER_BOUND)
 
 

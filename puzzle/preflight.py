@@ -204,6 +204,15 @@ def job_plan(config: PuzzleConfig, *, device: str | None = None, gpus: int = 1, 
     return plan(config, hf_config, target(config, device=device, gpus=gpus, processes=processes), candidates)
 
 
+def process_problems(configs: list[PuzzleConfig], stage: Stage | None, processes: int) -> list[str]:
+    """What a multi-process command cannot split: KD's batch over the processes."""
+    if processes < 2 or stage not in (Stage.kd, None):
+        return []
+    return [f"kd.batch_size: {c.kd.batch_size} does not split over {processes} processes; give a multiple of "
+            f"{processes}, or a process count that divides {c.kd.batch_size}" for c in configs
+            if c.kd.batch_size % processes]
+
+
 def memory_problems(configs: list[PuzzleConfig], stages: list[Stage], processes: int = 1,
                     bounds: bool = True) -> list[str]:
     """The memory plan's verdict on this machine for the stages a command runs: one line per stage that

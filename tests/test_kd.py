@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,7 +82,9 @@ def test_kd_killed_after_a_checkpoint_resumes_to_the_same_child(job, tmp_path, m
 
 
 @pytest.mark.slow
-def test_kd_on_two_processes_matches_one(job, tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["kd.shard=true", "kd.activation_checkpointing=true"]],
+                         ids=["ddp", "fsdp2-checkpointed"])
+def test_kd_on_two_processes_matches_one(job, tmp_path, sharding):
     path, reference = job
     expected = weights(kd_stage(reference).directory)
     import shutil
@@ -89,12 +92,14 @@ def test_kd_on_two_processes_matches_one(job, tmp_path):
     run = tmp_path / "two"
     for stage in ("library", "scores", "profile", "search", "child"):
         shutil.copytree(reference.run.dir / stage, run / stage)
-    args = [a for f in FAST + ["profile.device=h100"] + KD + [f"run.dir={run}"] for a in ("--set", f)]
+    args = [a for f in FAST + ["profile.device=h100"] + KD + sharding + [f"run.dir={run}"] for a in ("--set", f)]
     result = subprocess.run(
         [sys.executable, "-m", "puzzle", "kd", str(path), *args, "--num-processes", "2"],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((run / "kd/manifest.json").read_text())
+    assert manifest["outputs"]["parallel"] == ("fsdp2" if sharding else "ddp")
     got = weights(run / "kd/checkpoint")
     # Gradients are averaged across processes, so only the summation order differs from one process.
     for name in expected:
@@ -122,3 +127,96 @@ def test_kd_before_realize_names_the_missing_stage(tmp_path, tiny_parent_dir, mo
     code, out = cli(monkeypatch, capsys, "kd", path, "--set", "kd.tokens=256", "--set", "kd.batch_size=2")
     assert code == 2 and "child/checkpoint does not exist; run `puzzle realize` first" in out.err
     assert len(out.err.strip().splitlines()) == 1
+
+
+def _fsdp_run(rank: int, world: int, port: int, child_dir: str, parent_dir: str, work: str) -> None:
+    """One rank of a sharded KD that dies right after its second checkpoint, then resumes (spawned)."""
+    import torch.distributed as dist
+
+    from puzzle.checkpoint import load_child
+    from puzzle.config import ParentSection
+    from puzzle.parents import load_parent
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    adapter = load_parent(ParentSection(path=parent_dir)).adapter
+    blocks, settings = _fsdp_data(adapter.config.vocab_size)
+    real_save, real_losses, trained = kd.save_checkpoint, kd.kd_losses, []
+
+    def save_then_die(directory, modules, optimizer, state, tag):
+        real_save(directory, modules, optimizer, state, tag)
+        if state.step == 4:
+            raise KeyboardInterrupt
+
+    def counted(*args):
+        if torch.is_grad_enabled():
+            trained.append(1)
+        return real_losses(*args)
+
+    kd.save_checkpoint, kd.kd_losses = save_then_die, counted
+    try:
+        kd.distill(load_child(Path(child_dir), torch.float32), _parent_states(adapter), blocks, blocks[:2], settings,
+                   Path(work) / "resume", rank, world, sharded=True)
+    except KeyboardInterrupt:
+        pass
+    assert len(trained) == 4
+    trained.clear()
+    child = load_child(Path(child_dir), torch.float32)
+    kd.distill(child, _parent_states(adapter), blocks, blocks[:2], settings, Path(work) / "resume", rank, world,
+               sharded=True)
+    from puzzle.stages.kd import gathered
+
+    whole = gathered(child, Path(child_dir))
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in whole.state_dict().items()}, str(Path(work) / "sharded.safetensors"))
+        (Path(work) / "steps.json").write_text(json.dumps(len(trained)))
+    dist.destroy_process_group()
+
+
+def _fsdp_data(vocab: int):
+    blocks = torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(0))
+    settings = kd.KdSettings(learning_rate=1e-3, schedule="constant", warmup_fraction=0.0, steps=6, batch_size=2,
+                             seed=0, checkpoint_every=2)
+    return blocks, settings
+
+
+def _parent_states(adapter):
+    def states(x):
+        hidden = adapter.hidden_states(x)
+        return hidden, adapter.head(hidden[-1])
+
+    return states
+
+
+@pytest.mark.slow
+def test_sharded_kd_killed_after_a_checkpoint_resumes_and_equals_one_process(job, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from puzzle.checkpoint import load_child
+    from puzzle.parents import load_parent
+
+    _, config = job
+    child_dir = config.run.dir / "child/checkpoint"
+    if not child_dir.is_dir():
+        from puzzle.api import realize_stage
+
+        realize_stage(config)
+    adapter = load_parent(config.parent).adapter
+    blocks, settings = _fsdp_data(adapter.config.vocab_size)
+    child = load_child(child_dir, torch.float32)
+    kd.distill(child, _parent_states(adapter), blocks, blocks[:2], settings, tmp_path / "one")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_run, args=(2, port, str(child_dir), str(config.parent.path), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    # Steps 5 and 6 only: the rest came from the checkpoints each rank saved of its own shards.
+    assert json.loads((tmp_path / "steps.json").read_text()) == 6 - 4
+    got = load_file(tmp_path / "sharded.safetensors")
+    for name, value in child.state_dict().items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -44,6 +44,25 @@ def test_llama_8b_fits_one_h100_in_groups_and_70b_says_what_does_not():
     assert "every rank holds the whole parent" in problems[0]
 
 
+def test_kd_of_an_8b_child_fits_8_h100s_only_sharded():
+    sharded = load_config(EXAMPLES / "llama-3.1-8b.yaml")  # kd.shard and kd.activation_checkpointing on
+    whole = load_config(EXAMPLES / "llama-3.1-8b.yaml", ["kd.shard=false", "kd.activation_checkpointing=false"])
+    assert job_plan(sharded, device="h100", gpus=8).fits(Stage.kd)
+    assert not job_plan(sharded, device="h100", gpus=1).fits(Stage.kd)  # nothing to shard over
+    assert not job_plan(whole, device="h100", gpus=8).fits(Stage.kd)
+    per_rank = {t.name: t.bytes for t in job_plan(sharded, device="h100", gpus=8).stage(Stage.kd).terms}
+    full = {t.name: t.bytes for t in job_plan(whole, device="h100", gpus=8).stage(Stage.kd).terms}
+    assert per_rank["child: fp32 weights, grads, AdamW, 1/8 per rank (FSDP2)"] * 8 == full["child: fp32 weights, grads, AdamW"]
+
+
+def test_kd_batch_that_does_not_split_over_the_processes_stops_before_writing(tmp_path, tiny_parent_dir, monkeypatch,
+                                                                              capsys):
+    job = write_job(tmp_path, tiny_parent_dir)
+    code, captured = cli(monkeypatch, capsys, "kd", str(job), "--set", "kd.batch_size=3", "--num-processes", "2")
+    assert code == 2 and "kd.batch_size: 3 does not split over 2 processes" in captured.err
+    assert not (tmp_path / "job").exists()
+
+
 def test_plan_command_prints_every_stage_and_exits_2_when_one_cannot_fit(monkeypatch, capsys):
     code, captured = cli(monkeypatch, capsys, "plan", str(EXAMPLES / "llama-3.1-70b.yaml"), "--device", "h100", "--gpus", "8")
     assert code == 2

@@ -74,6 +74,7 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
     dtype = next(parent.model.parameters()).dtype
     # Trained in fp32 (master weights and AdamW state), computed in the parent's dtype, saved in it.
     child = load_child(source, torch.float32, parent.model.device)
+    child.model.activation_checkpointing = config.kd.activation_checkpointing
     blocks = job_blocks(config, parent.tokenizer)
     adapter = parent.adapter
 
@@ -88,7 +89,10 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
             directory / "resume" / hashlib.sha256(ctx.key.encode()).hexdigest()[:16], team.rank, team.world,
             on_step=lambda step, losses: bar.update(
                 task, completed=step, status=f"loss {losses['total']:.4f} (KL {losses['kl']:.4f})"),
+            sharded=config.kd.shard,
         )
+    if config.kd.shard and team.world > 1:
+        child = gathered(child, source)  # every rank takes part; rank 0 receives the whole child
     if not team.is_main:
         return None
     tokens = s.steps * s.batch_size * blocks.train.length
@@ -101,8 +105,22 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
                         time.time() - started)
     atomic_write_json(directory / "summary.json", {**asdict(summary), "directory": "checkpoint"})
     shutil.rmtree(directory / "resume", ignore_errors=True)
-    ctx.record.outputs = {"checkpoint": "checkpoint", "summary": "summary.json", "train_log": "train_log.csv"}
+    parallel = "none" if team.world == 1 else "fsdp2" if config.kd.shard else "ddp"
+    ctx.record.outputs = {"checkpoint": "checkpoint", "summary": "summary.json", "train_log": "train_log.csv",
+                          "processes": team.world, "parallel": parallel}
     return summary
+
+
+def gathered(child, source: Path):
+    """A sharded child's full weights in an unsharded copy on rank 0 (None elsewhere), on the host."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(child, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:
+        return None
+    whole = load_child(source, torch.float32)
+    whole.load_state_dict(full)
+    return whole
 
 
 def read(ctx: StageContext) -> KdSummary:
