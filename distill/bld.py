@@ -11,6 +11,11 @@ Candidates share no parameters and see the same batches, so one AdamW over a gro
 optimizer each, and a library trained in several groups equals the one trained in one.
 
 `adapter` is the family adapter of `puzzle.families` (passed in: distill does not import puzzle).
+
+With a `pipeline` (`puzzle.distributed.LayerPipeline`), this process holds only a contiguous range of the
+parent's layers: it receives the residual stream from the rank before, runs its layers, sends the stream
+on, and trains the candidates of its own layers. Every rank then makes the same parent passes in the same
+order, so ranks without a group to train still take part (`train_candidates` with no candidates).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import nn
 
 from puzzle.blocks.init import init_attention, init_ffn
 from puzzle.blocks.specs import AttentionSpec, FfnSpec
-from puzzle.distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from puzzle.distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint, saved_step
 from puzzle.distill.precision import compute
 from puzzle.distill.schedule import TrainingSettings, batch_indices
 
@@ -62,34 +67,46 @@ class ParentActivations:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     block_input: list[torch.Tensor]
     attention_delta: list[torch.Tensor]
-    block_delta: list[torch.Tensor]  # attention + FFN contribution: the target of every candidate
+    block_delta: list[torch.Tensor | None]  # attention + FFN contribution: the target of every candidate
+    # (None for the layers another rank of a pipeline holds, in every list)
 
     def ffn_input(self, layer: int) -> torch.Tensor:
         return self.block_input[layer] + self.attention_delta[layer]
 
+    @property
+    def like(self) -> torch.Tensor:
+        """A tensor of the parent's dtype and device."""
+        return next(t for t in self.block_delta if t is not None)
+
 
 @torch.no_grad()
-def parent_activations(adapter, input_ids: torch.Tensor) -> ParentActivations:
-    hidden = adapter.embed(input_ids)
+def parent_activations(adapter, input_ids: torch.Tensor, pipeline=None) -> ParentActivations:
+    if pipeline is None or pipeline.first:
+        hidden = adapter.embed(input_ids)
+    else:
+        hidden = pipeline.receive(tuple(input_ids.shape))
     ctx = adapter.context(hidden)
-    inputs, attn, blocks = [], [], []
-    for i in range(adapter.num_layers):
+    n = adapter.num_layers
+    inputs, attn, blocks = [None] * n, [None] * n, [None] * n
+    for i in range(n) if pipeline is None else pipeline.layers:
         a = adapter.attention_delta(i, hidden, ctx)
         f = adapter.ffn_delta(i, hidden + a)
-        inputs.append(hidden)
-        attn.append(a)
-        blocks.append(a + f)
+        inputs[i], attn[i], blocks[i] = hidden, a, a + f
         hidden = hidden + a + f
+    if pipeline is not None and not pipeline.last:
+        pipeline.send(hidden)
     return ParentActivations(ctx.candidate_position_embeddings, inputs, attn, blocks)
 
 
 @torch.no_grad()
-def ffn_channel_scores(adapter, calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor | None]:
-    """Channel contribution C_j = mean|x_j| · ‖W_down[:, j]‖ per dense layer, x = input of down_proj (None for MoE)."""
+def ffn_channel_scores(adapter, calibration: torch.Tensor, batch_size: int, pipeline=None) -> list[torch.Tensor | None]:
+    """Channel contribution C_j = mean|x_j| · ‖W_down[:, j]‖ per dense layer, x = input of down_proj (None for MoE,
+    and for the layers another rank of a pipeline holds)."""
     sums = [None] * adapter.num_layers
     count = 0
     hooks = []
-    dense = [i for i in range(adapter.num_layers) if not adapter.shape(i).is_moe]
+    held = range(adapter.num_layers) if pipeline is None else pipeline.layers
+    dense = [i for i in held if not adapter.shape(i).is_moe]
     for i in dense:
         def hook(_module, args, i=i):
             x = args[0].abs().flatten(0, -2).sum(0)
@@ -99,7 +116,7 @@ def ffn_channel_scores(adapter, calibration: torch.Tensor, batch_size: int) -> l
     try:
         for start in range(0, len(calibration), batch_size):
             x = calibration[start : start + batch_size]
-            parent_activations(adapter, x)
+            parent_activations(adapter, x, pipeline)
             count += x.numel()
     finally:
         for h in hooks:
@@ -141,13 +158,14 @@ def normalized_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def evaluate(candidates, modules, adapter, eval_blocks: torch.Tensor, batch_size: int) -> dict[str, float]:
+def evaluate(candidates, modules, adapter, eval_blocks: torch.Tensor, batch_size: int,
+             pipeline=None) -> dict[str, float]:
     """Mean normalized MSE of every candidate on held-out blocks, one parent pass per batch."""
     totals = {c.key: 0.0 for c in candidates}
     batches = 0
     for start in range(0, len(eval_blocks), batch_size):
-        acts = parent_activations(adapter, eval_blocks[start : start + batch_size])
-        with compute(acts.block_delta[0].dtype, acts.block_delta[0].device):
+        acts = parent_activations(adapter, eval_blocks[start : start + batch_size], pipeline)
+        with compute(acts.like.dtype, acts.like.device):
             for c in candidates:
                 prediction = predict(c, modules[c.module_name], adapter, acts)
                 totals[c.key] += normalized_mse(prediction, acts.block_delta[c.layer]).item()
@@ -155,12 +173,15 @@ def evaluate(candidates, modules, adapter, eval_blocks: torch.Tensor, batch_size
     return {k: v / batches for k, v in totals.items()}
 
 
-def train_step(candidates, modules: nn.ModuleDict, adapter, input_ids: torch.Tensor, optimizer) -> dict[str, float]:
+def train_step(candidates, modules: nn.ModuleDict, adapter, input_ids: torch.Tensor, optimizer,
+               pipeline=None) -> dict[str, float]:
     """One optimizer step of every candidate on one batch, from a single parent pass."""
-    acts = parent_activations(adapter, input_ids)
+    acts = parent_activations(adapter, input_ids, pipeline)
+    if not candidates:
+        return {}  # a pipeline rank with nothing to train passes the stream on
     losses = {}
     for c in candidates:
-        with compute(acts.block_delta[0].dtype, acts.block_delta[0].device):
+        with compute(acts.like.dtype, acts.like.device):
             loss = normalized_mse(predict(c, modules[c.module_name], adapter, acts), acts.block_delta[c.layer])
         loss.backward()  # frees this candidate's graph before the next one is built
         losses[c.key] = loss.item()
@@ -189,36 +210,42 @@ def train_candidates(
     settings: TrainingSettings,
     checkpoint_dir: Path,
     on_step: Callable[[int, dict[str, float]], None] = lambda step, losses: None,
+    pipeline=None,
 ) -> list[CandidateResult]:
     """Train `candidates` together for `settings.steps` steps; resumes from `checkpoint_dir` if it can.
 
     `train_blocks` stay where they are (a token file on the host): each step's batch alone goes to the
-    candidates' device."""
+    device of `eval_blocks`. In a pipeline every rank calls this for each round of groups, with no candidates
+    when it has none left, and resumes only at a step every training rank saved."""
     params = [p for p in modules.parameters() if p.requires_grad]
-    device = params[0].device
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0, fused=True)
+    device = eval_blocks.device
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0, fused=True) if params else None
     # `modules` arrive initialized from the parent, so this is the init even when resuming. It waits on the
     # host: the device's memory is for the training state.
     initial_weights = {k: v.detach().to("cpu", copy=True) for k, v in modules.state_dict().items()}
     tag = repr(settings) + "|" + ",".join(c.key for c in candidates)
-    state = load_checkpoint(checkpoint_dir, modules, optimizer, tag=tag)
+    saved = saved_step(checkpoint_dir, tag) if candidates else None
+    resume = saved if pipeline is None else pipeline.agree_step(saved, bool(candidates))
+    state = None
+    if resume is not None:
+        state = load_checkpoint(checkpoint_dir, modules, optimizer, tag=tag) if candidates else TrainingState(resume)
     if state is None:
-        state = TrainingState(initial=evaluate(candidates, modules, adapter, eval_blocks, settings.batch_size))
-        state.train_loss = {c.key: [] for c in candidates}
+        initial = evaluate(candidates, modules, adapter, eval_blocks, settings.batch_size, pipeline)
+        state = TrainingState(initial=initial, train_loss={c.key: [] for c in candidates})
     modules.train()
     while state.step < settings.steps:
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups if optimizer else []:
             group["lr"] = settings.learning_rate_at(state.step)
         x = train_blocks[batch_indices(state.step, len(train_blocks), settings.batch_size, settings.seed)].to(device)
-        losses = train_step(candidates, modules, adapter, x, optimizer)
+        losses = train_step(candidates, modules, adapter, x, optimizer, pipeline)
         for key, loss in losses.items():
             state.train_loss[key].append(round(loss, 6))
         state.step += 1
         on_step(state.step, losses)
-        if state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
+        if candidates and state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
             save_checkpoint(checkpoint_dir, modules, optimizer, state, tag=tag)
     modules.eval()
-    final = evaluate(candidates, modules, adapter, eval_blocks, settings.batch_size)
+    final = evaluate(candidates, modules, adapter, eval_blocks, settings.batch_size, pipeline)
     results = []
     for c in candidates:
         # Model selection on held-out text: a candidate that training made worse keeps its init.

@@ -39,6 +39,59 @@ class Workers:
         return items[self.rank :: self.world]
 
 
+@dataclass(frozen=True)
+class LayerPipeline:
+    """This rank's contiguous share of the parent's layers; the residual stream goes from rank to rank by
+    point-to-point messages (gloo on CPU, NCCL on GPU)."""
+
+    layers: range
+    rank: int
+    world: int
+    hidden_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.world - 1
+
+    def receive(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        hidden = torch.empty(*batch_shape, self.hidden_size, dtype=self.dtype, device=self.device)
+        dist.recv(hidden, src=self.rank - 1)
+        return hidden
+
+    def send(self, hidden: torch.Tensor) -> None:
+        dist.send(hidden.contiguous(), dst=self.rank + 1)
+
+    def agree_step(self, step: int | None, training: bool) -> int | None:
+        """The step to resume at: the one every rank with candidates saved; None (all start over) otherwise."""
+        votes: list = [None] * self.world
+        dist.all_gather_object(votes, (training, step))
+        steps = {s for has, s in votes if has}
+        return next(iter(steps)) if len(steps) == 1 and None not in steps else None
+
+    def most(self, count: int) -> int:
+        """The largest `count` of any rank."""
+        return max(self.gather(count))
+
+    def gather(self, value) -> list:
+        """Every rank's `value`, in rank order."""
+        values: list = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+
+def layer_shares(num_layers: int, world: int) -> list[range]:
+    """Contiguous ranges of layers, one per rank, as even as the count allows (the first ranks take one more)."""
+    base, extra = divmod(num_layers, world)
+    starts = [r * base + min(r, extra) for r in range(world + 1)]
+    return [range(starts[r], starts[r + 1]) for r in range(world)]
+
+
 def workers() -> Workers:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:

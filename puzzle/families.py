@@ -134,6 +134,11 @@ def family_for(model_type: str) -> Family:
     return family
 
 
+def is_dense(model_type: str) -> bool:
+    """A family without MoE layers, whose checkpoint names match its modules one to one."""
+    return family_for(model_type).experts is _dense
+
+
 def parent_shapes(config: PretrainedConfig) -> list[ParentShape]:
     """Every layer's sizes, from the config alone (no weights needed)."""
     family = family_for(config.model_type)

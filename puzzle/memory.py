@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from puzzle.blocks.costs import parameters
 from puzzle.blocks.specs import ParentShape
@@ -222,18 +222,26 @@ def _candidate_bytes(params: int, target: Target) -> float:
     return params * TRAINED_BYTES + (0 if target.is_gpu else params * 4)
 
 
-def _bld_fixed(config: PuzzleConfig, model: ModelShape, target: Target, largest: int) -> list[Term]:
-    """BLD's terms that do not grow with the group: runtime, parent, the parent's activations of one batch,
-    one candidate's forward and backward (candidates are back-propagated one at a time)."""
+def _bld_fixed(config: PuzzleConfig, model: ModelShape, target: Target, largest: int,
+               share: range | None = None) -> list[Term]:
+    """BLD's terms that do not grow with the group: runtime, parent (or, in a pipeline, the `share` of its
+    layers this rank holds), the parent's activations of one batch, one candidate's forward and backward
+    (candidates are back-propagated one at a time)."""
     b, t, h = config.bld.batch_size, config.bld.sequence_length, model.hidden_size
-    layers = len(model.shapes)
+    layers = len(model.shapes) if share is None else len(share)
+    parent = model.parent_weights(target, uses_head=False)
+    if share is not None:
+        held = sum(parameters(s.attention, s) + parameters(s.ffn, s) for s in model.shapes[share.start:share.stop])
+        embedding = model.vocab_size * h if share.start == 0 and not (model.mapped and not target.is_gpu) else 0
+        parent = Term(f"parent layers {share.start}-{share.stop - 1} of {len(model.shapes)}"
+                      + (" and the embeddings" if embedding else ""), (held + embedding) * model.dtype_bytes)
     act = model.dtype_bytes
     compute = min(act, 4)
     candidate_acts = b * t * (8 * h + 5 * model.widest()) * compute + 3 * b * t * h * 4
     autocast_copy = largest * 2 if act < 4 else 0
     return [
         target.runtime,
-        model.parent_weights(target, uses_head=False),
+        parent,
         Term("parent activations (3 per layer)", 3 * layers * b * t * h * act + b * t * 3 * model.widest() * act),
         Term("one candidate's activations", candidate_acts + autocast_copy),
     ]
@@ -264,19 +272,22 @@ def candidate_params(candidate, shape: ParentShape) -> int:
     return sum(parameters(s, shape) for s in (candidate.attention, candidate.ffn) if s is not None)
 
 
-def bld_groups(config: PuzzleConfig, model: ModelShape, candidates: list, target: Target) -> tuple[list[list], StagePlan]:
-    """The candidates in the groups BLD trains, and the stage's plan (its peak: the heaviest group)."""
+def bld_groups(config: PuzzleConfig, model: ModelShape, candidates: list, target: Target,
+               min_groups: int | None = None, share: range | None = None) -> tuple[list[list], StagePlan]:
+    """The candidates in the groups BLD trains (at least `min_groups`, default one per rank), and the stage's
+    plan (its peak: the heaviest group). `share`: the layers this rank holds in a pipeline."""
     sizes = [candidate_params(c, model.shapes[c.layer]) for c in candidates]
-    fixed = _bld_fixed(config, model, target, max(sizes, default=0))
+    fixed = _bld_fixed(config, model, target, max(sizes, default=0), share)
     room = PACKING_SHARE * (target.capacity - sum(t.bytes for t in fixed))
     bytes_of = [_candidate_bytes(n, target) for n in sizes]
-    groups = pack(bytes_of, room, min_groups=target.ranks) if room > 0 else None
+    groups = pack(bytes_of, room, min_groups=target.ranks if min_groups is None else min_groups) if room > 0 else None
     if groups is None:
         # Nothing fits beside the parent: plan one candidate per group, so the plan shows by how much.
         groups = [[i] for i in range(len(candidates))]
         note = "not even the largest candidate fits beside the parent"
     else:
-        note = f"{len(candidates)} candidates in {len(groups)} group(s), {math.ceil(len(groups) / target.ranks)} per rank"
+        note = (f"{len(candidates)} candidates in {len(groups)} group(s)"
+                + (f", {math.ceil(len(groups) / target.ranks)} per rank" if share is None else " on this rank"))
     heaviest = max(groups, key=lambda g: sum(sizes[i] for i in g), default=[])
     params = sum(sizes[i] for i in heaviest)
     terms = [*fixed, Term("candidates: fp32 weights, grads, AdamW (heaviest group)", params * TRAINED_BYTES),
@@ -386,12 +397,24 @@ def _light(stage: Stage, target: Target, note: str) -> StagePlan:
     return StagePlan(stage, (target.runtime,), 1, note=note)
 
 
+def _library(config: PuzzleConfig, model: ModelShape, candidates: list, tgt: Target) -> StagePlan:
+    """BLD's plan: the whole parent on every rank, or (run.parent_placement layers) the heaviest rank's share."""
+    if config.run.parent_placement != "layers" or tgt.ranks == 1:
+        return bld_groups(config, model, candidates, tgt)[1]
+    from puzzle.distributed import layer_shares
+
+    plans = [bld_groups(config, model, [c for c in candidates if c.layer in share], tgt, 1, share)[1]
+             for share in layer_shares(len(model.shapes), tgt.ranks)]
+    heaviest = max(plans, key=lambda p: p.peak(tgt))
+    return replace(heaviest, note=f"pipeline of {tgt.ranks} layer shares; the heaviest rank: {heaviest.note}")
+
+
 def plan(config: PuzzleConfig, hf_config, tgt: Target, candidates: list) -> MemoryPlan:
     """Every stage's plan for `config` on `tgt`; `candidates`: what BLD trains."""
     model = model_shape(config, hf_config)
     stages = (
         _parent(config, model, tgt),
-        bld_groups(config, model, candidates, tgt)[1],
+        _library(config, model, candidates, tgt),
         _scores(config, model, tgt),
         _profile(config, model, tgt),
         _light(Stage.search, tgt, "the MIP on the CPU"),

@@ -29,6 +29,15 @@ class Parent:
     tokenizer: object
     adapter: FamilyAdapter
     source: str
+    layers: range | None = None  # the layers this process holds, when it holds only some (the rest are on "meta")
+
+    @property
+    def device(self):
+        return self.model.model.rotary_emb.inv_freq.device
+
+    @property
+    def dtype(self):
+        return next(p for p in self.model.parameters() if p.device.type != "meta").dtype
 
 
 def _is_local(path: str) -> bool:
@@ -180,13 +189,17 @@ def parent_device(name: str) -> torch.device:
     return device
 
 
-def load_parent(section: ParentSection) -> Parent:
+def load_parent(section: ParentSection, layers: range | None = None) -> Parent:
+    """The parent on its device; with `layers`, only those decoder layers (and the embeddings when the range
+    starts at 0), read by key from the safetensors files: the rest of the model stays on the meta device."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from puzzle.families import FamilyAdapter, family_for
 
     config = parent_config(section)
+    if layers is not None:
+        return _load_layers(section, config, layers)
     device = parent_device(section.device)
     path = str(Path(section.path).expanduser()) if _is_local(section.path) else section.path
     dtype = "auto" if section.dtype == "auto" else getattr(torch, section.dtype)
@@ -217,3 +230,31 @@ def load_parent(section: ParentSection) -> Parent:
     model.to(device).eval()
     model.requires_grad_(False)
     return Parent(model=model, tokenizer=tokenizer, adapter=FamilyAdapter(model), source=path)
+
+
+def _load_layers(section: ParentSection, config, layers: range) -> Parent:
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from puzzle.families import FamilyAdapter, is_dense
+
+    directory = local_checkpoint(section)
+    if directory is None or not is_dense(config.model_type):
+        raise PuzzleError("run.parent_placement: layers needs a local checkpoint of a dense parent; use replicated")
+    device = parent_device(section.device)
+    dtype = getattr(torch, section.dtype) if section.dtype != "auto" else None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=section.attn_implementation)
+    wanted = tuple(f"model.layers.{i}." for i in layers) + (("model.embed_tokens.",) if layers.start == 0 else ())
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, "pt", device="cpu") as f:
+            for key in f.keys():
+                if key.startswith(wanted):
+                    tensors[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=section.trust_remote_code)
+    return Parent(model=model, tokenizer=tokenizer, adapter=FamilyAdapter(model), source=str(directory), layers=layers)

@@ -205,12 +205,32 @@ def job_plan(config: PuzzleConfig, *, device: str | None = None, gpus: int = 1, 
 
 
 def process_problems(configs: list[PuzzleConfig], stage: Stage | None, processes: int) -> list[str]:
-    """What a multi-process command cannot split: KD's batch over the processes."""
-    if processes < 2 or stage not in (Stage.kd, None):
+    """What a multi-process command cannot split: KD's batch over the processes, the parent's layers over
+    the ranks of a BLD pipeline."""
+    if processes < 2:
         return []
-    return [f"kd.batch_size: {c.kd.batch_size} does not split over {processes} processes; give a multiple of "
-            f"{processes}, or a process count that divides {c.kd.batch_size}" for c in configs
-            if c.kd.batch_size % processes]
+    problems = []
+    for c in configs:
+        if stage in (Stage.kd, None) and c.kd.batch_size % processes:
+            problems.append(f"kd.batch_size: {c.kd.batch_size} does not split over {processes} processes; give a "
+                            f"multiple of {processes}, or a process count that divides {c.kd.batch_size}")
+        if stage in (Stage.library, None) and c.run.parent_placement == "layers":
+            problems += _pipeline_problems(c, processes)
+    return problems
+
+
+def _pipeline_problems(config: PuzzleConfig, processes: int) -> list[str]:
+    from puzzle.families import is_dense
+    from puzzle.parents import local_checkpoint, parent_config
+
+    hf_config = parent_config(config.parent)
+    if local_checkpoint(config.parent) is None or not is_dense(hf_config.model_type):
+        return [f"run.parent_placement: layers needs a local checkpoint of a dense parent (llama, mistral, qwen2, "
+                f"qwen3), not {hf_config.model_type!r}; use replicated"]
+    if processes > hf_config.num_hidden_layers:
+        return [f"run.parent_placement: layers over {processes} processes needs at least {processes} layers; the "
+                f"parent has {hf_config.num_hidden_layers}: run at most {hf_config.num_hidden_layers} processes"]
+    return []
 
 
 def memory_problems(configs: list[PuzzleConfig], stages: list[Stage], processes: int = 1,

@@ -131,18 +131,24 @@ def test_one_parent_forward_per_batch_feeds_every_candidate(tiny_parent_dir, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", [2])
-def test_two_processes_equal_one(reference, tmp_path, tiny_parent_dir, processes):
+@pytest.mark.parametrize("processes, placement", [(2, "replicated"), (2, "layers")])
+def test_two_processes_equal_one(reference, tmp_path, tiny_parent_dir, processes, placement):
+    """'layers': each process holds half the parent's layers and the residual stream passes between them."""
     job = write_job(tmp_path, tiny_parent_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "puzzle", "distill", str(job), "--num-processes", str(processes)],
+        [sys.executable, "-m", "puzzle", "distill", str(job), "--num-processes", str(processes),
+         "--set", f"run.parent_placement={placement}"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     entries = sorted(p.name for p in (tmp_path / "job/library/entries").glob("*.json"))
     assert len(entries) == 10
     assert_same_library(tmp_path / "job", reference[0].run.dir)
+    outputs = json.loads((tmp_path / "job/library/manifest.json").read_text())["outputs"]
+    assert outputs["parent_placement"] == placement
+    if placement == "layers":  # each process held about half the parent
+        assert max(outputs["parent_bytes_per_rank"]) <= 0.6 * outputs["parent_bytes"], outputs
 
 
 # `python -m puzzle ...` whose BLD holds still in the first parent forward after its first checkpoint: a SIGKILL

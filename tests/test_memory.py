@@ -109,3 +109,21 @@ def test_a_stage_that_cannot_fit_stops_before_writing(tmp_path, tiny_parent_dir,
     assert len(lines) == 1 and "stage library needs" in lines[0] and "run.memory_limit" in lines[0]
     assert "Traceback" not in captured.err
     assert not (tmp_path / "job").exists()
+
+
+def test_a_bld_pipeline_over_more_processes_than_layers_stops_before_writing(tmp_path, tiny_parent_dir, monkeypatch,
+                                                                            capsys):
+    job = write_job(tmp_path, tiny_parent_dir)
+    code, captured = cli(monkeypatch, capsys, "distill", str(job), "--set", "run.parent_placement=layers",
+                         "--num-processes", "3")
+    assert code == 2 and "run.parent_placement: layers over 3 processes needs at least 3 layers" in captured.err
+    assert not (tmp_path / "job").exists()
+
+
+def test_the_plan_holds_a_share_of_the_70b_parent_per_rank_in_a_pipeline():
+    config = load_config(EXAMPLES / "llama-3.1-70b.yaml", ["run.parent_placement=layers"])
+    plan = job_plan(config, device="h100", gpus=8)
+    library = plan.stage(Stage.library)
+    assert plan.fits(Stage.library) and "pipeline of 8 layer shares" in library.note
+    parent = next(t for t in library.terms if t.name.startswith("parent layers"))
+    assert parent.bytes < 0.15 * 131.42 * 2**30  # 10 of 80 layers and the embeddings

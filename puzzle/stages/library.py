@@ -32,7 +32,7 @@ from puzzle.distill.library import (
     ENTRY_FORMAT, LayerSpace, bld_candidates, init_name, layer_spaces, read_entry, write_entry, write_space,
 )
 from puzzle.distill.schedule import TrainingSettings
-from puzzle.distributed import Workers
+from puzzle.distributed import LayerPipeline, Workers, layer_shares
 from puzzle.families import parent_shapes
 from puzzle.memory import bld_groups, model_shape, target
 from puzzle.parents import load_parent, parent_config
@@ -83,11 +83,18 @@ def run(ctx: StageContext, team: Workers) -> LibrarySummary:
     entry_key = entry_fingerprint(config)
     todo = [c for c in candidates if read_entry(lib_dir, c, entry_key) is None]
     team.barrier()  # every rank has seen the same finished entries before any rank writes new ones
-    groups, _ = bld_groups(config, model_shape(config, hf_config), candidates, target(config, processes=team.world))
-    groups = [[c for c in group if c in todo] for group in groups]
-    mine = [group for group in team.shard(groups) if group]
-    if mine:
-        _train_groups(config, mine, lib_dir, entry_key, team, len(todo))
+    model, tgt = model_shape(config, hf_config), target(config, processes=team.world)
+    if config.run.parent_placement == "layers" and team.world > 1:
+        # Each rank holds a share of the layers and trains their candidates; all ranks pass every batch on.
+        share = layer_shares(len(shapes), team.world)[team.rank]
+        groups, _ = bld_groups(config, model, [c for c in candidates if c.layer in share], tgt, min_groups=1)
+        mine = [g for g in ([c for c in group if c in todo] for group in groups) if g]
+        held = _train_groups(config, mine, lib_dir, entry_key, team, len(todo), share)
+    else:
+        groups, _ = bld_groups(config, model, candidates, tgt)
+        groups = [[c for c in group if c in todo] for group in groups]
+        mine = [group for group in team.shard(groups) if group]
+        held = _train_groups(config, mine, lib_dir, entry_key, team, len(todo)) if mine else None
     team.barrier()
     rows = []
     for c in candidates:
@@ -101,7 +108,9 @@ def run(ctx: StageContext, team: Workers) -> LibrarySummary:
         with atomic_path(lib_dir / "table.csv") as tmp:
             pd.DataFrame([r.__dict__ for r in rows]).to_csv(tmp, index=False)
         ctx.record.outputs = {"candidates": len(rows), "trained_now": len(todo), "table": "table.csv",
-                              "space": "space.json", "groups": sum(1 for g in groups if g)}
+                              "space": "space.json", "groups": sum(1 for g in groups if g),
+                              "parent_placement": config.run.parent_placement if team.world > 1 else "replicated",
+                              "parent_bytes": model.weight_bytes, "parent_bytes_per_rank": held}
     return LibrarySummary(lib_dir, rows, len(todo), time.time() - started, sum(1 for g in groups if g))
 
 
@@ -121,9 +130,9 @@ class BldJob:
     settings: TrainingSettings
 
 
-def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate]) -> BldJob:
+def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate], pipeline=None) -> BldJob:
     bld = config.bld
-    device = next(parent.model.parameters()).device
+    device = parent.device
     data = job_blocks(config, parent.tokenizer)
     steps = math.ceil(bld.tokens_per_candidate / (bld.batch_size * bld.sequence_length))
     settings = TrainingSettings(
@@ -133,27 +142,31 @@ def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate]) -> Bl
     return BldJob(
         train=data.train.recut(bld.sequence_length),
         held_out=data.validation.recut(bld.sequence_length)[: bld.eval_blocks].to(device),
-        scores=ffn_scores(config, parent.adapter, data, candidates, device),
+        scores=ffn_scores(config, parent.adapter, data, candidates, device, pipeline),
         settings=settings,
     )
 
 
 def group_modules(config: PuzzleConfig, parent, job: BldJob, group: list[Candidate]) -> nn.ModuleDict:
     """A group's candidates, initialized from the parent, on the parent's device."""
-    device = next(parent.model.parameters()).device
+    device = parent.device
     return nn.ModuleDict(
         {c.module_name: build_module(c, parent.adapter, job.scores, config.parent.attn_implementation) for c in group}
     ).to(device)
 
 
-def ffn_scores(config: PuzzleConfig, adapter, data, candidates: list[Candidate], device) -> list | None:
-    """Per layer, what FFN candidates are cut by: channel contributions (dense), expert importances (MoE)."""
+def ffn_scores(config: PuzzleConfig, adapter, data, candidates: list[Candidate], device, pipeline=None) -> list | None:
+    """Per layer, what FFN candidates are cut by: channel contributions (dense), expert importances (MoE). In a
+    pipeline every rank makes the calibration passes, whatever its own candidates need."""
     kinds = {c.ffn.kind for c in candidates if c.ffn is not None}
+    if pipeline is not None:
+        kinds.add(FfnKind.dense)  # pipelines hold dense parents only
     if not kinds & {FfnKind.dense, FfnKind.moe}:
         return None
     calibration = data.calibration(config.data.calibration_blocks).to(device)
     batch = config.eval.batch_size
-    channels = ffn_channel_scores(adapter, calibration, batch) if FfnKind.dense in kinds else [None] * adapter.num_layers
+    channels = (ffn_channel_scores(adapter, calibration, batch, pipeline) if FfnKind.dense in kinds
+                else [None] * adapter.num_layers)
     experts = [None] * adapter.num_layers
     if FfnKind.moe in kinds:
         experts = expert_importance(adapter, calibration, batch_size=batch, method=config.library.expert_importance)
@@ -161,30 +174,45 @@ def ffn_scores(config: PuzzleConfig, adapter, data, candidates: list[Candidate],
 
 
 def _train_groups(config: PuzzleConfig, groups: list[list[Candidate]], lib_dir: Path, entry_key: str,
-                  team: Workers, total: int) -> None:
-    parent = load_parent(config.parent)
-    job = prepare_bld(config, parent, [c for group in groups for c in group])
+                  team: Workers, total: int, share: range | None = None) -> list[int] | None:
+    """Train `groups` in turn. With `share`, this rank holds only those layers of the parent, in a pipeline
+    whose ranks all run as many rounds as the rank with the most groups (with nothing to train, a rank
+    passes the stream on). Returns, in a pipeline, the parent's bytes each rank holds."""
+    parent = load_parent(config.parent, share)
+    pipeline, held = None, None
+    rounds = len(groups)
+    if share is not None:
+        pipeline = LayerPipeline(share, team.rank, team.world, parent.adapter.config.hidden_size, parent.dtype,
+                                 parent.device)
+        rounds = pipeline.most(len(groups))
+        held = pipeline.gather(sum(p.numel() * p.element_size() for p in parent.model.parameters()
+                                   if p.device.type != "meta"))
+        if rounds == 0:
+            return held
+    job = prepare_bld(config, parent, [c for group in groups for c in group], pipeline)
     steps = job.settings.steps
     done = 0
     with progress_bar() as bar:
         # Rank 0 draws the bar for everyone: ranks step in lockstep, each over its own groups.
         task = bar.add_task(f"BLD {total} candidates", total=steps * total, status="", visible=team.is_main)
-        for n, group in enumerate(groups, 1):
+        for n in range(rounds):
+            group = groups[n] if n < len(groups) else []
             modules = group_modules(config, parent, job, group)
 
             def on_step(step: int, losses: dict[str, float]) -> None:
-                mean = sum(losses.values()) / len(losses)
+                mean = sum(losses.values()) / max(1, len(losses))
                 bar.update(task, completed=(done + step * len(group)) * team.world,
-                           status=f"group {n}/{len(groups)} step {step}/{steps} mean nMSE {mean:.4f}")
+                           status=f"group {n + 1}/{rounds} step {step}/{steps} mean nMSE {mean:.4f}")
 
             name = hashlib.sha256(",".join(c.key for c in group).encode()).hexdigest()[:12]
             checkpoint = lib_dir / ".bld" / f"{entry_key}-{name}"
             results = train_candidates(group, modules, parent.adapter, job.train, job.held_out, job.settings,
-                                       checkpoint, on_step=on_step)
+                                       checkpoint, on_step=on_step, pipeline=pipeline)
             _write_entries(config, parent, results, lib_dir, entry_key, steps)
             shutil.rmtree(checkpoint, ignore_errors=True)
             done += steps * len(group)
             del modules, results  # the next group's state takes this one's place
+    return held
 
 
 def _write_entries(config: PuzzleConfig, parent, results, lib_dir: Path, entry_key: str, steps: int) -> None:
@@ -196,5 +224,4 @@ def _write_entries(config: PuzzleConfig, parent, results, lib_dir: Path, entry_k
         shape = adapter.shape(c.layer)
         parent_spec = shape.attention if isinstance(spec, AttentionSpec) else shape.ffn
         init = init_name(spec, parent_spec) if c.attention is None or c.ffn is None else "coupled"
-        write_entry(lib_dir, result, init=init, steps=steps, tokens=tokens, fingerprint=entry_key,
-                    dtype=next(parent.model.parameters()).dtype)
+        write_entry(lib_dir, result, init=init, steps=steps, tokens=tokens, fingerprint=entry_key, dtype=parent.dtype)
