@@ -303,15 +303,35 @@ def _logit_terms(model: ModelShape, blocks: int, length: int, name: str, models:
 
 
 def _scores(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
+    """The whole parent on every rank, or (run.parent_placement layers) the heaviest rank of the pipeline."""
+    if config.run.parent_placement != "layers" or target.ranks == 1:
+        return _scores_on(config, model, target, None)
+    from puzzle.distributed import layer_shares
+
+    plans = [_scores_on(config, model, target, share) for share in layer_shares(len(model.shapes), target.ranks)]
+    heaviest = max(plans, key=lambda p: p.peak(target))
+    return replace(heaviest, note=f"pipeline of {target.ranks} layer shares; the heaviest rank")
+
+
+def _scores_on(config: PuzzleConfig, model: ModelShape, target: Target, share: range | None) -> StagePlan:
     n, t, h = config.scoring.validation_blocks, config.data.sequence_length, model.hidden_size
-    layers = len(model.shapes)
-    reference = (layers + 1) * n * t * h * model.dtype_bytes
+    share = share or range(len(model.shapes))
+    last = share.stop == len(model.shapes)
+    held = sum(parameters(s.attention, s) + parameters(s.ffn, s) for s in model.shapes[share.start:share.stop])
+    # The embeddings on the first rank; the final norm and the head (tied or not, a vocabulary-sized matrix) on
+    # the last.
+    outside = model.fixed_params if (share.start == 0 and last) else (
+        model.vocab_size * h * (share.start == 0) + (model.vocab_size * h + h) * last)
+    parent = (model.parent_weights(target, uses_head=True) if len(share) == len(model.shapes)
+              else Term(f"parent layers {share.start}-{share.stop - 1}, with what the rank's end needs",
+                        (held + outside) * model.dtype_bytes))
+    reference = (len(share) + 1) * n * t * h * model.dtype_bytes
     layer_modules = max(parameters(s.attention, s) + parameters(s.ffn, s) for s in model.shapes) * 4 * 3
-    terms = (target.runtime, model.parent_weights(target, uses_head=True),
-             Term("parent reference: hidden states of the held-out blocks", reference),
-             Term("one layer's library modules (fp32)", layer_modules),
-             _logit_terms(model, config.scoring.batch_size, t, "logits of one batch"))
-    return StagePlan(Stage.scores, terms, target.ranks,
+    terms = [target.runtime, parent, Term("parent reference: hidden states of the held-out blocks", reference),
+             Term("one layer's library modules (fp32)", layer_modules)]
+    if last:
+        terms.append(_logit_terms(model, config.scoring.batch_size, t, "logits of one batch"))
+    return StagePlan(Stage.scores, tuple(terms), target.ranks,
                      fix="lower scoring.validation_blocks (their hidden states at every layer are kept) or scoring.batch_size")
 
 

@@ -189,9 +189,10 @@ def parent_device(name: str) -> torch.device:
     return device
 
 
-def load_parent(section: ParentSection, layers: range | None = None) -> Parent:
-    """The parent on its device; with `layers`, only those decoder layers (and the embeddings when the range
-    starts at 0), read by key from the safetensors files: the rest of the model stays on the meta device."""
+def load_parent(section: ParentSection, layers: range | None = None, head: bool = False) -> Parent:
+    """The parent on its device; with `layers`, only those decoder layers (the embeddings too when the range
+    starts at 0, the final norm and lm_head with `head`), read by key from the safetensors files: the rest of
+    the model stays on the meta device."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -199,7 +200,7 @@ def load_parent(section: ParentSection, layers: range | None = None) -> Parent:
 
     config = parent_config(section)
     if layers is not None:
-        return _load_layers(section, config, layers)
+        return _load_layers(section, config, layers, head)
     device = parent_device(section.device)
     path = str(Path(section.path).expanduser()) if _is_local(section.path) else section.path
     dtype = "auto" if section.dtype == "auto" else getattr(torch, section.dtype)
@@ -232,7 +233,7 @@ def load_parent(section: ParentSection, layers: range | None = None) -> Parent:
     return Parent(model=model, tokenizer=tokenizer, adapter=FamilyAdapter(model), source=path)
 
 
-def _load_layers(section: ParentSection, config, layers: range) -> Parent:
+def _load_layers(section: ParentSection, config, layers: range, head: bool) -> Parent:
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -246,7 +247,10 @@ def _load_layers(section: ParentSection, config, layers: range) -> Parent:
     dtype = getattr(torch, section.dtype) if section.dtype != "auto" else None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=section.attn_implementation)
-    wanted = tuple(f"model.layers.{i}." for i in layers) + (("model.embed_tokens.",) if layers.start == 0 else ())
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    wanted = tuple(f"model.layers.{i}." for i in layers)
+    wanted += ("model.embed_tokens.",) if layers.start == 0 or (head and tied) else ()
+    wanted += ("model.norm.", "lm_head.") if head else ()
     tensors = {}
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(file, "pt", device="cpu") as f:
@@ -254,6 +258,8 @@ def _load_layers(section: ParentSection, config, layers: range) -> Parent:
                 if key.startswith(wanted):
                     tensors[key] = f.get_tensor(key).to(device=device, dtype=dtype)
     model.load_state_dict(tensors, strict=False, assign=True)
+    if head and tied:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the tied parameter
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=section.trust_remote_code)

@@ -214,7 +214,7 @@ def process_problems(configs: list[PuzzleConfig], stage: Stage | None, processes
         if stage in (Stage.kd, None) and c.kd.batch_size % processes:
             problems.append(f"kd.batch_size: {c.kd.batch_size} does not split over {processes} processes; give a "
                             f"multiple of {processes}, or a process count that divides {c.kd.batch_size}")
-        if stage in (Stage.library, None) and c.run.parent_placement == "layers":
+        if stage in (Stage.library, Stage.scores, None) and c.run.parent_placement == "layers":
             problems += _pipeline_problems(c, processes)
     return problems
 

@@ -69,7 +69,8 @@ def test_plan_command_prints_every_stage_and_exits_2_when_one_cannot_fit(monkeyp
     assert "memory plan per rank on h100" in captured.out
     for stage in ("library", "scores", "kd", "eval"):
         assert stage in captured.out
-    assert "stage scores needs" in captured.err and "stage library needs" not in captured.err  # BLD runs as a pipeline
+    assert "stage eval needs" in captured.err  # BLD and scores run as a pipeline; eval loads the whole parent
+    assert "stage library needs" not in captured.err and "stage scores needs" not in captured.err
 
 
 def _limit_for_groups(config, groups: int) -> float:
@@ -127,3 +128,9 @@ def test_the_plan_holds_a_share_of_the_70b_parent_per_rank_in_a_pipeline():
     assert plan.fits(Stage.library) and "pipeline of 8 layer shares" in library.note
     parent = next(t for t in library.terms if t.name.startswith("parent layers"))
     assert parent.bytes < 0.15 * 131.42 * 2**30  # 10 of 80 layers and the embeddings
+
+
+def test_the_plan_scores_70b_on_8_h100s_as_a_pipeline():
+    config = load_config(EXAMPLES / "llama-3.1-70b.yaml")  # run.parent_placement: layers
+    assert job_plan(config, device="h100", gpus=8).fits(Stage.scores)
+    assert not job_plan(config, device="h100", gpus=1).fits(Stage.scores)

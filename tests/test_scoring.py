@@ -71,7 +71,8 @@ def load_config_for(parent_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_score_what_one_does(scored, tmp_path):
+@pytest.mark.parametrize("placement", ["replicated", "layers"])
+def test_two_processes_score_what_one_does(scored, tmp_path, placement):
     import os
     import subprocess
     import sys
@@ -81,7 +82,8 @@ def test_two_processes_score_what_one_does(scored, tmp_path):
     import shutil
 
     shutil.rmtree(tmp_path / "job/scores")
-    overrides = ["--set", "scoring.validation_blocks=2", "--set", "scoring.batch_size=2"]
+    overrides = ["--set", "scoring.validation_blocks=2", "--set", "scoring.batch_size=2",
+                 "--set", f"run.parent_placement={placement}"]
     result = subprocess.run([sys.executable, "-m", "puzzle", "score", str(path), "--num-processes", "2", *overrides],
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

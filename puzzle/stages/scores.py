@@ -20,8 +20,8 @@ from puzzle.io import atomic_path, atomic_write_json
 from puzzle.data import job_blocks
 from puzzle.distill.library import Library
 from puzzle.distill.scoring import METRICS, ParentReference
-from puzzle.distributed import Workers
-from puzzle.parents import load_parent
+from puzzle.distributed import LayerPipeline, Workers, layer_shares
+from puzzle.parents import load_parent, parent_config
 from puzzle.pipeline import StageContext
 from puzzle.progress import progress_bar
 from puzzle.rundir import Stage
@@ -38,19 +38,29 @@ class ScoreSummary:
 def run(ctx: StageContext, team: Workers) -> ScoreSummary | None:
     started = time.time()
     config, score_dir = ctx.config, ctx.directory
-    parent = load_parent(config.parent)
+    pipeline = None
+    if config.run.parent_placement == "layers" and team.world > 1:
+        # Each rank holds a share of the layers; every rank takes part in every layer's scores.
+        layers = parent_config(config.parent).num_hidden_layers
+        share = layer_shares(layers, team.world)[team.rank]
+        parent = load_parent(config.parent, share, head=share.stop == layers)
+        pipeline = LayerPipeline(share, team.rank, team.world, parent.adapter.config.hidden_size, parent.dtype,
+                                 parent.device)
+    else:
+        parent = load_parent(config.parent)
     library = Library(ctx.run.stage_dir(Stage.library), parent.adapter)
     blocks = job_blocks(config, parent.tokenizer).validation[: config.scoring.validation_blocks]
     todo = [i for i in range(len(library.layers)) if not _layer_done(score_dir, i, ctx.key)]
     team.barrier()  # every rank has seen the same finished layers before any rank writes
-    mine = team.shard(todo)
+    mine = todo if pipeline is not None else team.shard(todo)
     total = sum(len(library.layers[i].blocks()) for i in todo)
     if mine:
-        reference = ParentReference(parent.adapter, blocks.to(parent.model.device), config.scoring.batch_size)
+        reference = ParentReference(parent.adapter, blocks.to(parent.device), config.scoring.batch_size, pipeline)
+        # The rank that writes draws the bar: rank 0, or the pipeline's last rank.
+        shown = team.is_main if pipeline is None else pipeline.last
         with progress_bar() as bar:
-            # Rank 0 draws its own share; the others work quietly.
             task = bar.add_task("score blocks", total=sum(len(library.layers[i].blocks()) for i in mine), status="",
-                                visible=team.is_main)
+                                visible=shown)
             for i in mine:
                 _score_layer(library, reference, i, score_dir, ctx.key,
                              lambda desc: bar.update(task, advance=1, status=desc))
@@ -82,18 +92,25 @@ def _layer_done(score_dir: Path, layer: int, key: str) -> bool:
 
 
 def _score_layer(library: Library, reference: ParentReference, layer: int, score_dir: Path, key: str, tick) -> None:
+    """Score every block of `layer` and write the layer's rows. In a pipeline, the rank holding the layer loads
+    its modules, and the last rank, which measures, writes."""
     rows = []
     space = library.layers[layer]
-    attention_modules = {s: library.module(layer, s) for s in space.attention}
-    ffn_modules = {s: library.module(layer, s) for s in space.ffn}
+    holds = layer in reference.held
+    attention_modules = {s: library.module(layer, s) for s in space.attention} if holds else {}
+    ffn_modules = {s: library.module(layer, s) for s in space.ffn} if holds else {}
     for block in space.blocks():
-        if block.coupled:
+        attention = ffn = None
+        if holds and block.coupled:
             attention, ffn = library.pair(layer, block.attention, block.ffn)
-        else:
+        elif holds:
             attention, ffn = attention_modules[block.attention], ffn_modules[block.ffn]
         metrics = reference.score(layer, attention, ffn)
-        rows.append({"layer": layer, **block.to_json(), **metrics.__dict__})
-        tick(f"L{layer} {block} kl {metrics.kl:.4f}")
+        if metrics is not None:
+            rows.append({"layer": layer, **block.to_json(), **metrics.__dict__})
+            tick(f"L{layer} {block} kl {metrics.kl:.4f}")
+    if not rows:
+        return  # another rank of the pipeline measured and writes this layer
     with atomic_path(_layer_file(score_dir, layer)) as tmp:
         pd.DataFrame(rows, columns=["layer", "attention", "ffn", "coupled", *METRICS]).to_csv(tmp, index=False)
     atomic_write_json(score_dir / "layers" / f"L{layer:02d}.json", {"fingerprint": key})
