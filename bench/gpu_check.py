@@ -143,7 +143,7 @@ def main() -> None:
     on_gpu = args.device.startswith("cuda")
     rows = []
     for stage, command in ((Stage.library, "distill"), (Stage.scores, "score"), (Stage.profile, "profile")):
-        measured, seconds = scale.measure(command, job, args.device)
+        [measured], seconds = scale.measure(command, job, args.device)
         planned = plan.stage(stage).peak(plan.target) - (plan.target.runtime.bytes if on_gpu else 0)
         rows.append((f"{stage.value}: peak memory, GiB ({seconds:.0f} s)", planned / GIB, measured / GIB))
         print(f"{command} done in {seconds:.0f} s", flush=True)

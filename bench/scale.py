@@ -4,7 +4,9 @@ Two parents are built from a config (nothing is downloaded) and saved in bf16: t
 (hidden 896, vocab 151,936, tied embeddings) cut to 4 layers, and the Llama-3.1-8B shape (hidden 4,096,
 vocab 128,256) cut to 2 layers. Each goes through `puzzle distill`, `score`, `profile` (analytic, h100)
 and `search`, each stage its own process, on the shipped sonnets with small token counts. The 8B shape
-runs under run.memory_limit 6GiB, so that its BLD needs several candidate groups.
+runs under run.memory_limit 6GiB, so that its BLD needs several candidate groups. Then the 8B shape's BLD
+and scoring run again over 2 processes as a pipeline of layer shares (run.parent_placement: layers), each
+rank's plan against its own peak.
 
 Measured: each stage process's peak resident set (VmHWM) here; on a GPU (--device cuda) the CUDA allocator's peak,
 against the plan without its runtime term (the CUDA context is outside the allocator).
@@ -75,8 +77,8 @@ def build_parent(shape: dict, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def write_job(name: str, shape: dict, work: Path, device: str) -> Path:
-    run: dict = {"dir": str(work / name / "run")}
+def write_job(name: str, shape: dict, work: Path, device: str, placement: str = "replicated") -> Path:
+    run: dict = {"dir": str(work / name / "run"), "parent_placement": placement}
     if shape["memory_limit"]:
         run["memory_limit"] = shape["memory_limit"]
     raw = {
@@ -96,18 +98,55 @@ def write_job(name: str, shape: dict, work: Path, device: str) -> Path:
     return path
 
 
-def measure(command: str, job: Path, device: str) -> tuple[float, float]:
-    """(peak bytes, seconds) of `puzzle COMMAND JOB` in its own process."""
+def measure(command: str, job: Path, device: str, processes: int = 1) -> tuple[list[float], float]:
+    """(peak bytes of each rank, seconds) of `puzzle COMMAND JOB` in its own process(es)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "peak"
         env = {**os.environ, "PUZZLE_PEAK_MEMORY_FILE": str(report), "PUZZLE_LOG_SECONDS": "30"}
         started = time.time()
-        done = subprocess.run([sys.executable, "-m", "puzzle", command, str(job)], env=env, cwd=ROOT,
+        spread = ["--num-processes", str(processes)] if processes > 1 else []
+        done = subprocess.run([sys.executable, "-m", "puzzle", command, str(job), *spread], env=env, cwd=ROOT,
                               capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"puzzle {command} failed:\n{done.stderr[-3000:]}")
-        peak = json.loads(Path(f"{report}.rank0").read_text())
-    return float(peak["cuda"] if device.startswith("cuda") else peak["rss"]), time.time() - started
+        names = ["main"] if processes == 1 else [f"rank{r}" for r in range(processes)]
+        peaks = [json.loads(Path(f"{report}.{name}").read_text()) for name in names]
+    return [float(p["cuda"] if device.startswith("cuda") else p["rss"]) for p in peaks], time.time() - started
+
+
+def sharded_rows(work: Path, device: str, processes: int = 2) -> list[tuple]:
+    """The Llama-3.1-8B shape's BLD and scoring as a pipeline of layer shares over `processes` processes: each
+    rank's planned peak against its own measured peak."""
+    from puzzle.distill.library import bld_candidates
+    from puzzle.distributed import layer_shares
+    from puzzle.memory import bld_groups, model_shape, scores_plan, target
+    from puzzle.parents import parent_config
+    from puzzle.stages.library import job_spaces
+
+    shape = {**SHAPES["llama-3.1-8b"], "memory_limit": None}
+    name = "llama-3.1-8b"
+    shutil.rmtree(work / name / "run", ignore_errors=True)
+    job = write_job(name, shape, work, device, placement="layers")
+    config = load_config(job)
+    model = model_shape(config, parent_config(config.parent))
+    tgt = target(config, processes=processes)
+    shapes = list(model.shapes)
+    candidates = bld_candidates(job_spaces(config, shapes), shapes)
+    shares = layer_shares(len(shapes), processes)
+    planned = {
+        Stage.library: [bld_groups(config, model, [c for c in candidates if c.layer in s], tgt, 1, s)[1] for s in shares],
+        Stage.scores: [scores_plan(config, model, tgt, s) for s in shares],
+    }
+    rows = []
+    print(f"{name}, {processes} processes, parent_placement layers:", flush=True)
+    for stage, command in STAGES[:2]:
+        measured, seconds = measure(command, job, device, processes)
+        for rank, (plan, peak) in enumerate(zip(planned[stage], measured)):
+            expected = plan.peak(tgt) - (tgt.runtime.bytes if device.startswith("cuda") else 0)
+            rows.append((f"{name} rank {rank}/{processes}", stage.value, expected, peak, seconds, plan.groups))
+            print(f"  {stage.value:8s} rank {rank} planned {expected / GIB:6.2f} GiB  measured {peak / GIB:6.2f} GiB  "
+                  f"ratio {peak / expected:5.2f}  ({seconds:.0f} s)", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -115,6 +154,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--work", type=Path, default=None, help="where parents and runs go (default: a temporary folder)")
     parser.add_argument("--device", default="cpu", help="parent.device: cpu, or cuda on a GPU machine")
+    parser.add_argument("--sharded-only", action="store_true", help="only the 2-process pipeline case")
     parser.add_argument("--build", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:
@@ -122,7 +162,7 @@ def main() -> None:
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="puzzle-scale-"))
     rows = []
-    for name in args.shapes:
+    for name in [] if args.sharded_only else args.shapes:
         shape = SHAPES[name]
         started = time.time()
         # In a process of its own: the parent's memory must not stay in this one, whose children the bench times.
@@ -134,11 +174,15 @@ def main() -> None:
         on_gpu = args.device.startswith("cuda")
         for stage, command in STAGES:
             planned = plan.stage(stage).peak(plan.target) - (plan.target.runtime.bytes if on_gpu else 0)
-            measured, seconds = measure(command, job, args.device)
+            [measured], seconds = measure(command, job, args.device)
             groups = plan.stage(stage).groups
             rows.append((name, stage.value, planned, measured, seconds, groups))
             print(f"  {stage.value:8s} planned {planned / GIB:6.2f} GiB  measured {measured / GIB:6.2f} GiB  "
                   f"ratio {measured / planned:5.2f}  ({seconds:.0f} s)", flush=True)
+    if "llama-3.1-8b" in args.shapes:
+        subprocess.run([sys.executable, __file__, "--build", "llama-3.1-8b", str(work / "llama-3.1-8b" / "parent")],
+                       check=True)
+        rows += sharded_rows(work, args.device)
     what = "CUDA allocator peak" if args.device.startswith("cuda") else "peak resident set"
     print(f"\n| shape | stage | planned GiB | measured GiB ({what}) | measured / planned | BLD groups | seconds |")
     print("|---|---|---:|---:|---:|---:|---:|")

@@ -633,8 +633,9 @@ def main() -> None:
 
 def _report_peak_memory() -> None:
     """For bench/scale.py: this process's peak memory (resident set; the CUDA allocator's peak when it ran),
-    as JSON at $PUZZLE_PEAK_MEMORY_FILE.rankR. The resident peak is VmHWM, which starts at exec: getrusage's
-    ru_maxrss would start from the launching process's size."""
+    as JSON at $PUZZLE_PEAK_MEMORY_FILE.rankR (.main for a process outside a launcher, including one that
+    started others). The resident peak is VmHWM, which starts at exec: getrusage's ru_maxrss would start from
+    the launching process's size."""
     path = os.environ.get("PUZZLE_PEAK_MEMORY_FILE")
     if not path:
         return
@@ -645,4 +646,5 @@ def _report_peak_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["cuda"] = torch.cuda.max_memory_allocated()
-    atomic_write_json(Path(f"{path}.rank{os.environ.get('RANK', '0')}"), peak)
+    rank = os.environ.get("RANK")
+    atomic_write_json(Path(f"{path}.{'main' if rank is None else f'rank{rank}'}"), peak)

@@ -232,6 +232,7 @@ def _bld_fixed(config: PuzzleConfig, model: ModelShape, target: Target, largest:
     parent = model.parent_weights(target, uses_head=False)
     if share is not None:
         held = sum(parameters(s.attention, s) + parameters(s.ffn, s) for s in model.shapes[share.start:share.stop])
+        # Read by key in the file's dtype on a CPU, the embeddings stay memory-mapped (a few rows are read).
         embedding = model.vocab_size * h if share.start == 0 and not (model.mapped and not target.is_gpu) else 0
         parent = Term(f"parent layers {share.start}-{share.stop - 1} of {len(model.shapes)}"
                       + (" and the embeddings" if embedding else ""), (held + embedding) * model.dtype_bytes)
@@ -305,23 +306,24 @@ def _logit_terms(model: ModelShape, blocks: int, length: int, name: str, models:
 def _scores(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
     """The whole parent on every rank, or (run.parent_placement layers) the heaviest rank of the pipeline."""
     if config.run.parent_placement != "layers" or target.ranks == 1:
-        return _scores_on(config, model, target, None)
+        return scores_plan(config, model, target, None)
     from puzzle.distributed import layer_shares
 
-    plans = [_scores_on(config, model, target, share) for share in layer_shares(len(model.shapes), target.ranks)]
+    plans = [scores_plan(config, model, target, share) for share in layer_shares(len(model.shapes), target.ranks)]
     heaviest = max(plans, key=lambda p: p.peak(target))
     return replace(heaviest, note=f"pipeline of {target.ranks} layer shares; the heaviest rank")
 
 
-def _scores_on(config: PuzzleConfig, model: ModelShape, target: Target, share: range | None) -> StagePlan:
+def scores_plan(config: PuzzleConfig, model: ModelShape, target: Target, share: range | None) -> StagePlan:
     n, t, h = config.scoring.validation_blocks, config.data.sequence_length, model.hidden_size
     share = share or range(len(model.shapes))
     last = share.stop == len(model.shapes)
     held = sum(parameters(s.attention, s) + parameters(s.ffn, s) for s in model.shapes[share.start:share.stop])
     # The embeddings on the first rank; the final norm and the head (tied or not, a vocabulary-sized matrix) on
     # the last.
+    mapped = model.mapped and not target.is_gpu  # a CPU run in the file's dtype: the embeddings stay on disk
     outside = model.fixed_params if (share.start == 0 and last) else (
-        model.vocab_size * h * (share.start == 0) + (model.vocab_size * h + h) * last)
+        model.vocab_size * h * (share.start == 0 and not mapped) + (model.vocab_size * h + h) * last)
     parent = (model.parent_weights(target, uses_head=True) if len(share) == len(model.shapes)
               else Term(f"parent layers {share.start}-{share.stop - 1}, with what the rank's end needs",
                         (held + outside) * model.dtype_bytes))
