@@ -62,10 +62,11 @@ class RunSection(Section):
         description="Name of this job: its search, child, kd, eval and report go to run.dir/jobs/NAME, sharing "
         "the run's library, scores and profile with other jobs. Set for each entry of a file's `jobs:` mapping.",
     )
-    parent_placement: Literal["replicated", "layers"] = Field(
-        "replicated", description="BLD with several processes: 'replicated', every rank loads the whole parent; "
-        "'layers', each rank loads only its contiguous share of the layers (a dense local parent) and the hidden "
-        "states pass rank to rank, so a parent larger than one device fits. Libraries are the same either way.",
+    parent_placement: Literal["auto", "replicated", "layers"] = Field(
+        "auto", description="BLD and scoring with several processes: 'replicated', every rank loads the whole "
+        "parent; 'layers', each rank loads only its contiguous share of the layers (a dense local parent) and the "
+        "hidden states pass rank to rank, so a parent larger than one device fits; 'auto', replicated when the "
+        "memory plan says it fits, else layers where the parent allows. Libraries and scores are the same either way.",
     )
     memory_limit: MemorySize = Field(
         None, gt=0, description="Memory this run may use on one machine, e.g. 20GiB, shared by its processes (CPU) or "

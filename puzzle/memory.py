@@ -303,15 +303,36 @@ def _logit_terms(model: ModelShape, blocks: int, length: int, name: str, models:
     return Term(name, models * blocks * length * model.vocab_size * (model.dtype_bytes + 8))
 
 
-def _scores(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
-    """The whole parent on every rank, or (run.parent_placement layers) the heaviest rank of the pipeline."""
-    if config.run.parent_placement != "layers" or target.ranks == 1:
-        return scores_plan(config, model, target, None)
+def placement(config: PuzzleConfig, hf_config, target: Target, replicated: StagePlan) -> str:
+    """How a stage holds the parent: run.parent_placement, or for 'auto' the whole parent on every rank when
+    its `replicated` plan fits, else a pipeline of layer shares where the parent allows one."""
+    from puzzle.families import is_dense
+    from puzzle.parents import local_checkpoint
+
+    if config.run.parent_placement != "auto":
+        return config.run.parent_placement
+    if target.ranks == 1 or replicated.peak(target) <= target.capacity:
+        return "replicated"
+    splittable = (is_dense(hf_config.model_type) and local_checkpoint(config.parent) is not None
+                  and hf_config.num_hidden_layers >= target.ranks)
+    return "layers" if splittable else "replicated"
+
+
+def _pipelined(plans: list[StagePlan], target: Target, how: str) -> StagePlan:
+    heaviest = max(plans, key=lambda p: p.peak(target))
+    why = ", chosen: the whole parent does not fit" if how == "auto" else ""
+    return replace(heaviest, note=f"pipeline of {target.ranks} layer shares{why}; the heaviest rank: {heaviest.note}")
+
+
+def _scores(config: PuzzleConfig, hf_config, model: ModelShape, target: Target) -> StagePlan:
+    """The whole parent on every rank, or a pipeline of layer shares (see `placement`)."""
+    whole = scores_plan(config, model, target, None)
+    if target.ranks == 1 or placement(config, hf_config, target, whole) != "layers":
+        return whole
     from puzzle.distributed import layer_shares
 
     plans = [scores_plan(config, model, target, share) for share in layer_shares(len(model.shapes), target.ranks)]
-    heaviest = max(plans, key=lambda p: p.peak(target))
-    return replace(heaviest, note=f"pipeline of {target.ranks} layer shares; the heaviest rank")
+    return _pipelined(plans, target, config.run.parent_placement)
 
 
 def scores_plan(config: PuzzleConfig, model: ModelShape, target: Target, share: range | None) -> StagePlan:
@@ -419,16 +440,16 @@ def _light(stage: Stage, target: Target, note: str) -> StagePlan:
     return StagePlan(stage, (target.runtime,), 1, note=note)
 
 
-def _library(config: PuzzleConfig, model: ModelShape, candidates: list, tgt: Target) -> StagePlan:
-    """BLD's plan: the whole parent on every rank, or (run.parent_placement layers) the heaviest rank's share."""
-    if config.run.parent_placement != "layers" or tgt.ranks == 1:
-        return bld_groups(config, model, candidates, tgt)[1]
+def _library(config: PuzzleConfig, hf_config, model: ModelShape, candidates: list, tgt: Target) -> StagePlan:
+    """BLD's plan: the whole parent on every rank, or a pipeline of layer shares (see `placement`)."""
+    whole = bld_groups(config, model, candidates, tgt)[1]
+    if tgt.ranks == 1 or placement(config, hf_config, tgt, whole) != "layers":
+        return whole
     from puzzle.distributed import layer_shares
 
     plans = [bld_groups(config, model, [c for c in candidates if c.layer in share], tgt, 1, share)[1]
              for share in layer_shares(len(model.shapes), tgt.ranks)]
-    heaviest = max(plans, key=lambda p: p.peak(tgt))
-    return replace(heaviest, note=f"pipeline of {tgt.ranks} layer shares; the heaviest rank: {heaviest.note}")
+    return _pipelined(plans, tgt, config.run.parent_placement)
 
 
 def plan(config: PuzzleConfig, hf_config, tgt: Target, candidates: list) -> MemoryPlan:
@@ -436,8 +457,8 @@ def plan(config: PuzzleConfig, hf_config, tgt: Target, candidates: list) -> Memo
     model = model_shape(config, hf_config)
     stages = (
         _parent(config, model, tgt),
-        _library(config, model, candidates, tgt),
-        _scores(config, model, tgt),
+        _library(config, hf_config, model, candidates, tgt),
+        _scores(config, hf_config, model, tgt),
         _profile(config, model, tgt),
         _light(Stage.search, tgt, "the MIP on the CPU"),
         _two_models(Stage.child, config, model, tgt, 1),

@@ -134,3 +134,12 @@ def test_the_plan_scores_70b_on_8_h100s_as_a_pipeline():
     config = load_config(EXAMPLES / "llama-3.1-70b.yaml")  # run.parent_placement: layers
     assert job_plan(config, device="h100", gpus=8).fits(Stage.scores)
     assert not job_plan(config, device="h100", gpus=1).fits(Stage.scores)
+
+
+def test_auto_placement_splits_the_parent_only_when_the_whole_one_does_not_fit(tiny_parent_dir, tmp_path):
+    seventy = load_config(EXAMPLES / "llama-3.1-70b.yaml", ["run.parent_placement=auto"])
+    plan = job_plan(seventy, device="h100", gpus=8)
+    assert plan.fits(Stage.library) and plan.fits(Stage.scores)
+    assert "chosen: the whole parent does not fit" in plan.stage(Stage.library).note
+    tiny = load_config(write_job(tmp_path, tiny_parent_dir))  # fits whole: every rank keeps the whole parent
+    assert "pipeline" not in job_plan(tiny, processes=2).stage(Stage.library).note

@@ -34,7 +34,7 @@ from puzzle.distill.library import (
 from puzzle.distill.schedule import TrainingSettings
 from puzzle.distributed import LayerPipeline, Workers, layer_shares
 from puzzle.families import parent_shapes
-from puzzle.memory import bld_groups, model_shape, target
+from puzzle.memory import bld_groups, model_shape, placement, target
 from puzzle.parents import load_parent, parent_config
 from puzzle.pipeline import StageContext
 from puzzle.progress import progress_bar
@@ -84,7 +84,8 @@ def run(ctx: StageContext, team: Workers) -> LibrarySummary:
     todo = [c for c in candidates if read_entry(lib_dir, c, entry_key) is None]
     team.barrier()  # every rank has seen the same finished entries before any rank writes new ones
     model, tgt = model_shape(config, hf_config), target(config, processes=team.world)
-    if config.run.parent_placement == "layers" and team.world > 1:
+    how = placement(config, hf_config, tgt, bld_groups(config, model, candidates, tgt)[1])
+    if how == "layers" and team.world > 1:
         # Each rank holds a share of the layers and trains their candidates; all ranks pass every batch on.
         share = layer_shares(len(shapes), team.world)[team.rank]
         groups, _ = bld_groups(config, model, [c for c in candidates if c.layer in share], tgt, min_groups=1)
@@ -109,7 +110,7 @@ def run(ctx: StageContext, team: Workers) -> LibrarySummary:
             pd.DataFrame([r.__dict__ for r in rows]).to_csv(tmp, index=False)
         ctx.record.outputs = {"candidates": len(rows), "trained_now": len(todo), "table": "table.csv",
                               "space": "space.json", "groups": sum(1 for g in groups if g),
-                              "parent_placement": config.run.parent_placement if team.world > 1 else "replicated",
+                              "parent_placement": how if team.world > 1 else "replicated",
                               "parent_bytes": model.weight_bytes, "parent_bytes_per_rank": held}
     return LibrarySummary(lib_dir, rows, len(todo), time.time() - started, sum(1 for g in groups if g))
 

@@ -21,6 +21,7 @@ from puzzle.data import job_blocks
 from puzzle.distill.library import Library
 from puzzle.distill.scoring import METRICS, ParentReference
 from puzzle.distributed import LayerPipeline, Workers, layer_shares
+from puzzle.memory import model_shape, placement, scores_plan, target
 from puzzle.parents import load_parent, parent_config
 from puzzle.pipeline import StageContext
 from puzzle.progress import progress_bar
@@ -39,9 +40,12 @@ def run(ctx: StageContext, team: Workers) -> ScoreSummary | None:
     started = time.time()
     config, score_dir = ctx.config, ctx.directory
     pipeline = None
-    if config.run.parent_placement == "layers" and team.world > 1:
+    hf_config = parent_config(config.parent)
+    tgt = target(config, processes=team.world)
+    whole = scores_plan(config, model_shape(config, hf_config), tgt, None)
+    if team.world > 1 and placement(config, hf_config, tgt, whole) == "layers":
         # Each rank holds a share of the layers; every rank takes part in every layer's scores.
-        layers = parent_config(config.parent).num_hidden_layers
+        layers = hf_config.num_hidden_layers
         share = layer_shares(layers, team.world)[team.rank]
         parent = load_parent(config.parent, share, head=share.stop == layers)
         pipeline = LayerPipeline(share, team.rank, team.world, parent.adapter.config.hidden_size, parent.dtype,
