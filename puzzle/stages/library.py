@@ -88,7 +88,7 @@ def run(ctx: StageContext, team: Workers) -> LibrarySummary:
     if how == "layers" and team.world > 1:
         # Each rank holds a share of the layers and trains their candidates; all ranks pass every batch on.
         share = layer_shares(len(shapes), team.world)[team.rank]
-        groups, _ = bld_groups(config, model, [c for c in candidates if c.layer in share], tgt, min_groups=1)
+        groups, _ = bld_groups(config, model, [c for c in candidates if c.layer in share], tgt, 1, share)
         mine = [g for g in ([c for c in group if c in todo] for group in groups) if g]
         held = _train_groups(config, mine, lib_dir, entry_key, team, len(todo), share)
     else:
