@@ -127,9 +127,14 @@ class ModelShape:
     def hidden_size(self) -> int:
         return self.shapes[0].hidden_size
 
+    def layer_params(self, layers: range | None = None) -> list[int]:
+        """Each layer's parameters (of `layers`, default all)."""
+        chosen = self.shapes if layers is None else self.shapes[layers.start:layers.stop]
+        return [parameters(s.attention, s) + parameters(s.ffn, s) for s in chosen]
+
     @property
     def params(self) -> int:
-        return self.fixed_params + sum(parameters(s.attention, s) + parameters(s.ffn, s) for s in self.shapes)
+        return self.fixed_params + sum(self.layer_params())
 
     @property
     def weight_bytes(self) -> float:
@@ -231,7 +236,7 @@ def _bld_fixed(config: PuzzleConfig, model: ModelShape, target: Target, largest:
     layers = len(model.shapes) if share is None else len(share)
     parent = model.parent_weights(target, uses_head=False)
     if share is not None:
-        held = sum(parameters(s.attention, s) + parameters(s.ffn, s) for s in model.shapes[share.start:share.stop])
+        held = sum(model.layer_params(share))
         # Read by key in the file's dtype on a CPU, the embeddings stay memory-mapped (a few rows are read).
         embedding = model.vocab_size * h if share.start == 0 and not (model.mapped and not target.is_gpu) else 0
         parent = Term(f"parent layers {share.start}-{share.stop - 1} of {len(model.shapes)}"
@@ -306,16 +311,25 @@ def _logit_terms(model: ModelShape, blocks: int, length: int, name: str, models:
 def placement(config: PuzzleConfig, hf_config, target: Target, replicated: StagePlan) -> str:
     """How a stage holds the parent: run.parent_placement, or for 'auto' the whole parent on every rank when
     its `replicated` plan fits, else a pipeline of layer shares where the parent allows one."""
-    from puzzle.families import is_dense
-    from puzzle.parents import local_checkpoint
-
     if config.run.parent_placement != "auto":
         return config.run.parent_placement
     if target.ranks == 1 or replicated.peak(target) <= target.capacity:
         return "replicated"
-    splittable = (is_dense(hf_config.model_type) and local_checkpoint(config.parent) is not None
-                  and hf_config.num_hidden_layers >= target.ranks)
-    return "layers" if splittable else "replicated"
+    return "layers" if split_problem(config, hf_config, target.ranks) is None else "replicated"
+
+
+def split_problem(config: PuzzleConfig, hf_config, ranks: int) -> str | None:
+    """Why the parent cannot be split into `ranks` layer shares; None when it can."""
+    from puzzle.families import is_dense
+    from puzzle.parents import local_checkpoint
+
+    if local_checkpoint(config.parent) is None or not is_dense(hf_config.model_type):
+        return (f"run.parent_placement: layers needs a local checkpoint of a dense parent (llama, mistral, qwen2, "
+                f"qwen3), not {hf_config.model_type!r}; use replicated")
+    if ranks > hf_config.num_hidden_layers:
+        return (f"run.parent_placement: layers over {ranks} processes needs at least {ranks} layers; the parent "
+                f"has {hf_config.num_hidden_layers}: run at most {hf_config.num_hidden_layers} processes")
+    return None
 
 
 def _pipelined(plans: list[StagePlan], target: Target, how: str) -> StagePlan:
@@ -339,7 +353,7 @@ def scores_plan(config: PuzzleConfig, model: ModelShape, target: Target, share: 
     n, t, h = config.scoring.validation_blocks, config.data.sequence_length, model.hidden_size
     share = share or range(len(model.shapes))
     last = share.stop == len(model.shapes)
-    held = sum(parameters(s.attention, s) + parameters(s.ffn, s) for s in model.shapes[share.start:share.stop])
+    held = sum(model.layer_params(share))
     # The embeddings on the first rank; the final norm and the head (tied or not, a vocabulary-sized matrix) on
     # the last.
     mapped = model.mapped and not target.is_gpu  # a CPU run in the file's dtype: the embeddings stay on disk
@@ -349,7 +363,7 @@ def scores_plan(config: PuzzleConfig, model: ModelShape, target: Target, share: 
               else Term(f"parent layers {share.start}-{share.stop - 1}, with what the rank's end needs",
                         (held + outside) * model.dtype_bytes))
     reference = (len(share) + 1) * n * t * h * model.dtype_bytes
-    layer_modules = max(parameters(s.attention, s) + parameters(s.ffn, s) for s in model.shapes) * 4 * 3
+    layer_modules = max(model.layer_params()) * 4 * 3
     terms = [target.runtime, parent, Term("parent reference: hidden states of the held-out blocks", reference),
              Term("one layer's library modules (fp32)", layer_modules)]
     if last:
@@ -385,7 +399,7 @@ def _kd(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
     b = max(1, config.kd.batch_size // target.ranks)
     t, h, layers = config.data.sequence_length, model.hidden_size, len(model.shapes)
     act = model.dtype_bytes
-    widest_layer = max(parameters(s.attention, s) + parameters(s.ffn, s) for s in model.shapes)
+    widest_layer = max(model.layer_params())
     one_layer = b * t * (12 * h + 4 * model.widest()) * min(act, 4)
     terms = [target.runtime, model.parent_weights(target, uses_head=True, name="parent (teacher) weights")]
     if sharded:
@@ -429,7 +443,7 @@ def _profile(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePl
     if config.profile.device != "local":
         return StagePlan(Stage.profile, (target.runtime,), 1, note="analytic: no weights are loaded")
     timed = DTYPE_BYTES.get(config.profile.weight_dtype, 4)
-    layer = max(parameters(s.attention, s) + parameters(s.ffn, s) for s in model.shapes)
+    layer = max(model.layer_params())
     terms = (target.runtime, model.parent_weights(target, uses_head=True),
              Term("a whole model of fresh modules in the profiled dtype", model.params * timed),
              Term("the timed stacks: a candidate and its partner in every layer", len(model.shapes) * layer * timed))

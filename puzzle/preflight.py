@@ -206,7 +206,10 @@ def job_plan(config: PuzzleConfig, *, device: str | None = None, gpus: int = 1, 
 
 def process_problems(configs: list[PuzzleConfig], stage: Stage | None, processes: int) -> list[str]:
     """What a multi-process command cannot split: KD's batch over the processes, the parent's layers over
-    the ranks of a BLD pipeline."""
+    the ranks of a pipeline."""
+    from puzzle.memory import split_problem
+    from puzzle.parents import parent_config
+
     if processes < 2:
         return []
     problems = []
@@ -215,22 +218,9 @@ def process_problems(configs: list[PuzzleConfig], stage: Stage | None, processes
             problems.append(f"kd.batch_size: {c.kd.batch_size} does not split over {processes} processes; give a "
                             f"multiple of {processes}, or a process count that divides {c.kd.batch_size}")
         if stage in (Stage.library, Stage.scores, None) and c.run.parent_placement == "layers":
-            problems += _pipeline_problems(c, processes)
+            problem = split_problem(c, parent_config(c.parent), processes)
+            problems += [problem] if problem else []
     return problems
-
-
-def _pipeline_problems(config: PuzzleConfig, processes: int) -> list[str]:
-    from puzzle.families import is_dense
-    from puzzle.parents import local_checkpoint, parent_config
-
-    hf_config = parent_config(config.parent)
-    if local_checkpoint(config.parent) is None or not is_dense(hf_config.model_type):
-        return [f"run.parent_placement: layers needs a local checkpoint of a dense parent (llama, mistral, qwen2, "
-                f"qwen3), not {hf_config.model_type!r}; use replicated"]
-    if processes > hf_config.num_hidden_layers:
-        return [f"run.parent_placement: layers over {processes} processes needs at least {processes} layers; the "
-                f"parent has {hf_config.num_hidden_layers}: run at most {hf_config.num_hidden_layers} processes"]
-    return []
 
 
 def memory_problems(configs: list[PuzzleConfig], stages: list[Stage], processes: int = 1,
