@@ -77,6 +77,23 @@ def child_config(parent_config, choices: list[BlockChoice]) -> modeling.DeciLMCo
     return config
 
 
+def layer_state(library: Library, i: int, c: BlockChoice) -> dict[str, torch.Tensor]:
+    """Layer i's weights for block `c`, from the library, under the parent's names."""
+    if c.coupled:
+        attention, ffn = library.pair(i, c.attention, c.ffn)
+    else:
+        attention, ffn = library.module(i, c.attention), library.module(i, c.ffn)
+    state = {}
+    for name, value in attention.state_dict().items():
+        key = f"model.layers.{i}.input_layernorm.weight" if name == "input_layernorm.weight" else f"model.layers.{i}.self_attn.{name}"
+        state[key] = value
+    for name, value in ffn.state_dict().items():
+        key = (f"model.layers.{i}.post_attention_layernorm.weight" if name == "post_attention_layernorm.weight"
+               else f"model.layers.{i}.mlp.{name}")
+        state[key] = value
+    return state
+
+
 def child_state_dict(parent, library: Library, choices: list[BlockChoice]) -> dict[str, torch.Tensor]:
     """Parent's embeddings, final norm and head; each layer's subblocks from the library, under the parent's names."""
     state = {
@@ -85,17 +102,7 @@ def child_state_dict(parent, library: Library, choices: list[BlockChoice]) -> di
         "lm_head.weight": parent.model.lm_head.weight,
     }
     for i, c in enumerate(choices):
-        if c.coupled:
-            attention, ffn = library.pair(i, c.attention, c.ffn)
-        else:
-            attention, ffn = library.module(i, c.attention), library.module(i, c.ffn)
-        for name, value in attention.state_dict().items():
-            key = f"model.layers.{i}.input_layernorm.weight" if name == "input_layernorm.weight" else f"model.layers.{i}.self_attn.{name}"
-            state[key] = value
-        for name, value in ffn.state_dict().items():
-            key = (f"model.layers.{i}.post_attention_layernorm.weight" if name == "post_attention_layernorm.weight"
-                   else f"model.layers.{i}.mlp.{name}")
-            state[key] = value
+        state.update(layer_state(library, i, c))
     return state
 
 
@@ -113,15 +120,103 @@ def build_child(parent, library: Library, choices: list[BlockChoice]) -> modelin
     return child.to(next(parent.model.parameters()).dtype).eval()
 
 
-def write_checkpoint(directory: Path, model: modeling.DeciLMForCausalLM, parent, info: dict) -> None:
-    """A child checkpoint, whole or not at all: weights, config, tokenizer, generation config, modeling file."""
+# Weights are written in files of at most this many bytes, as save_pretrained does (its default is 50 GB,
+# but smaller files stream and resume better: what the engines' loaders expect either way).
+FILE_BYTES = 4 * 2**30
+
+
+class WeightFiles:
+    """Tensors written as they come into safetensors files of at most `limit` bytes, then named and indexed
+    as save_pretrained names them (`model.safetensors`, or `model-0000k-of-0000n.safetensors` and
+    `model.safetensors.index.json`): only one file's tensors are held at a time."""
+
+    def __init__(self, directory: Path, limit: int):
+        self.directory, self.limit = Path(directory), limit
+        self.pending: dict[str, torch.Tensor] = {}
+        self.files: list[list[str]] = []  # names in each written file
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and sum(t.numel() * t.element_size() for t in self.pending.values()) + size > self.limit:
+            self._flush()
+        self.pending[name] = tensor.detach().contiguous()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.pending, self.directory / f"part-{len(self.files)}.safetensors", metadata={"format": "pt"})
+        self.files.append(list(self.pending))
+        self.pending = {}
+
+    def close(self) -> None:
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        for k, name in enumerate(names):
+            (self.directory / f"part-{k}.safetensors").rename(self.directory / name)
+        if n > 1:
+            total = sum((self.directory / name).stat().st_size for name in names)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {t: name for name, file in zip(names, self.files) for t in file}}
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_child(directory: Path, config: modeling.DeciLMConfig, tensors, *, tokenizer, generation_config,
+                info: dict) -> None:
+    """A child checkpoint, whole or not at all, from `tensors` ((name, tensor) pairs, taken one at a time):
+    weights, config, tokenizer, generation config, modeling file and puzzle_child.json."""
     with atomic_dir(directory) as tmp:
-        model.save_pretrained(tmp)
-        parent.tokenizer.save_pretrained(tmp)
-        if parent.model.generation_config is not None:
-            parent.model.generation_config.save_pretrained(tmp)
+        files, dtype = WeightFiles(tmp, FILE_BYTES), None
+        for name, value in tensors:
+            if config.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            files.add(name, value)
+            dtype = dtype or value.dtype
+        files.close()
+        config.dtype = dtype
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
         shutil.copyfile(modeling.__file__, tmp / "modeling_puzzle.py")
         (tmp / "puzzle_child.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def write_checkpoint(directory: Path, model: modeling.DeciLMForCausalLM, parent, info: dict) -> None:
+    """A whole child model in memory as a child checkpoint (see `write_child`)."""
+    write_child(directory, model.config, model.state_dict().items(), tokenizer=parent.tokenizer,
+                generation_config=parent.model.generation_config, info=info)
+
+
+def streamed_child_tensors(parent, reader, library: Library, choices: list[BlockChoice], dtype: torch.dtype):
+    """The child's weights in order, one layer at a time: `parent` is built on the meta device and holds one
+    decoder layer's weights (read by key through `reader`) while that layer's blocks are taken from the
+    library; the embeddings, final norm and head come straight from the parent's files."""
+    layers = parent.model.model.layers
+    yield "model.embed_tokens.weight", reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"].to(dtype)
+    for i, choice in enumerate(choices):
+        prefix = f"model.layers.{i}."
+        weights = reader.read([k for k in reader.files if k.startswith(prefix)])
+        layers[i].load_state_dict({k.removeprefix(prefix): v.to(dtype) for k, v in weights.items()}, assign=True)
+        for name, value in layer_state(library, i, choice).items():
+            yield name, value.to(dtype)
+        layers[i].to("meta")  # the layer's weights are freed before the next is read
+    names = ["model.norm.weight"] + ([] if parent.model.config.tie_word_embeddings else ["lm_head.weight"])
+    yield from ((k, v.to(dtype)) for k, v in reader.read(names).items())
+
+
+def load_child_sharded(directory: Path, dtype: torch.dtype, device: torch.device,
+                       offload: bool = False) -> modeling.DeciLMForCausalLM:
+    """A child checkpoint sharded by FSDP2 over the default process group, read a layer at a time
+    (`puzzle.sharding`); `offload`: the shards live on the host."""
+    from puzzle.sharding import CheckpointReader, shard_from_checkpoint
+
+    config = modeling.DeciLMConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = modeling.DeciLMForCausalLM(config)
+    shard_from_checkpoint(model, CheckpointReader(directory), device=torch.device(device), dtype=dtype, offload=offload)
+    return model.eval()
 
 
 def load_child(directory: Path, dtype: torch.dtype | None = None, device="cpu") -> modeling.DeciLMForCausalLM:

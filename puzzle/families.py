@@ -24,6 +24,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from puzzle.blocks.init import ParentLayer
 from puzzle.blocks.specs import ParentShape
 from puzzle.errors import PuzzleError
+from puzzle.sharding import gathered
 
 
 class AttentionType(str, enum.Enum):
@@ -235,7 +236,8 @@ class FamilyAdapter:
         )
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._backbone.embed_tokens(input_ids)
+        with gathered(self.model):  # an FSDP2-sharded parent (a KD teacher): its root unit holds the embeddings
+            return self._backbone.embed_tokens(input_ids)
 
     def context(
         self,
@@ -299,7 +301,8 @@ class FamilyAdapter:
         return hidden + self.ffn_delta(index, hidden)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self._backbone.norm(hidden))
+        with gathered(self.model):
+            return self.model.lm_head(self._backbone.norm(hidden))
 
     def hidden_states(self, input_ids: torch.Tensor, ctx: LayerContext | None = None) -> list[torch.Tensor]:
         """Residual stream entering each layer, then the output of the last one (L + 1 tensors)."""
@@ -307,7 +310,8 @@ class FamilyAdapter:
         ctx = ctx or self.context(hidden)
         states = [hidden]
         for i in range(self.num_layers):
-            hidden = self.run_layer(i, hidden, ctx)
+            with gathered(self._backbone.layers[i]):  # the parts are called apart: FSDP2's hooks do not see them
+                hidden = self.run_layer(i, hidden, ctx)
             states.append(hidden)
         return states
 

@@ -30,6 +30,7 @@ class Parent:
     adapter: FamilyAdapter
     source: str
     layers: range | None = None  # the layers this process holds, when it holds only some (the rest are on "meta")
+    sharded: bool = False  # FSDP2: this process holds 1/N of every weight
 
     @property
     def device(self):
@@ -189,10 +190,12 @@ def parent_device(name: str) -> torch.device:
     return device
 
 
-def load_parent(section: ParentSection, layers: range | None = None, head: bool = False) -> Parent:
+def load_parent(section: ParentSection, layers: range | None = None, head: bool = False,
+                sharded: bool = False) -> Parent:
     """The parent on its device; with `layers`, only those decoder layers (the embeddings too when the range
     starts at 0, the final norm and lm_head with `head`), read by key from the safetensors files: the rest of
-    the model stays on the meta device."""
+    the model stays on the meta device. `sharded`: the whole parent sharded by FSDP2 over the default process
+    group, read a layer at a time (`puzzle.sharding`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -201,6 +204,8 @@ def load_parent(section: ParentSection, layers: range | None = None, head: bool 
     config = parent_config(section)
     if layers is not None:
         return _load_layers(section, config, layers, head)
+    if sharded:
+        return _load_sharded(section, config)
     device = parent_device(section.device)
     path = str(Path(section.path).expanduser()) if _is_local(section.path) else section.path
     dtype = "auto" if section.dtype == "auto" else getattr(torch, section.dtype)
@@ -233,20 +238,53 @@ def load_parent(section: ParentSection, layers: range | None = None, head: bool 
     return Parent(model=model, tokenizer=tokenizer, adapter=FamilyAdapter(model), source=path)
 
 
-def _load_layers(section: ParentSection, config, layers: range, head: bool) -> Parent:
+def _skeleton(section: ParentSection, config):
+    """The parent built on the meta device (no memory), its local checkpoint and device, for the loaders that
+    read it by key."""
     import torch
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from puzzle.families import FamilyAdapter, is_dense
-
-    directory = local_checkpoint(section)
-    if directory is None or not is_dense(config.model_type):
+    if not readable_by_key(section, config):
         raise PuzzleError("run.parent_placement: layers needs a local checkpoint of a dense parent; use replicated")
-    device = parent_device(section.device)
-    dtype = getattr(torch, section.dtype) if section.dtype != "auto" else None
+    directory = local_checkpoint(section)
+    dtype = section.dtype if section.dtype != "auto" else getattr(config, "dtype", None) or "float32"
+    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=section.attn_implementation)
+    return model, directory, parent_device(section.device)
+
+
+def readable_by_key(section: ParentSection, config) -> bool:
+    """Whether the parent's weights can be read a layer at a time: a local checkpoint of a dense family."""
+    from puzzle.families import is_dense
+
+    return _is_local(section.path) and local_checkpoint(section) is not None and is_dense(config.model_type)
+
+
+def parent_skeleton(section: ParentSection) -> Parent:
+    """The parent built on the meta device, with its tokenizer and generation config: no weights at all
+    (a caller reads what it needs by key)."""
+    model, directory, _ = _skeleton(section, parent_config(section))
+    return _finished(section, model, directory, layers=range(0))
+
+
+def _finished(section: ParentSection, model, directory: Path, **fields) -> Parent:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from puzzle.families import FamilyAdapter
+
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(directory))
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=section.trust_remote_code)
+    return Parent(model=model, tokenizer=tokenizer, adapter=FamilyAdapter(model), source=str(directory), **fields)
+
+
+def _load_layers(section: ParentSection, config, layers: range, head: bool) -> Parent:
+    from safetensors import safe_open
+
+    model, directory, device = _skeleton(section, config)
+    dtype = model.dtype
     tied = bool(getattr(config, "tie_word_embeddings", False))
     wanted = tuple(f"model.layers.{i}." for i in layers)
     wanted += ("model.embed_tokens.",) if layers.start == 0 or (head and tied) else ()
@@ -261,6 +299,12 @@ def _load_layers(section: ParentSection, config, layers: range, head: bool) -> P
     if head and tied:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the tied parameter
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
-    model.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=section.trust_remote_code)
-    return Parent(model=model, tokenizer=tokenizer, adapter=FamilyAdapter(model), source=str(directory), layers=layers)
+    return _finished(section, model, directory, layers=layers)
+
+
+def _load_sharded(section: ParentSection, config) -> Parent:
+    from puzzle.sharding import CheckpointReader, shard_from_checkpoint
+
+    model, directory, device = _skeleton(section, config)
+    shard_from_checkpoint(model, CheckpointReader(directory), device=device, dtype=model.dtype)
+    return _finished(section, model, directory, sharded=True)

@@ -167,3 +167,48 @@ def test_child_of_the_parents_own_subblocks_equals_the_parent(model_type, overri
     ids = torch.randint(0, model.config.vocab_size, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(child(input_ids=ids).logits, model(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+def test_streamed_child_equals_the_child_built_in_memory_and_holds_one_layer(job, tmp_path, monkeypatch):
+    """Realize writes a dense parent's child a layer at a time: the same tensors as the child built from the
+    whole parent, written in several files (the files' limit made small) with their index."""
+    from safetensors.torch import load_file
+
+    import puzzle.checkpoint as checkpoint
+    from puzzle.parents import parent_skeleton
+    from puzzle.sharding import CheckpointReader
+
+    choices = [BlockChoice.from_id(b) for b in MIXED[0]]
+    parent = load_parent(job.parent)
+    library = Library(job.run.dir / "library", parent.adapter)
+    expected = build_child(parent, library, choices).state_dict()
+    skeleton = parent_skeleton(job.parent)
+    held = []
+
+    def counted():
+        for name, value in checkpoint.streamed_child_tensors(skeleton, CheckpointReader(job.parent.path),
+                                                             Library(library.directory, skeleton.adapter), choices,
+                                                             torch.float32):
+            held.append(sum(any(p.device.type != "meta" for p in layer.parameters())
+                            for layer in skeleton.model.model.layers))
+            yield name, value
+
+    monkeypatch.setattr(checkpoint, "FILE_BYTES", 20_000)
+    config = checkpoint.child_config(parent.model.config, choices)
+    checkpoint.write_child(tmp_path / "child", config, counted(), tokenizer=parent.tokenizer,
+                           generation_config=parent.model.generation_config, info={})
+    assert max(held) == 1
+    index = json.loads((tmp_path / "child/model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[-1].endswith(f"-of-{len(files):05d}.safetensors")
+    got = {k: v for f in files for k, v in load_file(tmp_path / "child" / f).items()}
+    assert got.keys() == {k for k in expected if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    for name, value in got.items():
+        assert torch.equal(value, expected[name]), name
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "child", trust_remote_code=True).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits,
+                                   build_child(parent, library, choices)(input_ids=ids).logits, atol=ATOL, rtol=0)

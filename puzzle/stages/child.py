@@ -11,13 +11,17 @@ from pathlib import Path
 
 from puzzle.errors import PuzzleError
 from puzzle.blocks.specs import BlockChoice
-from puzzle.checkpoint import build_child, checkpoint_parameters, child_choices, child_info, write_checkpoint
+from puzzle.checkpoint import (
+    build_child, checkpoint_parameters, child_choices, child_config, child_info, streamed_child_tensors, write_checkpoint,
+    write_child,
+)
 from puzzle.config import PuzzleConfig
 from puzzle.distill.library import Library
 from puzzle.engines import EngineVerdict, servability
-from puzzle.parents import load_parent
+from puzzle.parents import load_parent, parent_config, parent_skeleton, readable_by_key
 from puzzle.pipeline import StageContext
 from puzzle.rundir import RunDir, Stage
+from puzzle.sharding import CheckpointReader
 from puzzle.solutions import read_solutions
 
 
@@ -57,19 +61,32 @@ def run(ctx: StageContext) -> RealizeSummary:
     started = time.time()
     config = ctx.config
     choices = _solution(config, ctx.run)
-    parent = load_parent(config.parent)
-    library = Library(ctx.run.stage_dir(Stage.library), parent.adapter)
-    child = build_child(parent, library, choices)
-    engines = servability(child.config)
     directory = ctx.directory / "checkpoint"
-    write_checkpoint(directory, child, parent, {
-        "solution": config.realize.solution,
-        "layers": [c.to_json() for c in choices],
-        "engines": [e.__dict__ for e in engines],
-    })
+    info = {"solution": config.realize.solution, "layers": [c.to_json() for c in choices]}
+    if readable_by_key(config.parent, parent_config(config.parent)):
+        engines = _streamed(config, ctx.run, choices, directory, info)
+    else:
+        parent = load_parent(config.parent)
+        child = build_child(parent, Library(ctx.run.stage_dir(Stage.library), parent.adapter), choices)
+        engines = servability(child.config)
+        write_checkpoint(directory, child, parent, {**info, "engines": [e.__dict__ for e in engines]})
     ctx.record.outputs = {"checkpoint": "checkpoint", "solution": config.realize.solution}
-    return RealizeSummary(directory, choices, checkpoint_parameters(directory),
-                          sum(p.numel() for p in parent.model.parameters()), engines, time.time() - started)
+    return RealizeSummary(directory, choices, checkpoint_parameters(directory), parent_parameters(config), engines,
+                          time.time() - started)
+
+
+def _streamed(config: PuzzleConfig, run: RunDir, choices: list[BlockChoice], directory: Path,
+              info: dict) -> list[EngineVerdict]:
+    """The child written a layer at a time on the host, from the library and the parent's files: neither the
+    parent nor the child is ever whole in memory (docs/design.md §8)."""
+    parent = parent_skeleton(config.parent)
+    child = child_config(parent.model.config, choices)
+    engines = servability(child)
+    tensors = streamed_child_tensors(parent, CheckpointReader(Path(config.parent.path).expanduser()),
+                                     Library(run.stage_dir(Stage.library), parent.adapter), choices, parent.model.dtype)
+    write_child(directory, child, tensors, tokenizer=parent.tokenizer, generation_config=parent.model.generation_config,
+                info={**info, "engines": [e.__dict__ for e in engines]})
+    return engines
 
 
 def read(ctx: StageContext) -> RealizeSummary:
