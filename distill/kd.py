@@ -8,9 +8,9 @@ Every child keeps the parent's layer count (a removed block passes its input on)
 child is compared with layer i of the parent. The parent runs under no_grad through its family adapter
 (`parent_states`, passed in: distill does not import puzzle). Multi-process: every rank takes an equal
 share of each batch and the gradients are averaged, so N processes take the same steps as one: by
-DistributedDataParallel (every rank holds the whole child), or sharded by FSDP2 (`fully_shard` on every
-decoder layer and then the rest: each rank holds 1/N of the weights, gradients and AdamW moments, and
-gathers one layer at a time), each rank then checkpointing its own shards.
+DistributedDataParallel (every rank holds the whole child), or sharded by FSDP2 (the caller shards the
+child: `fully_shard` on every decoder layer and then the rest; each rank holds 1/N of the weights,
+gradients and AdamW moments, and gathers one layer at a time), each rank then checkpointing its own shards.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from puzzle.distill.metrics import kl_divergence
 from puzzle.distill.precision import compute
@@ -99,15 +100,13 @@ def distill(
     rank: int = 0,
     world: int = 1,
     on_step: Callable[[int, dict[str, float]], None] = lambda step, losses: None,
-    sharded: bool = False,
 ) -> KdOutcome:
     """Train every parameter of `child` for `settings.steps` steps; resumes from `checkpoint_dir` if it can.
-    `sharded`: FSDP2 over the `world` ranks (the child is sharded in place) instead of DDP."""
+    A child sharded by FSDP2 (`fully_shard`) over the `world` ranks trains sharded; a whole one by DDP."""
     if settings.batch_size % world:
         raise ValueError(f"batch size {settings.batch_size} does not split over {world} processes")
-    sharded = sharded and world > 1
+    sharded = isinstance(child, FSDPModule)
     if sharded:
-        shard(child)
         checkpoint_dir = checkpoint_dir / f"rank{rank}-of{world}"
     trained = nn.ModuleDict({"child": child})
     optimizer = torch.optim.AdamW(child.parameters(), lr=settings.learning_rate, weight_decay=0.0)
@@ -140,15 +139,6 @@ def distill(
             save_checkpoint(checkpoint_dir, trained, optimizer, state, tag=repr(settings))
     child.eval()
     return KdOutcome(state.initial, evaluate(child, parent_states, eval_blocks, settings), state.train_loss)
-
-
-def shard(child: nn.Module) -> None:
-    """FSDP2 over the default process group: each decoder layer a unit, then the embeddings, norm and head."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in child.model.layers:
-        fully_shard(layer)
-    fully_shard(child)
 
 
 def _one_step_everywhere(step: int | None) -> bool:

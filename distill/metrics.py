@@ -61,31 +61,63 @@ def perplexity(nll: float) -> float:
     return math.exp(nll)
 
 
+def shared_batches(blocks: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1):
+    """(batch, counted) of this rank's share of `blocks` (every world-th block). Ranks whose share is shorter
+    repeat a batch, uncounted, so that every rank runs as many forward passes: models sharded by FSDP2
+    gather their layers in lockstep."""
+    mine = blocks[rank::world]
+    most = math.ceil(math.ceil(len(blocks) / world) / batch_size)
+    for i in range(most):
+        batch = mine[i * batch_size : (i + 1) * batch_size]
+        yield (batch, True) if len(batch) else (blocks[:1], False)
+
+
+def summed(values: list[float], world: int) -> list[float]:
+    """`values` summed over the `world` ranks (an all-reduce; as they are for one process)."""
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    total = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 @torch.no_grad()
-def next_token_loss(logits_of: LogitsOf, blocks: torch.Tensor, batch_size: int, device=None) -> tuple[float, int]:
-    """Mean next-token NLL over every predicted position of `blocks`, and the count of them."""
+def next_token_loss(logits_of: LogitsOf, blocks: torch.Tensor, batch_size: int, device=None, rank: int = 0,
+                    world: int = 1) -> tuple[float, int]:
+    """Mean next-token NLL over every predicted position of `blocks`, and the count of them; over `world`
+    ranks, each taking its share (`shared_batches`)."""
     total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        x = blocks[i : i + batch_size].to(device or blocks.device)
+    for x, counted in shared_batches(blocks, batch_size, rank, world):
+        x = x.to(device or blocks.device)
         log_probs = predicted_log_probs(logits_of(x))
-        total += F.nll_loss(log_probs.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
-        count += x[:, 1:].numel()
-    return total / count, count
+        if counted:
+            total += F.nll_loss(log_probs.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+            count += x[:, 1:].numel()
+    total, count = summed([total, count], world)
+    return total / count, int(count)
 
 
 @torch.no_grad()
 def quality(reference_logits_of: LogitsOf, models: dict[str, LogitsOf], blocks: torch.Tensor,
-            batch_size: int) -> tuple[dict[str, dict[str, float]], int]:
+            batch_size: int, rank: int = 0, world: int = 1) -> tuple[dict[str, dict[str, float]], int]:
     """KL to the reference, NLL and top-1 agreement of each model (keyed by name; the reference itself is
-    measured as "reference"), over `blocks`; and the number of predicted positions."""
+    measured as "reference"), over `blocks`; and the number of predicted positions. Over `world` ranks, each
+    takes its share of the blocks (`shared_batches`) and the sums are added."""
     meters = {name: QualityMeter() for name in ["reference", *models]}
-    for start in range(0, len(blocks), batch_size):
-        x = blocks[start : start + batch_size]
+    for x, counted in shared_batches(blocks, batch_size, rank, world):
         reference = predicted_log_probs(reference_logits_of(x))
-        meters["reference"].add(reference, reference, x)
+        if counted:
+            meters["reference"].add(reference, reference, x)
         for name, logits_of in models.items():
-            meters[name].add(reference, predicted_log_probs(logits_of(x)), x)
-    return {name: m.means() for name, m in meters.items()}, meters["reference"].count
+            log_probs = predicted_log_probs(logits_of(x))  # run on every rank, counted or not
+            if counted:
+                meters[name].add(reference, log_probs, x)
+    for meter in meters.values():
+        *sums, meter.count = summed([*meter.sums.values(), meter.count], world)
+        meter.sums = dict(zip(meter.sums, sums))
+    return {name: m.means() for name, m in meters.items()}, int(meters["reference"].count)
 
 
 def hf_logits(model) -> LogitsOf:

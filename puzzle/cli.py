@@ -283,22 +283,29 @@ def _sweep_problems(sweep: str | None) -> list[str]:
 
 
 @app.command()
-def run(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None) -> None:
+def run(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None,
+        num_processes: ProcessesOption = 1) -> None:
     """Run the whole pipeline: parent, library (BLD), scores, profile, then per job search, realize, KD, eval
     and report.
 
     Every stage already done in run.dir is reused, and a killed run resumes where it stopped. A file with
-    a `jobs:` mapping (e.g. three budgets) runs each job on the shared library, scores and profile.
+    a `jobs:` mapping (e.g. three budgets) runs each job on the shared library, scores and profile. On
+    --num-processes N, the stages that use several processes do (parent, library, scores, KD, eval); rank 0
+    runs the others while the rest wait.
     """
     from puzzle.pipeline import RUN_ORDER, SPECS, run_stage
     from puzzle.preflight import memory_problems
 
-    jobs = _checked_jobs(config, set_, job_name)
+    jobs = _checked_jobs(config, set_, job_name, processes=num_processes)
     missing = [f"search.budgets: {_job_label(j)}has none; `puzzle run` needs a budget, e.g. search.budgets: "
                "{latency: 0.5x}" for j in jobs if not j.search.budgets]
     if missing:
         raise ConfigError(missing, str(config))
-    _show_plan(jobs[0])
+    if _relaunched(num_processes, ["run", str(config)] + (["--job", job_name] if job_name else []), set_):
+        return
+    main, processes = _is_main_rank(), int(os.environ.get("WORLD_SIZE", "1"))
+    if main:
+        _show_plan(jobs[0], processes=processes)
     steps = [(None, stage) for stage in RUN_ORDER if stage not in JOB_STAGES]
     steps += [(j, stage) for j in jobs for stage in RUN_ORDER if stage in JOB_STAGES]
     _started(jobs)
@@ -309,26 +316,31 @@ def run(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None) -
             continue
         job = owner or jobs[0]
         title = f"{_job_label(owner) if owner else ''}{SPECS[stage].title}"
-        console.rule(f"[bold]stage {n}/{len(steps)}: {title}[/bold] ({time.time() - started:.0f} s so far)")
+        if main:
+            console.rule(f"[bold]stage {n}/{len(steps)}: {title}[/bold] ({time.time() - started:.0f} s so far)")
         try:
             if stage in JOB_STAGES:  # planned for the child the search chose, now that it has
-                memory = memory_problems([job], [stage])
+                memory = memory_problems([job], [stage], processes)
                 if memory:
                     raise PuzzleError("; ".join(memory))
-            _show(stage, job, run_stage(stage, job))
+            summary = run_stage(stage, job)
+            if main:
+                _show(stage, job, summary)
         except PuzzleError as e:
             # One job's impossible budget must not cost the other jobs of the file their results.
             if owner is None or len(jobs) == 1:
                 raise
             failed[owner.run.job] = str(e)
-            console.print(f"[red]job {owner.run.job} stopped: {e}[/red]")
-    for j in jobs:
+            if main:
+                console.print(f"[red]job {owner.run.job} stopped: {e}[/red]")
+    for j in jobs if main else []:
         if j.run.job in failed:
             continue
         run_dir = RunDir.of(j)
         out.print(f"{_job_label(j)}child: {run_dir.stage_dir(Stage.kd) / 'checkpoint'}")
         out.print(f"{_job_label(j)}report: {run_dir.stage_dir(Stage.report) / 'report.html'}")
-    out.print(f"run directory: {jobs[0].run.dir} ({time.time() - started:.0f} s)")
+    if main:
+        out.print(f"run directory: {jobs[0].run.dir} ({time.time() - started:.0f} s)")
     if failed:
         raise PuzzleError("; ".join(f"job {name} stopped: {reason}" for name, reason in failed.items()))
 
@@ -532,18 +544,25 @@ def eval_command(
     job_name: JobOption = None,
     kv_dtype: Annotated[Optional[str], typer.Option(help="'fp8' also runs every model with a simulated FP8 KV cache "
                                                     "and reports the KL it adds (eval.kv_dtype).", show_default=False)] = None,
+    num_processes: ProcessesOption = 1,
 ) -> None:
     """Parent, child and distilled child side by side: KL to the parent, perplexity, top-1 agreement, size,
     and prefill/decode speed measured here next to the cost model's prediction.
 
     lm-evaluation-harness tasks (eval.tasks) run on every model when it is installed. Writes
-    RUN_DIR/eval/results.json and results.csv.
+    RUN_DIR/eval/results.json and results.csv. On --num-processes N, the parent and the children are sharded
+    over the processes (FSDP2) and each measures a share of the blocks; speed is then not measured.
     """
     from puzzle.api import eval_stage
 
     overrides = list(set_ or []) + ([f"eval.kv_dtype={kv_dtype}"] if kv_dtype is not None else [])
-    for j in _checked_jobs(config, overrides, job_name, stage=Stage.eval):
-        render.evaluation(eval_stage(j), _job_label(j))
+    jobs = _checked_jobs(config, overrides, job_name, stage=Stage.eval, processes=num_processes)
+    if _relaunched(num_processes, ["eval", str(config)] + (["--job", job_name] if job_name else []), overrides):
+        return
+    for j in jobs:
+        summary = eval_stage(j)
+        if _is_main_rank():
+            render.evaluation(summary, _job_label(j))
 
 
 def _run_config_of(child: Path) -> Path:

@@ -266,8 +266,14 @@ class KdSection(TrainingSchedule):
     lm_weight: float = Field(0.0, ge=0, description="Weight of the LM loss (off by default: it hurt in the paper).")
     eval_blocks: int = Field(8, ge=1, description="Held-out blocks for the loss before and after distillation.")
     shard: bool = Field(
-        False, description="With several processes, shard the child, its gradients and AdamW states over them (FSDP2) "
-        "instead of holding the whole child on every rank (DDP).",
+        False, description="With several processes, shard the child, its gradients and AdamW states, and the parent "
+        "(the teacher), over them (FSDP2), each read a layer at a time, instead of holding both whole on every rank "
+        "(DDP).",
+    )
+    offload: bool = Field(
+        False, description="With kd.shard: keep the child's fp32 shards, gradients and AdamW states in host memory "
+        "(FSDP2 CPU offload; the optimizer steps on the CPU): a child too large for the GPUs' memory, for slower "
+        "steps.",
     )
     activation_checkpointing: bool = Field(
         False, description="Keep only each layer's input for the backward pass and recompute the rest: less memory "
@@ -278,6 +284,8 @@ class KdSection(TrainingSchedule):
     def _some_loss(self) -> KdSection:
         if self.kl_weight == self.cosine_weight == self.lm_weight == 0:
             raise ValueError("kd.kl_weight, kd.cosine_weight and kd.lm_weight are all 0: nothing to train on")
+        if self.offload and not self.shard:
+            raise ValueError("kd.offload: true offloads FSDP2's shards; set kd.shard: true too")
         return self
 
 

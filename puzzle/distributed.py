@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from datetime import timedelta
 import sys
 from dataclasses import dataclass
 
@@ -97,7 +98,8 @@ def workers() -> Workers:
     if world == 1:
         return Workers(0, 1)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Ranks wait for rank 0 through a one-process stage (a profile, a search): far longer than the defaults.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=12))
     return Workers(dist.get_rank(), dist.get_world_size())
 
 

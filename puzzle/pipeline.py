@@ -61,7 +61,7 @@ class StageSpec:
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec(Stage.parent, "parent", "run", ("parent", "data", "eval"), outputs=("summary.json",)),
+    StageSpec(Stage.parent, "parent", "run", ("parent", "data", "eval"), outputs=("summary.json",), distributed=True),
     StageSpec(Stage.library, "library (BLD)", "distill", ("run.seed", "parent", "data", "library", "bld"),
               outputs=("space.json", "table.csv"), distributed=True, reuse=False),
     StageSpec(Stage.scores, "scores", "score", ("parent", "data", "scoring"), upstream=(Stage.library,),
@@ -78,7 +78,7 @@ STAGES: tuple[StageSpec, ...] = (
               outputs=("checkpoint/config.json", "summary.json"), distributed=True, version=2),
     StageSpec(Stage.eval, "eval", "eval", ("eval", "data", "parent", "profile"),
               upstream=(Stage.profile, Stage.child, Stage.kd), requires=(Needs(Stage.child, "checkpoint"),),
-              outputs=("results.json",), version=2),
+              outputs=("results.json",), version=2, distributed=True),
     StageSpec(Stage.report, "report", "report", ("search",), upstream=(Stage.search, Stage.child, Stage.kd, Stage.eval),
               requires=(Needs(Stage.search, "solutions.json"), Needs(Stage.child, "checkpoint/puzzle_child.json"),
                         Needs(Stage.eval, "results.json")),
@@ -144,13 +144,18 @@ def run_stage(stage: Stage, config: PuzzleConfig, **options: Any):
     ctx = StageContext(config, run, stage, stage_key(spec, config, run, **options))
     if spec.reuse and run.is_done(stage, ctx.key) and all((ctx.directory / o).exists() for o in spec.outputs):
         return module.read(ctx, **options)
-    if not spec.distributed:
-        with run.stage(stage, ctx.key) as record:
-            ctx.record = record
-            return module.run(ctx, **options)
     from puzzle.distributed import workers
 
     team = workers()
+    if not spec.distributed:
+        # A one-process stage in a multi-process command: rank 0 runs it, the others wait and read its result.
+        summary = None
+        if team.is_main:
+            with run.stage(stage, ctx.key) as record:
+                ctx.record = record
+                summary = module.run(ctx, **options)
+        team.barrier()
+        return summary if team.is_main else module.read(ctx, **options)
     # Rank 0 keeps the manifest; the other ranks work under locks of their own.
     with run.stage(stage, ctx.key) if team.is_main else run.lock(stage, suffix=f"rank{team.rank}") as record:
         ctx.record = record if team.is_main else StageRecord()

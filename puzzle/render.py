@@ -103,6 +103,14 @@ def kd(summary, label: str = "") -> None:
 
 
 
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
 def evaluation(summary, label: str = "") -> None:
     s = summary.scenario
     table = Table(title=f"{label}evaluation: {summary.validation_tokens:,} held-out tokens; speed on {summary.device} at "
@@ -115,8 +123,8 @@ def evaluation(summary, label: str = "") -> None:
         predicted = summary.speedup(m.name, "predicted")
         table.add_row(
             m.name, f"{m.parameters:,}", f"{m.kl:.4f}", f"{m.perplexity:.2f}", f"{m.top1:.1%}",
-            f"{m.prefill_tokens_per_second:,.0f}", f"{m.decode_tokens_per_second:,.0f}",
-            f"{summary.speedup(m.name, 'measured'):.2f}x", "n/a" if predicted is None else f"{predicted:.2f}x",
+            _rate(m.prefill_tokens_per_second), _rate(m.decode_tokens_per_second),
+            _ratio(summary.speedup(m.name, "measured")), _ratio(predicted),
             *([f"{m.kv_fp8_added_kl:+.5f}"] if fp8 else []),
         )
     out.print(table)

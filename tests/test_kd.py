@@ -129,18 +129,19 @@ def test_kd_before_realize_names_the_missing_stage(tmp_path, tiny_parent_dir, mo
     assert len(out.err.strip().splitlines()) == 1
 
 
-def _fsdp_run(rank: int, world: int, port: int, child_dir: str, parent_dir: str, work: str) -> None:
-    """One rank of a sharded KD that dies right after its second checkpoint, then resumes (spawned)."""
+def _fsdp_run(rank: int, world: int, port: int, child_dir: str, parent_dir: str, work: str, offload: bool) -> None:
+    """One rank of a sharded KD (child and teacher) that dies right after its second checkpoint, then resumes,
+    the second time with the child's shards offloaded to the host (spawned)."""
     import torch.distributed as dist
 
-    from puzzle.checkpoint import load_child
+    from puzzle.checkpoint import load_child_sharded
     from puzzle.config import ParentSection
     from puzzle.parents import load_parent
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    adapter = load_parent(ParentSection(path=parent_dir)).adapter
+    adapter = load_parent(ParentSection(path=parent_dir), sharded=True).adapter  # the teacher sharded too
     blocks, settings = _fsdp_data(adapter.config.vocab_size)
     real_save, real_losses, trained = kd.save_checkpoint, kd.kd_losses, []
 
@@ -156,22 +157,21 @@ def _fsdp_run(rank: int, world: int, port: int, child_dir: str, parent_dir: str,
 
     kd.save_checkpoint, kd.kd_losses = save_then_die, counted
     try:
-        kd.distill(load_child(Path(child_dir), torch.float32), _parent_states(adapter), blocks, blocks[:2], settings,
-                   Path(work) / "resume", rank, world, sharded=True)
+        kd.distill(load_child_sharded(Path(child_dir), torch.float32, torch.device("cpu")), _parent_states(adapter),
+                   blocks, blocks[:2], settings, Path(work) / "resume", rank, world)
     except KeyboardInterrupt:
         pass
     assert len(trained) == 4
     trained.clear()
-    child = load_child(Path(child_dir), torch.float32)
-    kd.distill(child, _parent_states(adapter), blocks, blocks[:2], settings, Path(work) / "resume", rank, world,
-               sharded=True)
-    from puzzle.stages.kd import gathered
+    child = load_child_sharded(Path(child_dir), torch.float32, torch.device("cpu"), offload=offload)
+    kd.distill(child, _parent_states(adapter), blocks, blocks[:2], settings, Path(work) / "resume", rank, world)
+    from puzzle.sharding import full_tensors
 
-    whole = gathered(child, Path(child_dir))
+    whole = dict(full_tensors(child))  # every rank gathers
     if rank == 0:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in whole.state_dict().items()}, str(Path(work) / "sharded.safetensors"))
+        save_file({k: v.contiguous() for k, v in whole.items()}, str(Path(work) / "sharded.safetensors"))
         (Path(work) / "steps.json").write_text(json.dumps(len(trained)))
     dist.destroy_process_group()
 
@@ -213,10 +213,48 @@ def test_sharded_kd_killed_after_a_checkpoint_resumes_and_equals_one_process(job
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_fsdp_run, args=(2, port, str(child_dir), str(config.parent.path), str(tmp_path)), nprocs=2,
-                       start_method="spawn")
+    mp.start_processes(_fsdp_run, args=(2, port, str(child_dir), str(config.parent.path), str(tmp_path), True),
+                       nprocs=2, start_method="spawn")
     # Steps 5 and 6 only: the rest came from the checkpoints each rank saved of its own shards.
     assert json.loads((tmp_path / "steps.json").read_text()) == 6 - 4
     got = load_file(tmp_path / "sharded.safetensors")
     for name, value in child.state_dict().items():
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_puzzle_run_on_two_processes_shards_parent_kd_and_eval_like_one_process(job, tmp_path):
+    """`puzzle run --num-processes 2`: the parent stage and eval with the parent (and the children) sharded by
+    FSDP2 over both processes, each measuring half the blocks; KD with child and teacher sharded; the
+    one-process stages (profile, search, realize, report) on rank 0. Same numbers as one process."""
+    import shutil
+
+    path, reference = job
+    runs = {n: tmp_path / f"p{n}" for n in (1, 2)}
+    for n, run in runs.items():
+        for stage in ("library", "scores", "profile"):
+            shutil.copytree(reference.run.dir / stage, run / stage)
+        settings = FAST + ["profile.device=h100", "search.budgets.latency=0.8x"] + KD + ["kd.shard=true", f"run.dir={run}"]
+        result = subprocess.run(
+            [sys.executable, "-m", "puzzle", "run", str(path), *[a for f in settings for a in ("--set", f)],
+             "--num-processes", str(n)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = runs[1], runs[2]
+    manifest = {s: json.loads((two / s / "manifest.json").read_text())["outputs"] for s in ("parent", "kd", "eval")}
+    assert manifest["parent"]["parent_sharded"] and manifest["eval"]["sharded"]
+    assert manifest["kd"]["parallel"] == "fsdp2" and manifest["kd"]["teacher_sharded"]
+    expected_parent, parent = (json.loads((r / "parent/summary.json").read_text()) for r in (one, two))
+    assert parent["validation_tokens"] == expected_parent["validation_tokens"]
+    assert parent["validation_loss"] == pytest.approx(expected_parent["validation_loss"], rel=1e-5)
+    assert (two / "child/checkpoint/puzzle_child.json").read_text() == (one / "child/checkpoint/puzzle_child.json").read_text()
+    expected, got = ({m["name"]: m for m in json.loads((r / "eval/results.json").read_text())["models"]} for r in (one, two))
+    assert got.keys() == expected.keys() == {"parent", "child", "child + KD"}
+    for name, m in got.items():
+        # The realized child is the same; the distilled one differs by KD's order of gradient sums.
+        rel = 1e-3 if name == "child + KD" else 1e-5
+        for key in ("kl", "lm_loss", "top1"):
+            assert m[key] == pytest.approx(expected[name][key], rel=rel, abs=1e-6), (name, key)
+        assert m["measured_latency"] is None and expected[name]["measured_latency"] > 0  # a sharded model is not timed
+    assert "not measured (sharded)" in (two / "report/report.md").read_text()

@@ -18,12 +18,14 @@ import pandas as pd
 from puzzle.blocks.costs import DTYPE_BYTES, Scenario, kv_cache_bytes
 from puzzle.io import atomic_path, atomic_write_json, read_json
 from puzzle.blocks.specs import BlockChoice
-from puzzle.checkpoint import build_child, child_choices, load_child
+from puzzle.checkpoint import build_child, child_choices, load_child, load_child_sharded
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.distill.library import Library
 from puzzle.distill.metrics import hf_logits, perplexity, quality
-from puzzle.parents import load_parent
+from puzzle.distributed import Workers
+from puzzle.errors import PuzzleError
+from puzzle.parents import load_parent, parent_config, readable_by_key
 from puzzle.pipeline import StageContext
 from puzzle.progress import progress_bar
 from puzzle.rundir import RunDir, Stage
@@ -41,9 +43,10 @@ class ModelResult:
     lm_loss: float
     perplexity: float
     top1: float  # agreement with the parent's greedy next token
-    prefill_tokens_per_second: float
-    decode_tokens_per_second: float
-    measured_latency: float  # seconds per batch: prefill + every decode step, by the timing rule
+    # Speed: None when the models were sharded over processes (a sharded model's speed is not the model's).
+    prefill_tokens_per_second: float | None
+    decode_tokens_per_second: float | None
+    measured_latency: float | None  # seconds per batch: prefill + every decode step, by the timing rule
     predicted_latency: float | None  # the cost model's sum of blocks + fixed, when the profile has every block
     tasks: dict[str, dict] = field(default_factory=dict)  # lm-evaluation-harness results per task
     kv_fp8_added_kl: float | None = None  # with eval.kv_dtype fp8: KL to the parent a simulated FP8 KV cache adds
@@ -84,14 +87,20 @@ def lm_eval_tasks(model, tokenizer, config: PuzzleConfig) -> dict[str, dict]:
     return {task: {k: v for k, v in r.items() if isinstance(v, (int, float))} for task, r in results["results"].items()}
 
 
-def run(ctx: StageContext) -> EvalSummary:
+def run(ctx: StageContext, team: Workers) -> EvalSummary | None:
+    """On several processes, the parent and the children are sharded over them by FSDP2 (each read a layer at a
+    time) where the parent's weights can be read by key, and each process measures its share of the held-out
+    blocks; speed, FP8 KV and lm-evaluation-harness tasks are for one process."""
     started = time.time()
     config, run_dir = ctx.config, ctx.run
+    if team.world > 1 and (config.eval.kv_dtype == "fp8" or config.eval.tasks):
+        raise PuzzleError("eval.kv_dtype fp8 and eval.tasks run on one process; leave them out of a multi-process eval")
     models = evaluated_models(run_dir)
-    parent = load_parent(config.parent)
-    device = parent.model.device
-    dtype = next(parent.model.parameters()).dtype
-    loaded = {name: load_child(path, dtype, device) for name, path in models}
+    sharded = team.world > 1 and readable_by_key(config.parent, parent_config(config.parent))
+    parent = load_parent(config.parent, sharded=sharded)
+    device, dtype = parent.device, parent.dtype
+    loaded = {name: load_child_sharded(path, dtype, device) if sharded else load_child(path, dtype, device)
+              for name, path in models}
     token_blocks = job_blocks(config, parent.tokenizer)
     blocks = token_blocks.validation[: config.eval.validation_blocks].to(device)
     scenario = config.profile.scenario
@@ -102,20 +111,23 @@ def run(ctx: StageContext) -> EvalSummary:
     fp8 = config.eval.kv_dtype == "fp8"
     everyone = [("parent", parent.model), *loaded.items()]
     with progress_bar() as bar:
-        task = bar.add_task("evaluate", total=2 + fp8 + len(everyone), status="quality on held-out text")
+        task = bar.add_task("evaluate", total=2 + fp8 + len(everyone), status="quality on held-out text",
+                            visible=team.is_main)
         scores, tokens = quality(adapter.logits, {n: hf_logits(m) for n, m in loaded.items()}, blocks,
-                                 config.eval.batch_size)
+                                 config.eval.batch_size, team.rank, team.world)
         scores["parent"] = scores.pop("reference")
         bar.advance(task)
+        if not team.is_main:
+            return None
         effects = {}
         if fp8:
             bar.update(task, status="FP8 KV cache")
             effects = _fp8_effects(config, run_dir, parent, loaded,
                                    token_blocks.calibration(config.data.calibration_blocks), blocks)
             bar.advance(task)
-        bar.update(task, status="speed, every model in turn")
-        times = generation_times([m for _, m in everyone], scenario, config.eval.speed_warmup,
-                                 config.eval.speed_repeats)
+        bar.update(task, status="speed, every model in turn" if team.world == 1 else "")
+        times = (generation_times([m for _, m in everyone], scenario, config.eval.speed_warmup,
+                                  config.eval.speed_repeats) if team.world == 1 else [(None, None)] * len(everyone))
         bar.advance(task)
         results = []
         for (name, model), (prefill, decode) in zip(everyone, times):
@@ -129,16 +141,17 @@ def run(ctx: StageContext) -> EvalSummary:
                 kv_bytes=sum(kv_cache_bytes(c.attention, shape, scenario)
                              for c, shape in zip(choices[name], adapter.shapes)),
                 kl=s["kl"], lm_loss=s["lm_loss"], perplexity=perplexity(s["lm_loss"]), top1=s["top1"],
-                prefill_tokens_per_second=scenario.batch_size * scenario.prefill_length / prefill,
-                decode_tokens_per_second=scenario.batch_size / decode,
-                measured_latency=scenario.latency(prefill, decode),
+                prefill_tokens_per_second=prefill and scenario.batch_size * scenario.prefill_length / prefill,
+                decode_tokens_per_second=decode and scenario.batch_size / decode,
+                measured_latency=prefill and scenario.latency(prefill, decode),
                 predicted_latency=_predicted(rows, choices[name], scenario), tasks=tasks,
                 **(_fp8_fields(effects[name]) if effects else {}),
             ))
-    summary = EvalSummary(results, scenario, local_device_name(device), tokens, ctx.directory / "results.json",
-                          time.time() - started)
+    device_name = local_device_name(device) + (f", {team.world} processes (speed not measured)" if team.world > 1 else "")
+    summary = EvalSummary(results, scenario, device_name, tokens, ctx.directory / "results.json", time.time() - started)
     _write(summary)
-    ctx.record.outputs = {"results": summary.file.name, "table": "results.csv"}
+    ctx.record.outputs = {"results": summary.file.name, "table": "results.csv", "processes": team.world,
+                          "sharded": sharded}
     return summary
 
 

@@ -19,15 +19,16 @@ import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_path, atomic_write_json, read_json
-from puzzle.checkpoint import child_info, load_child, write_checkpoint
+from puzzle.checkpoint import child_info, load_child, load_child_sharded, write_checkpoint, write_child
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.distill.kd import KdSettings, distill
 from puzzle.distributed import Workers
-from puzzle.parents import load_parent
+from puzzle.parents import load_parent, parent_config, readable_by_key
 from puzzle.pipeline import StageContext
 from puzzle.progress import progress_bar
 from puzzle.rundir import RunDir, Stage
+from puzzle.sharding import full_tensors, is_sharded
 
 
 @dataclass(frozen=True)
@@ -70,16 +71,19 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
     config, directory = ctx.config, ctx.directory
     source, _ = child_source(config, ctx.run)
     s = settings(config)
-    parent = load_parent(config.parent)
-    dtype = next(parent.model.parameters()).dtype
+    sharded = config.kd.shard and team.world > 1
+    # The teacher is sharded too where its weights can be read a layer at a time (a dense local parent).
+    parent = load_parent(config.parent, sharded=sharded and readable_by_key(config.parent, parent_config(config.parent)))
+    dtype, device = parent.dtype, parent.device
     # Trained in fp32 (master weights and AdamW state), computed in the parent's dtype, saved in it.
-    child = load_child(source, torch.float32, parent.model.device)
+    child = (load_child_sharded(source, torch.float32, device, offload=config.kd.offload) if sharded
+             else load_child(source, torch.float32, device))
     child.model.activation_checkpointing = config.kd.activation_checkpointing
     blocks = job_blocks(config, parent.tokenizer)
     adapter = parent.adapter
 
     def parent_states(x):
-        states = adapter.hidden_states(x.to(parent.model.device))
+        states = adapter.hidden_states(x.to(device))
         return states, adapter.head(states[-1])
 
     with progress_bar() as bar:
@@ -89,38 +93,39 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
             directory / "resume" / hashlib.sha256(ctx.key.encode()).hexdigest()[:16], team.rank, team.world,
             on_step=lambda step, losses: bar.update(
                 task, completed=step, status=f"loss {losses['total']:.4f} (KL {losses['kl']:.4f})"),
-            sharded=config.kd.shard,
         )
-    if config.kd.shard and team.world > 1:
-        child = gathered(child, source)  # every rank takes part; rank 0 receives the whole child
+    tokens = s.steps * s.batch_size * blocks.train.length
+    info = {**child_info(source), "kd": {"source": str(source), "steps": s.steps, "tokens": tokens}}
+    _write_child(directory / "checkpoint", child, parent, dtype, info, team)
     if not team.is_main:
         return None
-    tokens = s.steps * s.batch_size * blocks.train.length
-    write_checkpoint(directory / "checkpoint", child.to(dtype), parent, {
-        **child_info(source), "kd": {"source": str(source), "steps": s.steps, "tokens": tokens},
-    })
     with atomic_path(directory / "train_log.csv") as tmp:
         pd.DataFrame(outcome.train_loss).rename_axis("step").to_csv(tmp)
     summary = KdSummary(directory / "checkpoint", s.steps, tokens, outcome.before, outcome.after,
                         time.time() - started)
     atomic_write_json(directory / "summary.json", {**asdict(summary), "directory": "checkpoint"})
     shutil.rmtree(directory / "resume", ignore_errors=True)
-    parallel = "none" if team.world == 1 else "fsdp2" if config.kd.shard else "ddp"
+    parallel = "none" if team.world == 1 else "fsdp2" if sharded else "ddp"
     ctx.record.outputs = {"checkpoint": "checkpoint", "summary": "summary.json", "train_log": "train_log.csv",
-                          "processes": team.world, "parallel": parallel}
+                          "processes": team.world, "parallel": parallel, "teacher_sharded": parent.sharded,
+                          "offload": sharded and config.kd.offload}
     return summary
 
 
-def gathered(child, source: Path):
-    """A sharded child's full weights in an unsharded copy on rank 0 (None elsewhere), on the host."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(child, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not full:
-        return None
-    whole = load_child(source, torch.float32)
-    whole.load_state_dict(full)
-    return whole
+def _write_child(directory: Path, child, parent, dtype: torch.dtype, info: dict, team: Workers) -> None:
+    """The distilled child in the parent's dtype, written by rank 0. A sharded child is gathered a tensor at a
+    time (every rank takes part) and written as it comes: no rank ever holds it whole."""
+    if not is_sharded(child):
+        if team.is_main:
+            write_checkpoint(directory, child.to(dtype), parent, info)
+        return
+    tensors = ((name, value.to(dtype)) for name, value in full_tensors(child))
+    if not team.is_main:
+        for _ in tensors:
+            pass
+        return
+    write_child(directory, child.config, tensors, tokenizer=parent.tokenizer,
+                generation_config=parent.model.generation_config, info=info)
 
 
 def read(ctx: StageContext) -> KdSummary:

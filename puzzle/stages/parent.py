@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 from puzzle.io import atomic_write_json, read_json
 from puzzle.data import job_blocks
 from puzzle.distill.metrics import next_token_loss, perplexity
-from puzzle.parents import load_parent
+from puzzle.distributed import Workers
+from puzzle.parents import load_parent, parent_config, readable_by_key
 from puzzle.pipeline import StageContext
 
 
@@ -35,17 +36,24 @@ class ParentSummary:
         return cls(**{**data, "layers": [LayerSummary(**layer) for layer in data["layers"]]})
 
 
-def validation_loss(adapter, blocks, batch_size: int) -> tuple[float, int]:
-    """Mean next-token loss of the model behind `adapter`, run layer by layer, and the tokens it covers."""
-    return next_token_loss(adapter.logits, blocks, batch_size, next(adapter.model.parameters()).device)
+def validation_loss(adapter, blocks, batch_size: int, rank: int = 0, world: int = 1) -> tuple[float, int]:
+    """Mean next-token loss of the model behind `adapter`, run layer by layer, and the tokens it covers; over
+    `world` ranks, each taking its share of the blocks."""
+    device = adapter.model.model.rotary_emb.inv_freq.device
+    return next_token_loss(adapter.logits, blocks, batch_size, device, rank, world)
 
 
-def run(ctx: StageContext) -> ParentSummary:
+def run(ctx: StageContext, team: Workers) -> ParentSummary | None:
+    """On several processes the parent is sharded over them by FSDP2 (read a layer at a time) where its
+    weights can be read by key, and each process measures its share of the held-out blocks."""
     config = ctx.config
-    parent = load_parent(config.parent)
+    sharded = team.world > 1 and readable_by_key(config.parent, parent_config(config.parent))
+    parent = load_parent(config.parent, sharded=sharded)
     blocks = job_blocks(config, parent.tokenizer)
     loss, tokens = validation_loss(parent.adapter, blocks.validation[: config.eval.validation_blocks],
-                                   config.eval.batch_size)
+                                   config.eval.batch_size, team.rank, team.world)
+    if not team.is_main:
+        return None
     cfg = parent.model.config
     summary = ParentSummary(
         source=parent.source,
@@ -66,7 +74,8 @@ def run(ctx: StageContext) -> ParentSummary:
         validation_tokens=tokens,
     )
     atomic_write_json(ctx.directory / "summary.json", asdict(summary))
-    ctx.record.outputs = {"summary": "summary.json", "data_fingerprint": blocks.fingerprint}
+    ctx.record.outputs = {"summary": "summary.json", "data_fingerprint": blocks.fingerprint, "processes": team.world,
+                          "parent_sharded": sharded}
     return summary
 
 

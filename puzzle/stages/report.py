@@ -55,13 +55,19 @@ def comparison_table(results: dict) -> pd.DataFrame:
             "parameters": f"{m['parameters']:,} ({m['parameters'] / parent['parameters']:.2f}x)",
             "weights MiB": f"{m['weight_bytes'] / 2**20:.2f}",
             "KV cache MiB": f"{m['kv_bytes'] / 2**20:.3f}",
-            "prefill tokens/s (measured)": f"{m['prefill_tokens_per_second']:,.0f}",
-            "decode tokens/s (measured)": f"{m['decode_tokens_per_second']:,.0f}",
-            "latency per batch, s (measured)": f"{m['measured_latency']:.4f}",
-            "speedup (measured)": f"{parent['measured_latency'] / m['measured_latency']:.2f}x",
+            "prefill tokens/s (measured)": _shown(m["prefill_tokens_per_second"], ",.0f"),
+            "decode tokens/s (measured)": _shown(m["decode_tokens_per_second"], ",.0f"),
+            "latency per batch, s (measured)": _shown(m["measured_latency"], ".4f"),
+            "speedup (measured)": _shown(m["measured_latency"] and parent["measured_latency"] / m["measured_latency"],
+                                         ".2f", "x"),
             "speedup (predicted by the cost model)": "n/a" if predicted is None else f"{predicted:.2f}x",
         }
     return pd.DataFrame(rows)
+
+
+def _shown(value: float | None, spec: str, unit: str = "") -> str:
+    """A measured number, or why there is none (a multi-process eval does not time sharded models)."""
+    return "not measured (sharded)" if value is None else f"{value:{spec}}{unit}"
 
 
 def architecture_table(choices: list[BlockChoice], solution: Architecture) -> pd.DataFrame:
