@@ -240,9 +240,11 @@ def plan(
     """The memory plan: per stage, the peak memory one rank needs (weights, activations, candidates, optimizer
     states, caches) and whether it fits. Reads only the parent's config.json: no weights, no data.
 
-    Exits with 2 when a stage cannot fit, naming the stage, the numbers and what to change.
+    Exits with 2 when a stage of `puzzle run` cannot fit, naming the stage, the numbers and what to change
+    (fuse, which runs only when asked for, gets a note).
     """
     from puzzle.config import load_jobs as load
+    from puzzle.pipeline import RUN_ORDER
     from puzzle.preflight import job_plan
     from puzzle.parents import local_checkpoint
 
@@ -266,8 +268,11 @@ def plan(
     where = {"device": device, "gpus": gpus} if device else {"processes": num_processes}
     memory = job_plan(jobs[0], **where)
     render.memory_plan(memory)
-    if memory.problems():
-        raise ConfigError(memory.problems(), str(config))
+    for line in memory.problems([Stage.fuse]):
+        out.print(f"note (puzzle fuse runs only when asked for, on one process): {line}")
+    problems = memory.problems(list(RUN_ORDER))
+    if problems:
+        raise ConfigError(problems, str(config))
 
 
 def _sweep_problems(sweep: str | None) -> list[str]:

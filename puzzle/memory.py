@@ -98,8 +98,9 @@ class MemoryPlan:
             fix = s.fix or self.target.change
             if any(t.name.startswith("parent") and "weights" in t.name and t.bytes > self.target.capacity
                    for t in s.terms):
-                fix = ("the parent's weights alone exceed a rank's memory and every rank holds the whole parent "
-                       f"(sharding it over GPUs is not built yet): {self.target.change}")
+                fix = ("the parent's weights alone exceed a rank's memory and this stage holds the whole parent on "
+                       "each rank (only a dense parent in a local checkpoint is sharded, and only on several "
+                       f"processes): {self.target.change}")
             out.append(
                 f"memory plan: stage {s.stage.value} needs {gib(s.peak(self.target))} per rank, more than the "
                 f"{gib(self.target.capacity)} a rank has on {self.target.name} (largest part: {biggest.name}, "
@@ -392,7 +393,15 @@ def _child_params(config: PuzzleConfig, model: ModelShape) -> tuple[int, str]:
     return model.params, UPPER_BOUND
 
 
-def _kd(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
+def _sharded_parent(model: ModelShape, target: Target, name: str = "parent") -> list[Term]:
+    """A parent sharded by FSDP2 over the target's ranks: its share at rest, and one layer and the root
+    (embeddings, norm, head) gathered whole while they run."""
+    return [Term(f"{name} weights, 1/{target.ranks} per rank (FSDP2)", model.weight_bytes / target.ranks),
+            Term(f"{name}: one layer gathered, and the embeddings and head (FSDP2 root)",
+                 (max(model.layer_params()) + model.fixed_params) * model.dtype_bytes)]
+
+
+def _kd(config: PuzzleConfig, model: ModelShape, target: Target, by_key: bool) -> StagePlan:
     child, source = _child_params(config, model)
     sharded = config.kd.shard and target.ranks > 1
     n = target.ranks if sharded else 1
@@ -401,9 +410,13 @@ def _kd(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
     act = model.dtype_bytes
     widest_layer = max(model.layer_params())
     one_layer = b * t * (12 * h + 4 * model.widest()) * min(act, 4)
-    terms = [target.runtime, model.parent_weights(target, uses_head=True, name="parent (teacher) weights")]
+    teacher = (_sharded_parent(model, target, "parent (teacher)") if sharded and by_key
+               else [model.parent_weights(target, uses_head=True, name="parent (teacher) weights")])
+    terms = [target.runtime, *teacher]
     if sharded:
-        terms += [Term(f"child: fp32 weights, grads, AdamW, 1/{n} per rank (FSDP2)", child * TRAINED_BYTES / n),
+        offload = config.kd.offload
+        terms += [Term(f"child: fp32 weights, grads, AdamW, 1/{n} per rank (FSDP2"
+                       + (", in host memory: kd.offload)" if offload else ")"), child * TRAINED_BYTES / n, host=offload),
                   Term("child layers gathered (two at a time) and the embeddings and head (FSDP2 root)",
                        (2 * widest_layer + model.fixed_params) * 4)]
     else:
@@ -420,23 +433,47 @@ def _kd(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
     terms += [Term("teacher hidden states", (layers + 1) * b * t * h * act),
               Term("logits: teacher, child, float32 log-softmax and grads", b * t * model.vocab_size * (2 * act + 20))]
     fix = ("lower kd.batch_size or data.sequence_length, set kd.activation_checkpointing, run more processes with "
-           "kd.shard, or search for a smaller child")
+           "kd.shard, set kd.offload, or search for a smaller child")
     return StagePlan(Stage.kd, tuple(terms), target.ranks, note=source, fix=fix, bound=source == UPPER_BOUND)
 
 
-def _two_models(stage: Stage, config: PuzzleConfig, model: ModelShape, target: Target, batch: int) -> StagePlan:
+def _two_models(stage: Stage, config: PuzzleConfig, model: ModelShape, target: Target, batch: int,
+                sharded: bool = False) -> StagePlan:
+    """The parent and a child side by side (eval, fuse); `sharded`: both sharded by FSDP2 over the ranks."""
     child, source = _child_params(config, model)
-    terms = (target.runtime, model.parent_weights(target, uses_head=True),
-             Term("child weights (parent's dtype)", child * model.dtype_bytes),
-             _logit_terms(model, batch, config.data.sequence_length, "logits of one batch"))
-    return StagePlan(stage, terms, 1, note=source, fix="lower eval.batch_size or data.sequence_length",
-                     bound=source == UPPER_BOUND)
+    logits = _logit_terms(model, batch, config.data.sequence_length, "logits of one batch")
+    if sharded:
+        terms = (target.runtime, *_sharded_parent(model, target),
+                 Term(f"child weights, 1/{target.ranks} per rank (FSDP2)", child * model.dtype_bytes / target.ranks),
+                 logits)
+        note = f"{source}; parent and children sharded over {target.ranks} ranks (FSDP2)"
+    else:
+        terms = (target.runtime, model.parent_weights(target, uses_head=True),
+                 Term("child weights (parent's dtype)", child * model.dtype_bytes), logits)
+        note = source
+    return StagePlan(stage, terms, target.ranks if sharded else 1, note=note,
+                     fix="lower eval.batch_size or data.sequence_length", bound=source == UPPER_BOUND)
 
 
-def _parent(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
-    terms = (target.runtime, model.parent_weights(target, uses_head=True),
+def _parent(config: PuzzleConfig, model: ModelShape, target: Target, sharded: bool) -> StagePlan:
+    held = _sharded_parent(model, target) if sharded else [model.parent_weights(target, uses_head=True)]
+    terms = (target.runtime, *held,
              _logit_terms(model, config.eval.batch_size, config.data.sequence_length, "logits of one batch", 1))
-    return StagePlan(Stage.parent, terms, 1, fix="lower eval.batch_size or data.sequence_length")
+    return StagePlan(Stage.parent, terms, target.ranks if sharded else 1,
+                     note=f"sharded over {target.ranks} ranks (FSDP2)" if sharded else "",
+                     fix="lower eval.batch_size or data.sequence_length")
+
+
+def _realize(config: PuzzleConfig, model: ModelShape, target: Target, by_key: bool) -> StagePlan:
+    """Streamed on the host a layer at a time (a parent read by key), else parent and child whole."""
+    if not by_key:
+        return _two_models(Stage.child, config, model, target, 1)
+    layer = max(model.layer_params()) * model.dtype_bytes
+    from puzzle.checkpoint import FILE_BYTES
+
+    terms = (target.runtime, Term("one parent layer and its child blocks (host)", 2 * layer, host=True),
+             Term("the output file being filled (host)", min(FILE_BYTES, model.weight_bytes) + layer, host=True))
+    return StagePlan(Stage.child, terms, 1, note="streamed a layer at a time on the host")
 
 
 def _profile(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
@@ -468,16 +505,20 @@ def _library(config: PuzzleConfig, hf_config, model: ModelShape, candidates: lis
 
 def plan(config: PuzzleConfig, hf_config, tgt: Target, candidates: list) -> MemoryPlan:
     """Every stage's plan for `config` on `tgt`; `candidates`: what BLD trains."""
+    from puzzle.parents import readable_by_key
+
     model = model_shape(config, hf_config)
+    by_key = readable_by_key(config.parent, hf_config)
+    sharded = by_key and tgt.ranks > 1  # the parent and eval stages shard the parent over the processes
     stages = (
-        _parent(config, model, tgt),
+        _parent(config, model, tgt, sharded),
         _library(config, hf_config, model, candidates, tgt),
         _scores(config, hf_config, model, tgt),
         _profile(config, model, tgt),
         _light(Stage.search, tgt, "the MIP on the CPU"),
-        _two_models(Stage.child, config, model, tgt, 1),
-        _kd(config, model, tgt),
-        _two_models(Stage.eval, config, model, tgt, config.eval.batch_size),
+        _realize(config, model, tgt, by_key),
+        _kd(config, model, tgt, by_key),
+        _two_models(Stage.eval, config, model, tgt, config.eval.batch_size, sharded),
         _light(Stage.report, tgt, "tables and plots"),
         _two_models(Stage.fuse, config, model, tgt, config.eval.batch_size),
     )
