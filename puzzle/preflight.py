@@ -206,7 +206,7 @@ def job_plan(config: PuzzleConfig, *, device: str | None = None, gpus: int = 1, 
 
 def process_problems(configs: list[PuzzleConfig], stage: Stage | None, processes: int) -> list[str]:
     """What a multi-process command cannot split: KD's batch over the processes, the parent's layers over
-    the ranks of a pipeline."""
+    the ranks of a pipeline; what eval does on one process only."""
     from puzzle.memory import split_problem
     from puzzle.parents import parent_config
 
@@ -217,6 +217,10 @@ def process_problems(configs: list[PuzzleConfig], stage: Stage | None, processes
         if stage in (Stage.kd, None) and c.kd.batch_size % processes:
             problems.append(f"kd.batch_size: {c.kd.batch_size} does not split over {processes} processes; give a "
                             f"multiple of {processes}, or a process count that divides {c.kd.batch_size}")
+        if stage in (Stage.eval, None) and (c.eval.kv_dtype == "fp8" or c.eval.tasks):
+            key = "eval.kv_dtype" if c.eval.kv_dtype == "fp8" else "eval.tasks"
+            problems.append(f"{key}: runs on one process (a sharded model is not what the engines serve); run eval "
+                            f"without --num-processes, or leave {key} out")
         if stage in (Stage.library, Stage.scores, None) and c.run.parent_placement == "layers":
             problem = split_problem(c, parent_config(c.parent), processes)
             problems += [problem] if problem else []

@@ -223,25 +223,31 @@ def test_sharded_kd_killed_after_a_checkpoint_resumes_and_equals_one_process(job
 
 
 @pytest.mark.slow
-def test_puzzle_run_on_two_processes_shards_parent_kd_and_eval_like_one_process(job, tmp_path):
-    """`puzzle run --num-processes 2`: the parent stage and eval with the parent (and the children) sharded by
-    FSDP2 over both processes, each measuring half the blocks; KD with child and teacher sharded; the
+def test_puzzle_run_on_two_and_four_processes_shards_parent_kd_and_eval_like_one_process(job, tmp_path):
+    """`puzzle run --num-processes 2` (and 4): the parent stage and eval with the parent (and the children)
+    sharded by FSDP2 over the processes, each measuring its share of the blocks; KD with child and teacher sharded; the
     one-process stages (profile, search, realize, report) on rank 0. Same numbers as one process."""
     import shutil
 
     path, reference = job
-    runs = {n: tmp_path / f"p{n}" for n in (1, 2)}
+    runs = {n: tmp_path / f"p{n}" for n in (1, 2, 4)}
     for n, run in runs.items():
         for stage in ("library", "scores", "profile"):
             shutil.copytree(reference.run.dir / stage, run / stage)
-        settings = FAST + ["profile.device=h100", "search.budgets.latency=0.8x"] + KD + ["kd.shard=true", f"run.dir={run}"]
+        settings = (FAST + ["profile.device=h100", "search.budgets.latency=0.8x"] + KD
+                    + ["kd.batch_size=4", "kd.shard=true", f"run.dir={run}"])  # 4 splits over 1, 2 and 4 processes
         result = subprocess.run(
             [sys.executable, "-m", "puzzle", "run", str(path), *[a for f in settings for a in ("--set", f)],
              "--num-processes", str(n)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
             timeout=600,
         )
         assert result.returncode == 0, result.stderr[-3000:]
-    one, two = runs[1], runs[2]
+    for n in (2, 4):
+        _same_run(runs[1], runs[n])
+
+
+def _same_run(one, two):
+    """A multi-process run (`two`) has the numbers of the one-process run (`one`)."""
     manifest = {s: json.loads((two / s / "manifest.json").read_text())["outputs"] for s in ("parent", "kd", "eval")}
     assert manifest["parent"]["parent_sharded"] and manifest["eval"]["sharded"]
     assert manifest["kd"]["parallel"] == "fsdp2" and manifest["kd"]["teacher_sharded"]

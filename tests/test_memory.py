@@ -154,3 +154,14 @@ def test_auto_placement_splits_the_parent_only_when_the_whole_one_does_not_fit(t
     assert "chosen: the whole parent does not fit" in plan.stage(Stage.library).note
     tiny = load_config(write_job(tmp_path, tiny_parent_dir))  # fits whole: every rank keeps the whole parent
     assert "pipeline" not in job_plan(tiny, processes=2).stage(Stage.library).note
+
+
+def test_multi_process_eval_of_what_runs_on_one_process_stops_before_writing(tmp_path, tiny_parent_dir, monkeypatch,
+                                                                             capsys):
+    job = write_job(tmp_path, tiny_parent_dir)
+    code, captured = cli(monkeypatch, capsys, "run", str(job), "--set", "eval.kv_dtype=fp8", "--set",
+                         "search.budgets.latency=0.5x",
+                         "--num-processes", "2")
+    assert code == 2 and "runs on one process" in captured.err and "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 2  # the file's line and one problem
+    assert not (tmp_path / "job").exists()
