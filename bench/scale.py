@@ -6,7 +6,8 @@ vocab 128,256) cut to 2 layers. Each goes through `puzzle distill`, `score`, `pr
 and `search`, each stage its own process, on the shipped sonnets with small token counts. The 8B shape
 runs under run.memory_limit 6GiB, so that its BLD needs several candidate groups. Then the 8B shape's BLD
 and scoring run again over 2 processes as a pipeline of layer shares (run.parent_placement: layers), each
-rank's plan against its own peak.
+rank's plan against its own peak; then its child is realized (streamed a layer at a time) and evaluated
+over 2 processes with the parent and the child sharded by FSDP2.
 
 Measured: each stage process's peak resident set (VmHWM) here; on a GPU (--device cuda) the CUDA allocator's peak,
 against the plan without its runtime term (the CUDA context is outside the allocator).
@@ -146,6 +147,23 @@ def sharded_rows(work: Path, device: str, processes: int = 2) -> list[tuple]:
             rows.append((f"{name} rank {rank}/{processes}", stage.value, expected, peak, seconds, plan.groups))
             print(f"  {stage.value:8s} rank {rank} planned {expected / GIB:6.2f} GiB  measured {peak / GIB:6.2f} GiB  "
                   f"ratio {peak / expected:5.2f}  ({seconds:.0f} s)", flush=True)
+    return rows + child_rows(job, name, device, processes)
+
+
+def child_rows(job: Path, name: str, device: str, processes: int) -> list[tuple]:
+    """Realize (streamed a layer at a time, one process) and eval with the parent and the child sharded by FSDP2
+    over `processes` processes, each rank against its plan (for the child the search chose)."""
+    for command in ("profile", "search"):
+        measure(command, job, device)
+    rows = []
+    for stage, command, n in ((Stage.child, "realize", 1), (Stage.eval, "eval", processes)):
+        plan = job_plan(load_config(job), processes=n)
+        expected = plan.stage(stage).peak(plan.target) - (plan.target.runtime.bytes if device.startswith("cuda") else 0)
+        measured, seconds = measure(command, job, device, n)
+        for rank, peak in enumerate(measured):
+            rows.append((f"{name} rank {rank}/{n}", stage.value, expected, peak, seconds, None))
+            print(f"  {stage.value:8s} rank {rank} planned {expected / GIB:6.2f} GiB  measured {peak / GIB:6.2f} GiB  "
+                  f"ratio {peak / expected:5.2f}  ({seconds:.0f} s)", flush=True)
     return rows
 
 
@@ -154,7 +172,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--work", type=Path, default=None, help="where parents and runs go (default: a temporary folder)")
     parser.add_argument("--device", default="cpu", help="parent.device: cpu, or cuda on a GPU machine")
-    parser.add_argument("--sharded-only", action="store_true", help="only the 2-process pipeline case")
+    parser.add_argument("--sharded-only", action="store_true",
+                        help="only the 2-process cases: the BLD and scoring pipeline, realize, the sharded eval")
     parser.add_argument("--build", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:
