@@ -533,13 +533,19 @@ def kd(config: ConfigArg, set_: SetOption = None, job_name: JobOption = None,
     """
     from puzzle.api import kd_stage
 
-    jobs = _checked_jobs(config, set_, job_name, stage=Stage.kd, processes=num_processes)
-    if _relaunched(num_processes, ["kd", str(config)] + (["--job", job_name] if job_name else []), set_):
+    _jobs_on_processes(Stage.kd, "kd", config, set_, job_name, num_processes, kd_stage, render.kd)
+
+
+def _jobs_on_processes(stage: Stage, command: str, config: Path, overrides: list[str] | None, job_name: str | None,
+                       num_processes: int, run_job, show) -> None:
+    """A job stage of every job of the file (or --job) on `num_processes` processes; rank 0 prints."""
+    jobs = _checked_jobs(config, overrides, job_name, stage=stage, processes=num_processes)
+    if _relaunched(num_processes, [command, str(config)] + (["--job", job_name] if job_name else []), overrides):
         return
     for j in jobs:
-        summary = kd_stage(j)
+        summary = run_job(j)
         if _is_main_rank():
-            render.kd(summary, _job_label(j))
+            show(summary, _job_label(j))
 
 
 @app.command("eval")
@@ -561,13 +567,7 @@ def eval_command(
     from puzzle.api import eval_stage
 
     overrides = list(set_ or []) + ([f"eval.kv_dtype={kv_dtype}"] if kv_dtype is not None else [])
-    jobs = _checked_jobs(config, overrides, job_name, stage=Stage.eval, processes=num_processes)
-    if _relaunched(num_processes, ["eval", str(config)] + (["--job", job_name] if job_name else []), overrides):
-        return
-    for j in jobs:
-        summary = eval_stage(j)
-        if _is_main_rank():
-            render.evaluation(summary, _job_label(j))
+    _jobs_on_processes(Stage.eval, "eval", config, overrides, job_name, num_processes, eval_stage, render.evaluation)
 
 
 def _run_config_of(child: Path) -> Path:

@@ -39,6 +39,10 @@ class Workers:
     def shard(self, items: list) -> list:
         return items[self.rank :: self.world]
 
+    def gather(self, value) -> list:
+        """Every rank's `value`, in rank order."""
+        return _all_gathered(value, self.world)
+
 
 @dataclass(frozen=True)
 class LayerPipeline:
@@ -81,9 +85,15 @@ class LayerPipeline:
 
     def gather(self, value) -> list:
         """Every rank's `value`, in rank order."""
-        values: list = [None] * self.world
-        dist.all_gather_object(values, value)
-        return values
+        return _all_gathered(value, self.world)
+
+
+def _all_gathered(value, world: int) -> list:
+    if world == 1:
+        return [value]
+    values: list = [None] * world
+    dist.all_gather_object(values, value)
+    return values
 
 
 def layer_shares(num_layers: int, world: int) -> list[range]:

@@ -236,7 +236,8 @@ class FamilyAdapter:
         )
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        with gathered(self.model):  # an FSDP2-sharded parent (a KD teacher): its root unit holds the embeddings
+        # A parent sharded by FSDP2 (puzzle.sharding): the embeddings are a unit of their own, or in the root's.
+        with gathered(self.model, self._backbone.embed_tokens):
             return self._backbone.embed_tokens(input_ids)
 
     def context(
@@ -301,7 +302,7 @@ class FamilyAdapter:
         return hidden + self.ffn_delta(index, hidden)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        with gathered(self.model):
+        with gathered(self.model, self.model.lm_head):
             return self.model.lm_head(self._backbone.norm(hidden))
 
     def hidden_states(self, input_ids: torch.Tensor, ctx: LayerContext | None = None) -> list[torch.Tensor]:

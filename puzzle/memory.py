@@ -393,12 +393,20 @@ def _child_params(config: PuzzleConfig, model: ModelShape) -> tuple[int, str]:
     return model.params, UPPER_BOUND
 
 
+def _unit_params(model: ModelShape) -> int:
+    """The largest FSDP2 unit of a sharded model (puzzle.sharding): a decoder layer, or a vocabulary-sized
+    matrix (the embeddings, the head)."""
+    return max(max(model.layer_params()), model.vocab_size * model.hidden_size)
+
+
 def _sharded_parent(model: ModelShape, target: Target, name: str = "parent") -> list[Term]:
-    """A parent sharded by FSDP2 over the target's ranks: its share at rest, and one layer and the root
-    (embeddings, norm, head) gathered whole while they run."""
+    """A parent sharded by FSDP2 over the target's ranks: its share at rest, and one unit whole while it runs
+    (on a CPU also while it is read: the copy beside the file's mapped pages)."""
+    whole = 1 if target.is_gpu else 2
     return [Term(f"{name} weights, 1/{target.ranks} per rank (FSDP2)", model.weight_bytes / target.ranks),
-            Term(f"{name}: one layer gathered, and the embeddings and head (FSDP2 root)",
-                 (max(model.layer_params()) + model.fixed_params) * model.dtype_bytes)]
+            Term(f"{name}: one unit whole (a layer or a vocabulary-sized matrix)"
+                 + ("" if target.is_gpu else ", and the file pages of one as it is read"),
+                 whole * _unit_params(model) * model.dtype_bytes)]
 
 
 def _kd(config: PuzzleConfig, model: ModelShape, target: Target, by_key: bool) -> StagePlan:
@@ -408,7 +416,6 @@ def _kd(config: PuzzleConfig, model: ModelShape, target: Target, by_key: bool) -
     b = max(1, config.kd.batch_size // target.ranks)
     t, h, layers = config.data.sequence_length, model.hidden_size, len(model.shapes)
     act = model.dtype_bytes
-    widest_layer = max(model.layer_params())
     one_layer = b * t * (12 * h + 4 * model.widest()) * min(act, 4)
     teacher = (_sharded_parent(model, target, "parent (teacher)") if sharded and by_key
                else [model.parent_weights(target, uses_head=True, name="parent (teacher) weights")])
@@ -417,14 +424,14 @@ def _kd(config: PuzzleConfig, model: ModelShape, target: Target, by_key: bool) -
         offload = config.kd.offload
         terms += [Term(f"child: fp32 weights, grads, AdamW, 1/{n} per rank (FSDP2"
                        + (", in host memory: kd.offload)" if offload else ")"), child * TRAINED_BYTES / n, host=offload),
-                  Term("child layers gathered (two at a time) and the embeddings and head (FSDP2 root)",
-                       (2 * widest_layer + model.fixed_params) * 4)]
+                  Term("child: two units gathered at a time (layers, embeddings, head), fp32",
+                       2 * _unit_params(model) * 4)]
     else:
         terms.append(Term("child: fp32 weights, grads, AdamW", child * TRAINED_BYTES))
         if target.ranks > 1:
             terms.append(Term("DDP gradient buckets", child * 4))
     if act < 4:
-        terms.append(Term("child weights cast for autocast", (2 * widest_layer if sharded else child) * 2))
+        terms.append(Term("child weights cast for autocast", (2 * _unit_params(model) if sharded else child) * 2))
     if config.kd.activation_checkpointing:
         terms.append(Term("child activations: each layer's input, one layer recomputed",
                           layers * b * t * h * min(act, 4) + one_layer))
@@ -443,9 +450,13 @@ def _two_models(stage: Stage, config: PuzzleConfig, model: ModelShape, target: T
     child, source = _child_params(config, model)
     logits = _logit_terms(model, batch, config.data.sequence_length, "logits of one batch")
     if sharded:
+        # On a GPU the child's forward gathers the next unit while one runs; on a CPU one unit of either model
+        # is whole at a time, which the parent's term counts.
+        prefetched = (Term("child: two units gathered at a time (its forward prefetches the next)",
+                           2 * _unit_params(model) * model.dtype_bytes),) if target.is_gpu else ()
         terms = (target.runtime, *_sharded_parent(model, target),
                  Term(f"child weights, 1/{target.ranks} per rank (FSDP2)", child * model.dtype_bytes / target.ranks),
-                 logits)
+                 *prefetched, logits)
         note = f"{source}; parent and children sharded over {target.ranks} ranks (FSDP2)"
     else:
         terms = (target.runtime, model.parent_weights(target, uses_head=True),
@@ -468,12 +479,15 @@ def _realize(config: PuzzleConfig, model: ModelShape, target: Target, by_key: bo
     """Streamed on the host a layer at a time (a parent read by key), else parent and child whole."""
     if not by_key:
         return _two_models(Stage.child, config, model, target, 1)
-    layer = max(model.layer_params()) * model.dtype_bytes
     from puzzle.checkpoint import FILE_BYTES
 
-    terms = (target.runtime, Term("one parent layer and its child blocks (host)", 2 * layer, host=True),
-             Term("the output file being filled (host)", min(FILE_BYTES, model.weight_bytes) + layer, host=True))
-    return StagePlan(Stage.child, terms, 1, note="streamed a layer at a time on the host")
+    child, source = _child_params(config, model)
+    terms = (target.runtime,
+             Term("one parent layer, read by key (host)", max(model.layer_params()) * model.dtype_bytes, host=True),
+             Term("the child's tensors of the output file being filled (host)",
+                  min(FILE_BYTES, child * model.dtype_bytes), host=True))
+    return StagePlan(Stage.child, terms, 1, note=f"{source}; streamed a layer at a time on the host",
+                     bound=source == UPPER_BOUND)
 
 
 def _profile(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:

@@ -187,6 +187,12 @@ def parent_device(name: str) -> torch.device:
         raise PuzzleError(f"parent.device: {name!r} asked for, but no CUDA device is available here")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        # NCCL's communicators, and FSDP2's default mesh, take the current device: each rank's own.
+        torch.cuda.set_device(device)
+        # fp32 matrix products (an fp32 parent, fp32 losses) on the tensor cores' TF32 path.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return device
 
 
@@ -228,11 +234,6 @@ def load_parent(section: ParentSection, layers: range | None = None, head: bool 
             f"parent.path: {path!r} holds its experts in MXFP4; load it with Mxfp4Config(dequantize=True), save that "
             "bf16 copy and give its path"
         )
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        # fp32 matrix products (an fp32 parent, fp32 losses) on the tensor cores' TF32 path.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     model.to(device).eval()
     model.requires_grad_(False)
     return Parent(model=model, tokenizer=tokenizer, adapter=FamilyAdapter(model), source=path)

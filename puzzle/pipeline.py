@@ -149,12 +149,20 @@ def run_stage(stage: Stage, config: PuzzleConfig, **options: Any):
     team = workers()
     if not spec.distributed:
         # A one-process stage in a multi-process command: rank 0 runs it, the others wait and read its result.
-        summary = None
+        summary, problem = None, None
         if team.is_main:
-            with run.stage(stage, ctx.key) as record:
-                ctx.record = record
-                summary = module.run(ctx, **options)
-        team.barrier()
+            try:
+                with run.stage(stage, ctx.key) as record:
+                    ctx.record = record
+                    summary = module.run(ctx, **options)
+            except PuzzleError as e:
+                if team.world == 1:
+                    raise
+                problem = e
+        # Every rank learns how rank 0 fared, so that a refused stage (an infeasible search) stops all alike.
+        failure = team.gather(None if problem is None else str(problem))[0]
+        if failure is not None:
+            raise problem if team.is_main else PuzzleError(failure)
         return summary if team.is_main else module.read(ctx, **options)
     # Rank 0 keeps the manifest; the other ranks work under locks of their own.
     with run.stage(stage, ctx.key) if team.is_main else run.lock(stage, suffix=f"rank{team.rank}") as record:

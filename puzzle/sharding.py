@@ -51,10 +51,10 @@ class CheckpointReader:
 
 def _fill(module: nn.Module, prefix: str, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
           skip: tuple[str, ...] = ()) -> None:
-    """Give `module`'s parameters (on the meta device) their weights from the checkpoint."""
+    """Give `module`'s parameters (on the meta device) their weights from the checkpoint, a tensor at a time
+    (a file's mapped pages count as resident while it is open)."""
     names = [n for n, _ in module.named_parameters(remove_duplicate=True) if not n.startswith(skip)]
-    tensors = reader.read([prefix + n for n in names])
-    state = {n: tensors[prefix + n].to(device=device, dtype=dtype) for n in names}
+    state = {n: reader.read([prefix + n])[prefix + n].to(device=device, dtype=dtype) for n in names}
     module.load_state_dict(state, strict=False, assign=True)
 
 
@@ -71,7 +71,12 @@ def shard_from_checkpoint(model: nn.Module, reader: CheckpointReader, *, device:
         _fill(layer, f"model.layers.{i}.", reader, home, dtype)
         fully_shard(layer, offload_policy=policy)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    _fill(model, "", reader, home, dtype, skip=("model.layers.",) + (("lm_head.",) if tied else ()))
+    if not tied:  # each vocabulary-sized matrix a unit of its own: only one is ever whole at a time
+        for name in ("model.embed_tokens", "lm_head"):
+            _fill(model.get_submodule(name), name + ".", reader, home, dtype)
+            fully_shard(model.get_submodule(name), offload_policy=policy)
+    _fill(model, "", reader, home, dtype,
+          skip=("model.layers.", "lm_head.") + (() if tied else ("model.embed_tokens.",)))
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the tied parameter
     # Non-persistent buffers are not in the checkpoint: the rotary frequencies are built again for real.
@@ -84,16 +89,24 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 @contextmanager
-def gathered(module: nn.Module):
-    """`module`'s own FSDP2 unit gathered (whole) for the duration; nothing for an unsharded module."""
-    if not is_sharded(module):
-        yield
-        return
-    module.unshard()
+def gathered(*modules: nn.Module):
+    """The modules' own FSDP2 units gathered (whole) for the duration; nothing for unsharded modules."""
+    units = [m for m in modules if is_sharded(m)]
+    for unit in units:
+        unit.unshard()
     try:
         yield
     finally:
-        module.reshard()
+        for unit in units:
+            unit.reshard()
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of `model`'s parameters this rank holds (its shards, for a sharded model)."""
+    from torch.distributed.tensor import DTensor
+
+    held = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())
+    return sum(t.numel() * t.element_size() for t in held if t.device.type != "meta")
 
 
 def full_tensors(model: nn.Module):

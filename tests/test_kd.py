@@ -251,6 +251,12 @@ def _same_run(one, two):
     manifest = {s: json.loads((two / s / "manifest.json").read_text())["outputs"] for s in ("parent", "kd", "eval")}
     assert manifest["parent"]["parent_sharded"] and manifest["eval"]["sharded"]
     assert manifest["kd"]["parallel"] == "fsdp2" and manifest["kd"]["teacher_sharded"]
+    # Each rank holds its share of the parent: here 1/N of every weight (at most 0.6 of it on 2 ranks).
+    whole = json.loads((one / "parent/manifest.json").read_text())["outputs"]["parent_bytes_per_rank"]
+    assert len(whole) == 1
+    for held in (manifest["parent"]["parent_bytes_per_rank"], manifest["eval"]["parent_bytes_per_rank"],
+                 manifest["kd"]["teacher_bytes_per_rank"]):
+        assert len(held) in (2, 4) and max(held) <= 1.2 * whole[0] / len(held)
     expected_parent, parent = (json.loads((r / "parent/summary.json").read_text()) for r in (one, two))
     assert parent["validation_tokens"] == expected_parent["validation_tokens"]
     assert parent["validation_loss"] == pytest.approx(expected_parent["validation_loss"], rel=1e-5)

@@ -32,9 +32,11 @@ def test_a_bf16_parent_runs_the_whole_pipeline_and_its_library_and_children_are_
 def test_cuda_without_an_index_is_the_ranks_own_gpu(monkeypatch):
     from puzzle.parents import parent_device as _device
 
+    current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)  # NCCL and FSDP2 take the current device
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert _device("cuda") == torch.device("cuda", 3)
+    assert _device("cuda") == torch.device("cuda", 3) == current[-1]
     assert _device("auto") == torch.device("cuda", 3)
     assert _device("cuda:1") == torch.device("cuda", 1)  # an explicit index is kept
     monkeypatch.delenv("LOCAL_RANK")

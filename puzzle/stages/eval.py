@@ -30,6 +30,7 @@ from puzzle.pipeline import StageContext
 from puzzle.progress import progress_bar
 from puzzle.rundir import RunDir, Stage
 from puzzle.search.profile import predicted_latency, read_profile
+from puzzle.sharding import held_bytes
 from puzzle.search.timing import generation_times, local_device_name
 
 
@@ -117,6 +118,7 @@ def run(ctx: StageContext, team: Workers) -> EvalSummary | None:
                                  config.eval.batch_size, team.rank, team.world)
         scores["parent"] = scores.pop("reference")
         bar.advance(task)
+        held = team.gather(held_bytes(parent.model))
         if not team.is_main:
             return None
         effects = {}
@@ -151,7 +153,7 @@ def run(ctx: StageContext, team: Workers) -> EvalSummary | None:
     summary = EvalSummary(results, scenario, device_name, tokens, ctx.directory / "results.json", time.time() - started)
     _write(summary)
     ctx.record.outputs = {"results": summary.file.name, "table": "results.csv", "processes": team.world,
-                          "sharded": sharded}
+                          "sharded": sharded, "parent_bytes_per_rank": held}
     return summary
 
 

@@ -28,7 +28,7 @@ from puzzle.parents import load_parent, parent_config, readable_by_key
 from puzzle.pipeline import StageContext
 from puzzle.progress import progress_bar
 from puzzle.rundir import RunDir, Stage
-from puzzle.sharding import full_tensors, is_sharded
+from puzzle.sharding import full_tensors, held_bytes, is_sharded
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
             on_step=lambda step, losses: bar.update(
                 task, completed=step, status=f"loss {losses['total']:.4f} (KL {losses['kl']:.4f})"),
         )
+    held = team.gather(held_bytes(parent.model))
     tokens = s.steps * s.batch_size * blocks.train.length
     info = {**child_info(source), "kd": {"source": str(source), "steps": s.steps, "tokens": tokens}}
     _write_child(directory / "checkpoint", child, parent, dtype, info, team)
@@ -108,7 +109,7 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
     parallel = "none" if team.world == 1 else "fsdp2" if sharded else "ddp"
     ctx.record.outputs = {"checkpoint": "checkpoint", "summary": "summary.json", "train_log": "train_log.csv",
                           "processes": team.world, "parallel": parallel, "teacher_sharded": parent.sharded,
-                          "offload": sharded and config.kd.offload}
+                          "offload": sharded and config.kd.offload, "teacher_bytes_per_rank": held}
     return summary
 
 

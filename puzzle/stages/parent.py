@@ -10,6 +10,7 @@ from puzzle.distill.metrics import next_token_loss, perplexity
 from puzzle.distributed import Workers
 from puzzle.parents import load_parent, parent_config, readable_by_key
 from puzzle.pipeline import StageContext
+from puzzle.sharding import held_bytes
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ def run(ctx: StageContext, team: Workers) -> ParentSummary | None:
     blocks = job_blocks(config, parent.tokenizer)
     loss, tokens = validation_loss(parent.adapter, blocks.validation[: config.eval.validation_blocks],
                                    config.eval.batch_size, team.rank, team.world)
+    held = team.gather(held_bytes(parent.model))
     if not team.is_main:
         return None
     cfg = parent.model.config
@@ -75,7 +77,7 @@ def run(ctx: StageContext, team: Workers) -> ParentSummary | None:
     )
     atomic_write_json(ctx.directory / "summary.json", asdict(summary))
     ctx.record.outputs = {"summary": "summary.json", "data_fingerprint": blocks.fingerprint, "processes": team.world,
-                          "parent_sharded": sharded}
+                          "parent_sharded": sharded, "parent_bytes_per_rank": held}
     return summary
 
 
