@@ -638,6 +638,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
+        _leave_process_group()
     except ConfigError as e:
         print(f"error: {e.source}: {len(e.problems)} problem(s)", file=sys.stderr)
         for problem in e.problems:
@@ -650,9 +651,20 @@ def main() -> None:
         # typer turns Ctrl-C into exit code 130 before it reaches us.
         if e.code == 130:
             print("interrupted; finished work is kept, run the command again to resume", file=sys.stderr)
+        if not e.code:
+            _leave_process_group()
         raise
     finally:
         _report_peak_memory()
+
+
+def _leave_process_group() -> None:
+    """The ranks of a multi-process command that succeeded leave together: a rank that exits while another
+    still works (rank 0 writing the report) can abort in gloo's threads, and torchrun then stops the rest."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _report_peak_memory() -> None:
