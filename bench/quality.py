@@ -1,8 +1,8 @@
 """Puzzle against the simpler methods at the same budgets, before and after the same KD.
 
 On the embedded parent, at three latency budgets (ratios of the parent at the profile's scenario), every
-method (`search.method`: the MIP and each baseline) picks a child from the same library, scores and
-profile; each child is realized, distilled with the same KD token budget and evaluated on the same
+method (the MIP; the MIP with its children measured whole: mip+rerank (search.candidates 8), mip+rounds
+(search.rounds 3), evolve; and each baseline) picks a child from the same library, scores and profile; each child is realized, distilled with the same KD token budget and evaluated on the same
 held-out text. Prints one table (KL to the parent and perplexity before and after KD, parameters,
 predicted and measured speedup), writes it as CSV and plots the frontier.
 
@@ -32,15 +32,23 @@ from puzzle.search.mip import InfeasibleBudget
 SHARED = [s for s in RUN_ORDER if s not in JOB_STAGES and s is not Stage.parent]
 PER_JOB = [s for s in RUN_ORDER if s in JOB_STAGES and s is not Stage.report]
 
-METHODS = ["mip", "greedy", "shortgpt", "llm-drop", "uniform-ffn", "random"]
+# Each method's search settings: the MIP, the searches that measure children whole (search.candidates,
+# search.rounds, method evolve), and the baselines.
+METHODS = {
+    "mip": {"method": "mip"},
+    "mip+rerank": {"method": "mip", "candidates": 8},
+    "mip+rounds": {"method": "mip", "rounds": 3},
+    "evolve": {"method": "evolve", "candidates": 4},
+    **{m: {"method": m} for m in ("greedy", "shortgpt", "llm-drop", "uniform-ffn", "random")},
+}
 
 
 def job_file(config: Path, budgets: list[float], methods: list[str], kd_tokens: int | None, out: Path) -> Path:
     raw = read_yaml(config)
     raw.setdefault("search", {}).pop("budgets", None)
     raw["jobs"] = {
-        f"{method}-{budget:g}x": {
-            "search": {"method": method, "budgets": {"latency": f"{budget:g}x"}},
+        f"{method.replace('+', '_')}-{budget:g}x": {  # a job's name takes no plus sign
+            "search": {**METHODS[method], "budgets": {"latency": f"{budget:g}x"}},
             **({"kd": {"tokens": kd_tokens}} if kd_tokens else {}),
         }
         for budget in budgets
@@ -52,7 +60,7 @@ def job_file(config: Path, budgets: list[float], methods: list[str], kd_tokens: 
 
 
 def run_job(job) -> dict:
-    method, budget = job.search.method, job.search.budgets["latency"].value_text
+    method, budget = job.run.job.rpartition("-")[0].replace("_", "+"), job.search.budgets["latency"].value_text
     row = {"budget": budget, "method": method}
     summaries = {}
     try:
@@ -60,6 +68,7 @@ def run_job(job) -> dict:
             summaries[stage] = run_stage(stage, job)
     except InfeasibleBudget as e:
         return {**row, "note": f"infeasible: {e}"}
+    chosen = summaries[Stage.search].solutions[0]
     results = {m.name: m for m in summaries[Stage.eval].models}
     parent, child, distilled = results["parent"], results["child"], results["child + KD"]
     return {
@@ -72,6 +81,9 @@ def run_job(job) -> dict:
         "perplexity before KD": child.perplexity,
         "perplexity after KD": distilled.perplexity,
         "parent perplexity": parent.perplexity,
+        "predicted KL (sum)": chosen.objective,
+        "measured KL (search)": chosen.measured_kl,
+        "search seconds": summaries[Stage.search].seconds,
         "note": "",
     }
 
@@ -87,8 +99,9 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     for ax, column in zip(axes, ("KL before KD", "KL after KD")):
         for method, group in done.groupby("method"):
             group = group.sort_values("predicted speedup")
-            ax.plot(group["predicted speedup"], group[column], "o-" if method == "mip" else "s--",
-                    label="puzzle (MIP)" if method == "mip" else method, linewidth=2.5 if method == "mip" else 1)
+            mine = method == "mip" or method.startswith("mip+") or method == "evolve"
+            ax.plot(group["predicted speedup"], group[column], "o-" if mine else "s--",
+                    label="puzzle (MIP)" if method == "mip" else method, linewidth=2.5 if mine else 1)
         ax.set_yscale("log")
         ax.set_xlabel("predicted speedup over the parent (latency per batch)")
         ax.set_title(column)
@@ -104,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("examples/default.yaml"))
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.35])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--kd-tokens", type=int, default=None, help="KD tokens per child (default: the config's)")
     args = parser.parse_args()
     started = time.time()
@@ -129,15 +142,20 @@ def main() -> None:
     for _, row in frame[frame.note != ""].iterrows():
         print(f"{row.method} at {row.budget}: {row.note}")
     print(f"parent perplexity {frame['parent perplexity'].dropna().iloc[0]:.2f}")
+    measured = [m for m in METHODS if m.startswith("mip+") or m == "evolve"]
     for budget, group in frame[frame.note == ""].groupby("budget", sort=False):
         puzzle = group[group.method == "mip"]
-        others = group[group.method != "mip"]
-        if puzzle.empty or others.empty:
-            continue
+        others = group[~group.method.isin(["mip", *measured])]
         for column in ("KL before KD", "KL after KD"):
-            best = others.loc[others[column].idxmin()]
-            print(f"latency {budget}: {column}: puzzle / best baseline ({best.method}) = "
-                  f"{puzzle[column].iloc[0] / best[column]:.2f}")
+            if not puzzle.empty and not others.empty:
+                best = others.loc[others[column].idxmin()]
+                print(f"latency {budget}: {column}: puzzle / best baseline ({best.method}) = "
+                      f"{puzzle[column].iloc[0] / best[column]:.2f}")
+            for method in measured:
+                refined = group[group.method == method]
+                if not puzzle.empty and not refined.empty:
+                    print(f"latency {budget}: {column}: {method} / mip = "
+                          f"{refined[column].iloc[0] / puzzle[column].iloc[0]:.2f}")
     print(f"table: {table}, plot: {figure}; {time.time() - started:.0f} s")
 
 

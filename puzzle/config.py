@@ -228,20 +228,49 @@ class ProfileSection(Section):
 
 
 class SearchSection(Section):
+    @property
+    def solver_settings(self):
+        from puzzle.search.mip import SolverSettings
+
+        return SolverSettings(self.solver, self.gap, self.time_limit)
+
     budgets: Budgets = Field(
         default_factory=dict,
         description="Budgets, e.g. {latency: 0.5x, memory: 40GiB, params: 2.5M}: KIND: VALUE with x (a ratio of "
         "the parent) or a unit. Kinds: " + ", ".join(k.value for k in BudgetKind) + ". `--budget KIND=VALUE` sets one.",
     )
     metric: Metric = Field("kl", description="Objective.")
-    method: Literal["mip", "greedy", "shortgpt", "llm-drop", "uniform-ffn", "random"] = Field(
+    method: Literal["mip", "evolve", "greedy", "shortgpt", "llm-drop", "uniform-ffn", "random"] = Field(
         "mip",
-        description="How the architecture is chosen: mip (Puzzle), or a baseline on the same scores, profile and "
+        description="How the architecture is chosen: mip (Puzzle), evolve (the MIP's diverse solutions refined by "
+        "an evolutionary search on the children's measured KL), or a baseline on the same scores, profile and "
         "budgets: greedy (the paper's greedy search), shortgpt (drop whole layers by Block Influence), llm-drop "
         "(drop attention by Block Influence), uniform-ffn (one library FFN width in every layer), random "
         "(seeded by run.seed).",
     )
+    candidates: int = Field(
+        1, ge=1, description="Diverse MIP solutions measured whole (KL to the parent on search.measure_blocks "
+        "training blocks, the realized children in memory); the lowest measured is chosen. 1: the MIP's best by "
+        "the sum of scores, unmeasured. With method evolve: the seeds (at least 2).",
+    )
+    measure_blocks: int = Field(8, ge=1, description="Training blocks a child is measured on (search.candidates, "
+                                "search.rounds, method evolve); eval's held-out blocks stay unseen by the search.")
+    rounds: int = Field(
+        0, ge=0, description="Rounds of re-scoring in the chosen child's context (method mip): every block scored "
+        "again as the child with that one layer replaced, measured whole; the MIP solved on those scores; its "
+        "child kept only if it measures lower. Stops early when the architecture stops changing.",
+    )
+    generations: int = Field(40, ge=1, description="Generations of method evolve.")
+    offspring: int = Field(8, ge=2, description="Children each generation of method evolve tries.")
     solver: Literal["cbc", "highs"] = Field("cbc", description="MIP solver behind PuLP.")
+    gap: float = Field(
+        1e-4, ge=0, lt=1, description="The solver stops once its solution is proven within this relative gap of "
+        "the optimum (0: proven optimal, which can take minutes on a 70B parent's 80 layers).",
+    )
+    time_limit: float | None = Field(
+        60.0, gt=0, description="Seconds each solve may take; then the best solution found so far is used "
+        "(marked feasible, not optimal, in solutions.json). null: no limit.",
+    )
     solutions: int = Field(1, ge=1, description="Number of diverse solutions.")
     min_diff: int = Field(1, ge=1, description="Layers in which each solution differs from every earlier one.")
     batch_sizes: list[int] = Field(default_factory=list, description="Batch sizes to sweep; empty = profile's.")
@@ -249,6 +278,14 @@ class SearchSection(Section):
         False, description="Search on measured costs that stayed unreliable after the profile re-measured them (a wide "
         "spread, a zero time, a pruned subblock slower than the parent's); off: the search stops and says which.",
     )
+
+    @pydantic.model_validator(mode="after")
+    def _several_need_the_mip(self) -> SearchSection:
+        for key in ("solutions", "candidates"):
+            if getattr(self, key) > 1 and self.method not in ("mip", "evolve"):
+                raise ValueError(f"search.{key}: {getattr(self, key)} solutions need search.method mip or evolve; "
+                                 f"{self.method} gives one")
+        return self
 
 
 class RealizeSection(Section):
@@ -460,7 +497,8 @@ def format_validation_error(error: pydantic.ValidationError, model: type[BaseMod
             problems.append(f"{key}: required, not given")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}: got {e['input']!r}; {msg}")
+            # A section's own check names its keys and values itself; the whole section would only be noise.
+            problems.append(msg if msg.startswith(f"{key}.") else f"{key}: got {e['input']!r}; {msg}")
     return problems
 
 

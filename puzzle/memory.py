@@ -501,6 +501,24 @@ def _profile(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePl
     return StagePlan(Stage.profile, terms, 1, note="measured")
 
 
+def _search(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePlan:
+    """The MIP alone needs no model; measuring children whole (search.candidates, evolve) holds the parent,
+    the measured blocks' streams entering every layer, and one layer's library modules at a time."""
+    from puzzle.stages.search import measures_children
+
+    if not measures_children(config):
+        return _light(Stage.search, target, "the MIP on the CPU")
+    s = config.search
+    n, t, h = s.measure_blocks, config.data.sequence_length, model.hidden_size
+    terms = (target.runtime, model.parent_weights(target, uses_head=True),
+             Term("streams of the measured blocks entering every layer", (len(model.shapes) + 1) * n * t * h
+                  * model.dtype_bytes),
+             Term("one layer's library modules (fp32)", max(model.layer_params()) * 4 * 3),
+             _logit_terms(model, config.scoring.batch_size, t, "logits of one batch"))
+    return StagePlan(Stage.search, terms, 1, note="children measured whole",
+                     fix="lower search.measure_blocks or data.sequence_length")
+
+
 def _light(stage: Stage, target: Target, note: str) -> StagePlan:
     return StagePlan(stage, (target.runtime,), 1, note=note)
 
@@ -529,7 +547,7 @@ def plan(config: PuzzleConfig, hf_config, tgt: Target, candidates: list) -> Memo
         _library(config, hf_config, model, candidates, tgt),
         _scores(config, hf_config, model, tgt),
         _profile(config, model, tgt),
-        _light(Stage.search, tgt, "the MIP on the CPU"),
+        _search(config, model, tgt),
         _realize(config, model, tgt, by_key),
         _kd(config, model, tgt, by_key),
         _two_models(Stage.eval, config, model, tgt, config.eval.batch_size, sharded),

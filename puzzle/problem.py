@@ -55,7 +55,7 @@ def job_frontier(config: PuzzleConfig, sweep: Sweep) -> tuple[list[FrontierPoint
     """Best predicted quality along the sweep, the job's budgets on other quantities held; and the parent's
     cost in the swept quantity."""
     problem = job_problem(config)
-    points = frontier_points(problem, sweep, list(config.search.budgets.values()), config.search.solver)
+    points = frontier_points(problem, sweep, list(config.search.budgets.values()), config.search.solver_settings)
     return points, problem.parent_totals[QUANTITY[sweep.kind]]
 
 
@@ -71,8 +71,9 @@ def write_frontier(config: PuzzleConfig, sweep: Sweep) -> tuple[list[FrontierPoi
 
 
 def plot_frontier(points: list[FrontierPoint], parent_cost: float, title: str, metric: str, path: Path,
-                  chosen: tuple[float, float] | None = None) -> None:
-    """MIP and greedy objectives against cost; `chosen` marks a (cost ratio, objective) point, e.g. the child."""
+                  marks: list[tuple[str, float, float, str]] = ()) -> None:
+    """MIP and greedy objectives against cost; `marks`: (label, cost ratio, value, matplotlib style) points,
+    e.g. the child's predicted and measured KL."""
     from puzzle.plots import pyplot, save
 
     plt = pyplot()
@@ -84,8 +85,8 @@ def plot_frontier(points: list[FrontierPoint], parent_cost: float, title: str, m
     if grd:
         ax.plot(*zip(*grd), "s--", alpha=0.7, label="greedy (budget limit)")
     ax.plot([1.0], [0.0], "k*", markersize=12, label="parent")
-    if chosen is not None:
-        ax.plot([chosen[0]], [chosen[1]], "rD", markersize=9, label="this child")
+    for label, x, y, style in marks:
+        ax.plot([x], [y], style, markersize=9, label=label)
     ax.set_xlabel("cost (ratio of the parent)")
     ax.set_ylabel(f"predicted damage (sum of block {metric})")
     ax.set_title(f"frontier: {title}")

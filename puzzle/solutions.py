@@ -37,9 +37,10 @@ class Architecture:
     params, kv, experts, active_params)."""
 
     status: Status
-    objective: float
+    objective: float  # the sum of the chosen blocks' scores: what the MIP predicts
     layers: list[ChosenLayer]
     usage: dict[str, Use]
+    measured_kl: float | None = None  # the whole child's KL to the parent, when the search measured it
 
     @property
     def blocks(self) -> list[BlockChoice]:
@@ -50,13 +51,14 @@ class Architecture:
             "status": self.status.value, "objective": self.objective,
             "layers": [{"layer": i, **x.choice.to_json(), "score": x.score} for i, x in enumerate(self.layers)],
             "usage": {quantity: asdict(u) for quantity, u in self.usage.items()},
+            "measured_kl": self.measured_kl,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> Architecture:
         layers = [ChosenLayer(BlockChoice.from_json(x), x.get("score")) for x in data["layers"]]
         usage = {quantity: Use(**u) for quantity, u in data.get("usage", {}).items()}
-        return cls(Status(data.get("status", "optimal")), data.get("objective"), layers, usage)
+        return cls(Status(data.get("status", "optimal")), data.get("objective"), layers, usage, data.get("measured_kl"))
 
     @classmethod
     def of(cls, solution: Solution, problem: SearchProblem, labels: dict[str, str]) -> Architecture:

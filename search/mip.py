@@ -39,8 +39,9 @@ class Usage:
 
 
 class Status(str, enum.Enum):
-    optimal = "optimal"  # proven optimal by the MIP solver (under the diversity constraints so far)
-    heuristic = "heuristic"  # the greedy baseline: feasible, not proven optimal
+    optimal = "optimal"  # proven optimal by the MIP solver within its relative gap (under the diversity cuts so far)
+    feasible = "feasible"  # the MIP solver's best when its time limit ran out: meets every budget, not proven
+    heuristic = "heuristic"  # the greedy baseline and the measured searches: feasible, not proven optimal
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,18 @@ class InfeasibleBudget(PuzzleError):
     pass
 
 
+@dataclass(frozen=True)
+class SolverSettings:
+    """Which solver, and when it may stop: at a relative gap between its best solution and its bound (the
+    objective is then within `gap` of the optimum), or after `time_limit` seconds with the best it has."""
+
+    name: str = "cbc"
+    gap: float = 1e-4
+    time_limit: float | None = 60.0
+
+
 def _validate(layers: list[list[Block]], limits: dict[str, float], fixed: dict[str, float], solutions: int,
-              min_diff: int) -> None:
+              min_diff: int, settings: SolverSettings) -> None:
     if not layers or any(not options for options in layers):
         raise PuzzleError("every layer needs at least one block option")
     for options in layers:
@@ -73,6 +84,10 @@ def _validate(layers: list[list[Block]], limits: dict[str, float], fixed: dict[s
         raise PuzzleError(f"solutions: {solutions} is not a positive count")
     if solutions > 1 and not 1 <= min_diff <= len(layers):
         raise PuzzleError(f"min_diff: {min_diff} must be between 1 and the number of layers ({len(layers)})")
+    if not 0 <= settings.gap < 1:
+        raise PuzzleError(f"gap: {settings.gap} is not a relative gap in [0, 1)")
+    if settings.time_limit is not None and settings.time_limit <= 0:
+        raise PuzzleError(f"time_limit: {settings.time_limit} is not a positive count of seconds")
 
 
 def cheapest(layers: list[list[Block]], budget: str, fixed: float) -> float:
@@ -104,7 +119,7 @@ def solve(
     fixed: dict[str, float] | None = None,
     solutions: int = 1,
     min_diff: int = 1,
-    solver: str = "cbc",
+    solver: SolverSettings = SolverSettings(),
     labels: dict[str, str] | None = None,
 ) -> list[Solution]:
     """Up to `solutions` optimal-then-next-best architectures, each differing from the earlier ones in ≥ min_diff layers.
@@ -114,11 +129,11 @@ def solve(
     """
     fixed = dict(fixed or {})
     labels = labels or {}
-    _validate(layers, limits, fixed, solutions, min_diff)
+    _validate(layers, limits, fixed, solutions, min_diff, solver)
     _check_feasible_alone(layers, limits, fixed, labels)
     found: list[Solution] = []
     for _ in range(solutions):
-        choice = _solve_once(layers, limits, fixed, found, min_diff, solver)
+        choice, status = _solve_once(layers, limits, fixed, found, min_diff, solver)
         if choice is None:
             if not found:
                 names = ", ".join(labels.get(k, k) for k in limits)
@@ -131,13 +146,15 @@ def solve(
         if over or len(choice) != len(layers):
             raise RuntimeError(f"the solver returned a solution over budget {over}; this is a bug, please report it")
         objective = sum(layers[i][c].score for i, c in enumerate(choice))
-        found.append(Solution(Status.optimal, objective, choice, used))
+        found.append(Solution(status, objective, choice, used))
     return found
 
 
-def _solver(name: str):
-    if name == "highs":
-        solver = pulp.HiGHS(msg=False, gapRel=1e-12, gapAbs=1e-12)
+def _solver(settings: SolverSettings, warm: bool):
+    # An absolute gap of 0: the relative one alone decides (objectives here are small numbers).
+    options = dict(msg=False, gapRel=settings.gap, gapAbs=0.0, timeLimit=settings.time_limit)
+    if settings.name == "highs":
+        solver = pulp.HiGHS(**options)
         if not solver.available():
             raise PuzzleError("search.solver: highs is not installed (pip install highspy); use cbc")
         return solver
@@ -145,10 +162,37 @@ def _solver(name: str):
         # PuLP 3.x deprecates the bundled CBC in favour of a separate install; it is still the one
         # solver every install has, so it stays the default until PuLP 4 removes it.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return pulp.PULP_CBC_CMD(msg=False, gapRel=1e-12, gapAbs=1e-12)
+        return pulp.PULP_CBC_CMD(**options, warmStart=warm)
 
 
-def _solve_once(layers, limits, fixed, earlier: list[Solution], min_diff: int, solver: str) -> list[int] | None:
+def _warm_start(x: dict, layers, limits, fixed, earlier: list[Solution], min_diff: int) -> bool:
+    """Start the solver from the last solution changed in its `min_diff` cheapest-to-change layers (each to
+    its next-best block that keeps every budget), when that meets the new diversity cut: the next diverse
+    solution is usually close to the last one."""
+    if not earlier:
+        return False
+    choice = list(earlier[-1].choice)
+    # Layers ordered by how little their best other feasible block costs in score.
+    swaps = []
+    for i, options in enumerate(layers):
+        others = [b for b in range(len(options)) if b != choice[i]]
+        if others:
+            b = min(others, key=lambda b: options[b].score)
+            swaps.append((options[b].score - options[choice[i]].score, i, b))
+    for _, i, b in sorted(swaps)[:min_diff]:
+        choice[i] = b
+    used = usage(layers, choice, limits, fixed)
+    if any(u.used > u.limit for u in used.values()):
+        return False
+    if any(sum(c == e for c, e in zip(choice, sol.choice)) > len(layers) - min_diff for sol in earlier):
+        return False
+    for (i, b), v in x.items():
+        v.setInitialValue(1 if choice[i] == b else 0)
+    return True
+
+
+def _solve_once(layers, limits, fixed, earlier: list[Solution], min_diff: int,
+                settings: SolverSettings) -> tuple[list[int] | None, Status]:
     problem = pulp.LpProblem("puzzle", pulp.LpMinimize)
     x = {
         (i, b): problem.add_variable(f"x_{i}_{b}", cat="Binary") for i, options in enumerate(layers) for b in range(len(options))
@@ -170,10 +214,16 @@ def _solve_once(layers, limits, fixed, earlier: list[Solution], min_diff: int, s
         problem += pulp.lpSum(layers[i][b].costs[k] / unit * v for (i, b), v in x.items()) <= room / unit
     for sol in earlier:
         problem += pulp.lpSum(x[i, c] for i, c in enumerate(sol.choice)) <= len(layers) - min_diff
-    status = problem.solve(_solver(solver))
-    if pulp.LpStatus[status] != "Optimal":
-        return None
-    return [next(b for b in range(len(options)) if x[i, b].value() > 0.5) for i, options in enumerate(layers)]
+    warm = settings.name == "cbc" and _warm_start(x, layers, limits, fixed, earlier, min_diff)
+    problem.solve(_solver(settings, warm))
+    # sol_status tells a proven solution (within the gap) from the best one when the time ran out.
+    if problem.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        if problem.status == pulp.LpStatusInfeasible:
+            return None, Status.optimal
+        raise PuzzleError(f"the MIP solver found no solution within its time limit ({settings.time_limit} s) and "
+                          "did not prove there is none; raise search.time_limit")
+    status = Status.optimal if problem.sol_status == pulp.LpSolutionOptimal else Status.feasible
+    return [next(b for b in range(len(options)) if x[i, b].value() > 0.5) for i, options in enumerate(layers)], status
 
 
 def greedy(*, layers: list[list[Block]], limits: dict[str, float], fixed: dict[str, float] | None = None) -> Solution | None:

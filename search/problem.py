@@ -16,7 +16,7 @@ from puzzle.blocks.costs import Scenario
 from puzzle.errors import PuzzleError
 from puzzle.blocks.specs import BlockChoice, spec_from_id
 from puzzle.search.budgets import Budget, BudgetKind, Sweep
-from puzzle.search.mip import Block, InfeasibleBudget, greedy, solve
+from puzzle.search.mip import Block, InfeasibleBudget, SolverSettings, greedy, solve
 
 # Budgets become upper bounds on these summed quantities; throughput is bounded through latency.
 QUANTITY = {
@@ -107,7 +107,7 @@ class FrontierPoint:
     greedy_objective: float | None
 
 
-def frontier_points(problem: SearchProblem, sweep: Sweep, held: list[Budget], solver: str) -> list[FrontierPoint]:
+def frontier_points(problem: SearchProblem, sweep: Sweep, held: list[Budget], solver: SolverSettings) -> list[FrontierPoint]:
     """Best predicted quality at each budget of the sweep, the `held` budgets on other quantities kept."""
     quantity = QUANTITY[sweep.kind]
     # A budget on the swept quantity would cap the sweep; only the other quantities are held.

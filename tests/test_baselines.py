@@ -93,7 +93,7 @@ def test_an_impossible_budget_is_an_error_naming_it(job, method):
 
 def test_several_solutions_need_the_mip(job):
     _, config = job
-    with pytest.raises(PuzzleError, match="search.solutions: 2 solutions need search.method=mip; shortgpt gives one"):
+    with pytest.raises(PuzzleError, match="search.solutions: 2 solutions need search.method mip or evolve; shortgpt gives one"):
         search_stage(with_method(config, "shortgpt"), ["params=0.8x"], solutions=2)
 
 

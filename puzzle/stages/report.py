@@ -146,8 +146,9 @@ def plot_kd(train_log: pd.DataFrame, path: Path) -> None:
     save(fig, path)
 
 
-def _frontier(config: PuzzleConfig, solution: Architecture, path: Path) -> Path | None:
-    """The quality/cost frontier along the job's first budget, with the chosen child marked."""
+def _frontier(config: PuzzleConfig, solution: Architecture, path: Path, held_out_kl: float) -> Path | None:
+    """The quality/cost frontier along the job's first budget, with the chosen child marked where the sum of
+    its scores puts it, and where its KL measured whole does (by the search, when it measured; by eval)."""
     # The search may have had its budgets from --budget, which the report's config does not carry.
     kinds = list(config.search.budgets) or [parse_budget(u.budget).kind for u in solution.usage.values()]
     if not kinds:
@@ -155,8 +156,13 @@ def _frontier(config: PuzzleConfig, solution: Architecture, path: Path) -> Path 
     sweep = parse_sweep(f"{kinds[0].value}=0.2x:1.0x:9")
     points, parent_cost = job_frontier(config, sweep)
     quantity = QUANTITY[kinds[0]]
-    chosen = next(((u.used / u.parent, solution.objective) for q, u in solution.usage.items() if q == quantity), None)
-    plot_frontier(points, parent_cost, sweep.text, config.search.metric, path, chosen)
+    cost = next((u.used / u.parent for q, u in solution.usage.items() if q == quantity), None)
+    marks = [] if cost is None else [("this child: predicted (sum of scores)", cost, solution.objective, "rD")]
+    if cost is not None and config.search.metric == "kl":
+        if solution.measured_kl is not None:
+            marks.append(("this child: KL measured by the search", cost, solution.measured_kl, "m^"))
+        marks.append(("this child: KL on held-out text (eval)", cost, held_out_kl, "gv"))
+    plot_frontier(points, parent_cost, sweep.text, config.search.metric, path, marks)
     return path
 
 
@@ -176,7 +182,8 @@ def run(ctx: StageContext) -> ReportSummary:
     best = solutions.solutions[0]
     plots = [directory / "architecture.png"]
     plot_architecture(choices, parent, plots[0])
-    frontier = _frontier(config, best, directory / "frontier.png")
+    child_kl = next(m["kl"] for m in results["models"] if m["name"] == "child")
+    frontier = _frontier(config, best, directory / "frontier.png", child_kl)
     if frontier is not None:
         plots.append(frontier)
     kd_summary = None
@@ -187,10 +194,13 @@ def run(ctx: StageContext) -> ReportSummary:
 
     comparison = comparison_table(results)
     comparison.index.name = "measure"
-    architecture = architecture_table(choices, best)
+    sections = [("Parent and child", comparison), ("Child architecture", architecture_table(choices, best))]
+    measured = measured_table(solutions.solutions)
+    if measured is not None:
+        sections.append(("Search: predicted and measured KL of the children it measured", measured))
     facts = _facts(config, solutions.method, best, results, kd_summary)
-    atomic_write_text(directory / "report.md", _markdown(config, facts, comparison, architecture, plots))
-    atomic_write_text(directory / "report.html", _html(config, facts, comparison, architecture, plots))
+    atomic_write_text(directory / "report.md", _markdown(config, facts, sections, plots))
+    atomic_write_text(directory / "report.html", _html(config, facts, sections, plots))
     ctx.record.outputs = {"html": "report.html", "markdown": "report.md", "plots": [p.name for p in plots]}
     return ReportSummary(directory / "report.html", directory / "report.md", plots, time.time() - started)
 
@@ -205,8 +215,8 @@ def _facts(config: PuzzleConfig, method: str, best: Architecture, results: dict,
     s = results["scenario"]
     facts = [
         "budgets: " + ", ".join(f"{u.budget} (used {u.used / u.parent:.2f}x of the parent)" for u in best.usage.values()),
-        f"search: {method}, objective {best.objective:.4f} "
-        f"(sum of per-block {config.search.metric})",
+        f"search: {method}, objective {best.objective:.4f} (sum of per-block {config.search.metric})"
+        + (f"; measured KL of the whole child {best.measured_kl:.4f}" if best.measured_kl is not None else ""),
         f"scenario: batch {s['batch_size']}, prefill {s['prefill_length']}, decode {s['decode_length']} tokens; "
         f"weights {s['weight_dtype']}, KV cache {s['kv_dtype']}",
         f"measured on {results['device']}; predicted by the cost model of the profile stage",
@@ -218,18 +228,30 @@ def _facts(config: PuzzleConfig, method: str, best: Architecture, results: dict,
     return facts
 
 
-def _markdown(config, facts, comparison, architecture, plots) -> str:
+def measured_table(solutions: list[Architecture]) -> pd.DataFrame | None:
+    """The children the search measured whole (search.candidates, evolve): the sum of their blocks' scores
+    (what the MIP predicts) beside their measured KL, the chosen one first; None when none was measured."""
+    if not any(a.measured_kl is not None for a in solutions):
+        return None
+    return pd.DataFrame([
+        {"solution": k, "found by": "MIP" if a.status.value in ("optimal", "feasible") else "measured refinement",
+         "predicted: sum of block scores": f"{a.objective:.5f}", "measured KL": f"{a.measured_kl:.5f}",
+         "measured / predicted": f"{a.measured_kl / a.objective:.2f}" if a.objective > 0 else "n/a"}
+        for k, a in enumerate(solutions)
+    ]).set_index("solution")
+
+
+def _markdown(config, facts, sections: list[tuple[str, pd.DataFrame]], plots) -> str:
     images = "\n\n".join(f"![{p.stem}]({p.name})" for p in plots)
     return (
         f"# puzzle report: {config.run.job or config.run.dir.name}\n\n"
         + "\n".join(f"- {f}" for f in facts)
-        + "\n\n## Parent and child\n\n" + markdown_table(comparison)
-        + "\n\n## Child architecture\n\n" + markdown_table(architecture)
+        + "".join(f"\n\n## {title}\n\n" + markdown_table(frame) for title, frame in sections)
         + "\n\n## Plots\n\n" + images + "\n"
     )
 
 
-def _html(config, facts, comparison, architecture, plots) -> str:
+def _html(config, facts, sections: list[tuple[str, pd.DataFrame]], plots) -> str:
     def img(p: Path) -> str:
         data = base64.b64encode(p.read_bytes()).decode()
         return f'<figure><img alt="{p.stem}" src="data:image/png;base64,{data}"></figure>'
@@ -246,10 +268,7 @@ img {{ max-width: 100%; }}
 </style></head><body>
 <h1>{title}</h1>
 <ul>{''.join(f'<li>{html.escape(f)}</li>' for f in facts)}</ul>
-<h2>Parent and child</h2>
-{comparison.to_html(escape=True)}
-<h2>Child architecture</h2>
-{architecture.to_html(escape=True)}
+{''.join(f"<h2>{html.escape(title)}</h2>{frame.to_html(escape=True)}" for title, frame in sections)}
 <h2>Plots</h2>
 {''.join(img(p) for p in plots)}
 </body></html>

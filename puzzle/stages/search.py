@@ -20,7 +20,7 @@ from puzzle.problem import describe_unreliable, job_problem, job_profile, truste
 from puzzle.solutions import Architecture, BatchResult, SearchOutcome, read_solutions, solutions_json
 from puzzle.rundir import RunDir, Stage
 from puzzle.search import baselines
-from puzzle.search.mip import InfeasibleBudget, Solution, greedy, solve
+from puzzle.search.mip import InfeasibleBudget, Solution, Status, greedy, solve
 from puzzle.search.problem import SearchProblem, budget_limits, build_problem
 
 
@@ -47,12 +47,15 @@ def _problems(config: PuzzleConfig) -> list[tuple[int, SearchProblem]]:
     return out
 
 
-def _choose(config: PuzzleConfig, problem: SearchProblem, limits, labels, influence) -> list[Solution]:
+def _choose(config: PuzzleConfig, problem: SearchProblem, limits, labels, influence, meter) -> list[Solution]:
     """The one place search.method is dispatched; every method answers with the same Solution type."""
     common = dict(layers=problem.layers, limits=limits, fixed={k: problem.fixed[k] for k in limits}, labels=labels)
     s = config.search
+    diverse = dict(solutions=max(s.solutions, s.candidates), min_diff=s.min_diff, solver=s.solver_settings)
     methods = {
-        "mip": lambda: solve(**common, solutions=s.solutions, min_diff=s.min_diff, solver=s.solver),
+        "mip": lambda: _in_context(config, problem, common, solve(**common, **diverse), meter),
+        "evolve": lambda: _evolved(config, problem, common, solve(**common, **{**diverse, "solutions": max(
+            2, s.candidates)}), meter),
         "greedy": lambda: [baselines.greedy_search(**common)],
         "shortgpt": lambda: [baselines.shortgpt(**common, layer_influence=influence.layer)],
         "llm-drop": lambda: [baselines.llm_drop(**common, attention_influence=influence.attention)],
@@ -62,14 +65,82 @@ def _choose(config: PuzzleConfig, problem: SearchProblem, limits, labels, influe
     return methods[s.method]()
 
 
+def measures_children(config: PuzzleConfig) -> bool:
+    s = config.search
+    return s.candidates > 1 or s.method == "evolve" or s.rounds > 0
+
+
+def _children(problem: SearchProblem, choices: list[list[int]]) -> list[tuple]:
+    return [tuple(problem.layers[i][c].label for i, c in enumerate(choice)) for choice in choices]
+
+
+def _summed(problem: SearchProblem, solution: Solution) -> Solution:
+    """A child a measured refinement found, with the sum of its blocks' replace-1-block scores as its objective
+    (what the MIP predicts for it), and no claim of optimality for that sum."""
+    return replace(solution, status=Status.heuristic,
+                   objective=sum(problem.layers[i][c].score for i, c in enumerate(solution.choice)))
+
+
+def _evolved(config: PuzzleConfig, problem: SearchProblem, common: dict, seeds: list[Solution],
+             meter) -> list[Solution]:
+    """The evolved child, then the MIP's solutions it started from (all measured afterwards)."""
+    from puzzle.progress import progress_bar
+    from puzzle.search.evolve import EvolveSettings, evolve
+
+    s = config.search
+    settings = EvolveSettings(generations=s.generations, offspring=s.offspring, seed=config.run.seed)
+    measure = lambda choices, batches: meter.kl(_children(problem, choices), batches)  # noqa: E731
+    with progress_bar() as bar:
+        task = bar.add_task("evolve", total=s.generations, status="")
+        evolution = evolve(layers=common["layers"], limits=common["limits"], fixed=common["fixed"],
+                           seeds=[x.choice for x in seeds], measure=measure, batches=len(meter.batches),
+                           settings=settings,
+                           on_generation=lambda g, best: bar.update(task, completed=g, status=f"best KL {best:.5f}"))
+    best = _summed(problem, evolution.best)
+    return [best, *(x for x in seeds if x.choice != best.choice)]
+
+
+def _in_context(config: PuzzleConfig, problem: SearchProblem, common: dict, found: list[Solution],
+                meter) -> list[Solution]:
+    """search.rounds: each round scores every block again with the chosen child as the context (the child with
+    that one layer replaced, measured whole), solves the MIP on those scores, and keeps its child only if it
+    measures lower; stops early when the architecture stops changing. The kept child comes first."""
+    if config.search.rounds == 0:
+        return found
+    from puzzle.progress import progress_bar
+    from puzzle.search.mip import Block
+
+    current = found[0]
+    [current_kl] = meter.kl(_children(problem, [current.choice]))
+    options = [(i, b) for i, layer in enumerate(problem.layers) for b in range(len(layer))]
+    with progress_bar() as bar:
+        task = bar.add_task("re-scoring in the child's context", total=config.search.rounds, status="")
+        for _ in range(config.search.rounds):
+            variants = [current.choice[:i] + [b] + current.choice[i + 1:] for i, b in options]
+            kls = iter(meter.kl(_children(problem, variants)))
+            rescored = [[Block(block.label, next(kls), block.costs) for block in layer] for layer in problem.layers]
+            [candidate] = solve(**{**common, "layers": rescored}, solver=config.search.solver_settings)
+            if candidate.choice == current.choice:
+                break
+            [kl] = meter.kl(_children(problem, [candidate.choice]))
+            bar.update(task, advance=1, status=f"KL {current_kl:.5f} → {kl:.5f}")
+            if kl >= current_kl:
+                break
+            current, current_kl = _summed(problem, candidate), kl
+    return [current, *(x for x in found if x.choice != current.choice)]
+
+
+def _measured(problem: SearchProblem, found: list[Solution], meter) -> list[float] | None:
+    """Each solution's measured KL when the search measures children."""
+    return None if meter is None else meter.kl(_children(problem, [x.choice for x in found]))
+
+
 def run(ctx: StageContext) -> SearchOutcome:
     started = time.time()
     config = ctx.config
     s = config.search
     if not s.budgets:
         raise PuzzleError("no budget given: pass --budget KIND=VALUE (e.g. latency=0.5x) or set search.budgets")
-    if s.method != "mip" and s.solutions > 1:
-        raise PuzzleError(f"search.solutions: {s.solutions} solutions need search.method=mip; {s.method} gives one")
     budgets = list(s.budgets.values())
     influence = None
     if s.method in baselines.NEEDS_INFLUENCE:
@@ -77,11 +148,16 @@ def run(ctx: StageContext) -> SearchOutcome:
 
         influence = job_block_influence(config)
     solve_seconds, batches, best = 0.0, [], None
+    meter = None
+    if measures_children(config):
+        from puzzle.measured import job_meter
+
+        meter = job_meter(config)
     for batch, problem in _problems(config):
         limits, labels = budget_limits(budgets, problem)
         solve_started = time.time()
         try:
-            found = _choose(config, problem, limits, labels, influence)
+            found = _choose(config, problem, limits, labels, influence, meter)
         except InfeasibleBudget:
             if not s.batch_sizes:
                 raise
@@ -96,6 +172,13 @@ def run(ctx: StageContext) -> SearchOutcome:
         texts = ", ".join(b.text for b in budgets)
         raise InfeasibleBudget(f"no batch size in {s.batch_sizes} has a child within {texts}; relax a budget")
     problem, found, limits, labels, batch = best
+    measured = _measured(problem, found, meter)
+    architectures = [Architecture.of(x, problem, labels) for x in found]
+    if measured is not None:
+        # The lowest measured KL first: the child realize builds. The MIP's own best is among them, so the
+        # choice is never worse than it on the measured blocks.
+        architectures = sorted((replace(a, measured_kl=kl) for a, kl in zip(architectures, measured)),
+                               key=lambda a: a.measured_kl)
     baseline = greedy(layers=problem.layers, limits=limits, fixed={k: problem.fixed[k] for k in limits})
     notes = [
         f"budget {labels[k]}: the parent already meets it ({problem.parent_totals[k]:.6g} ≤ {limit:.6g})"
@@ -110,8 +193,14 @@ def run(ctx: StageContext) -> SearchOutcome:
         notes.append("batch sizes: " + ", ".join(
             f"{b.batch_size}: {'infeasible' if b.objective is None else f'{b.objective:.4g}'}" for b in batches
         ) + f"; best at batch size {batch}")
+    if measured is not None:
+        mip_best = min(range(len(found)), key=lambda k: (found[k].status is not Status.optimal, found[k].objective))
+        notes.append(
+            f"measured {len(found)} children whole on {s.measure_blocks} training blocks: the chosen one's KL is "
+            f"{architectures[0].measured_kl:.5f} (its blocks' scores sum to {architectures[0].objective:.5f}); the "
+            f"MIP's best by the sum measures {measured[mip_best]:.5f} (sum {found[mip_best].objective:.5f})")
     outcome = SearchOutcome(
-        method=s.method, solutions=[Architecture.of(x, problem, labels) for x in found],
+        method=s.method, solutions=architectures,
         greedy=Architecture.of(baseline, problem, labels) if baseline else None, notes=notes, batch_size=batch,
         batch_sweep=batches, file=ctx.directory / "solutions.json", solve_seconds=solve_seconds,
         seconds=time.time() - started,
