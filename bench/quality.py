@@ -2,7 +2,8 @@
 
 On the embedded parent, at three latency budgets (ratios of the parent at the profile's scenario), every
 method (the MIP; the MIP with its children measured whole: mip+rerank (search.candidates 8), mip+rounds
-(search.rounds 3), evolve; and each baseline) picks a child from the same library, scores and profile; each child is realized, distilled with the same KD token budget and evaluated on the same
+(search.rounds 3), evolve; depth+mip (2 whole layers removed by Block Influence, then the MIP); and each
+baseline) picks a child from the same library, scores and profile; each child is realized, distilled with the same KD token budget and evaluated on the same
 held-out text. Prints one table (KL to the parent and perplexity before and after KD, parameters,
 predicted and measured speedup), writes it as CSV and plots the frontier.
 
@@ -39,8 +40,11 @@ METHODS = {
     "mip+rerank": {"method": "mip", "candidates": 8},
     "mip+rounds": {"method": "mip", "rounds": 3},
     "evolve": {"method": "evolve", "candidates": 4},
+    "depth+mip": {"method": "depth-mip", "depth": 2},
     **{m: {"method": m} for m in ("greedy", "shortgpt", "llm-drop", "uniform-ffn", "random")},
 }
+# Puzzle's own variants, compared with the plain MIP; the rest are baselines.
+VARIANTS = ("mip+rerank", "mip+rounds", "evolve", "depth+mip")
 
 
 def job_file(config: Path, budgets: list[float], methods: list[str], kd_tokens: int | None, out: Path) -> Path:
@@ -99,7 +103,7 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     for ax, column in zip(axes, ("KL before KD", "KL after KD")):
         for method, group in done.groupby("method"):
             group = group.sort_values("predicted speedup")
-            mine = method == "mip" or method.startswith("mip+") or method == "evolve"
+            mine = method in ("mip", *VARIANTS)
             ax.plot(group["predicted speedup"], group[column], "o-" if mine else "s--",
                     label="puzzle (MIP)" if method == "mip" else method, linewidth=2.5 if mine else 1)
         ax.set_yscale("log")
@@ -142,16 +146,15 @@ def main() -> None:
     for _, row in frame[frame.note != ""].iterrows():
         print(f"{row.method} at {row.budget}: {row.note}")
     print(f"parent perplexity {frame['parent perplexity'].dropna().iloc[0]:.2f}")
-    measured = [m for m in METHODS if m.startswith("mip+") or m == "evolve"]
     for budget, group in frame[frame.note == ""].groupby("budget", sort=False):
         puzzle = group[group.method == "mip"]
-        others = group[~group.method.isin(["mip", *measured])]
+        others = group[~group.method.isin(["mip", *VARIANTS])]
         for column in ("KL before KD", "KL after KD"):
             if not puzzle.empty and not others.empty:
                 best = others.loc[others[column].idxmin()]
                 print(f"latency {budget}: {column}: puzzle / best baseline ({best.method}) = "
                       f"{puzzle[column].iloc[0] / best[column]:.2f}")
-            for method in measured:
+            for method in VARIANTS:
                 refined = group[group.method == method]
                 if not puzzle.empty and not refined.empty:
                     print(f"latency {budget}: {column}: {method} / mip = "

@@ -240,10 +240,11 @@ class SearchSection(Section):
         "the parent) or a unit. Kinds: " + ", ".join(k.value for k in BudgetKind) + ". `--budget KIND=VALUE` sets one.",
     )
     metric: Metric = Field("kl", description="Objective.")
-    method: Literal["mip", "evolve", "greedy", "shortgpt", "llm-drop", "uniform-ffn", "random"] = Field(
+    method: Literal["mip", "evolve", "depth-mip", "greedy", "shortgpt", "llm-drop", "uniform-ffn", "random"] = Field(
         "mip",
         description="How the architecture is chosen: mip (Puzzle), evolve (the MIP's diverse solutions refined by "
-        "an evolutionary search on the children's measured KL), or a baseline on the same scores, profile and "
+        "an evolutionary search on the children's measured KL), depth-mip (search.depth whole layers removed by "
+        "Block Influence first, then the MIP on the rest), or a baseline on the same scores, profile and "
         "budgets: greedy (the paper's greedy search), shortgpt (drop whole layers by Block Influence), llm-drop "
         "(drop attention by Block Influence), uniform-ffn (one library FFN width in every layer), random "
         "(seeded by run.seed).",
@@ -260,6 +261,7 @@ class SearchSection(Section):
         "again as the child with that one layer replaced, measured whole; the MIP solved on those scores; its "
         "child kept only if it measures lower. Stops early when the architecture stops changing.",
     )
+    depth: int = Field(2, ge=0, description="Whole layers method depth-mip removes before the MIP.")
     generations: int = Field(40, ge=1, description="Generations of method evolve.")
     offspring: int = Field(8, ge=2, description="Children each generation of method evolve tries.")
     solver: Literal["cbc", "highs"] = Field("cbc", description="MIP solver behind PuLP.")

@@ -80,10 +80,13 @@ def plot_frontier(points: list[FrontierPoint], parent_cost: float, title: str, m
     fig, ax = plt.subplots(figsize=(6, 4))
     mip = [(p.used / parent_cost, p.objective) for p in points if p.objective is not None]
     grd = [(p.limit / parent_cost, p.greedy_objective) for p in points if p.greedy_objective is not None]
+    uni = [(p.limit / parent_cost, p.uniform_objective) for p in points if p.uniform_objective is not None]
     if mip:
         ax.plot(*zip(*mip), "o-", label="MIP (puzzle)")
     if grd:
         ax.plot(*zip(*grd), "s--", alpha=0.7, label="greedy (budget limit)")
+    if uni:
+        ax.plot(*zip(*uni), "x:", alpha=0.7, label="uniform FFN width (budget limit)")
     ax.plot([1.0], [0.0], "k*", markersize=12, label="parent")
     for label, x, y, style in marks:
         ax.plot([x], [y], style, markersize=9, label=label)

@@ -10,6 +10,7 @@ difference between a baseline and the MIP is then the choice alone. Each option'
 - `uniform_ffn`: Minitron-style width pruning, one FFN width in every layer. The library's pruned FFNs
   are initialized by the same channel contribution Minitron ranks channels by, and then BLD-trained,
   so this baseline differs from the MIP's child only in how the blocks were chosen.
+- `depth_then_mip`: depth first, then Puzzle: ShortGPT's removal of d whole layers, then the MIP on the rest.
 - `random_search`: seeded random architectures, the first within the budgets.
 - `greedy_search`: the paper's greedy search (`search.mip.greedy`).
 
@@ -22,11 +23,11 @@ import random
 
 from puzzle.errors import PuzzleError
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, BlockChoice, FfnKind, FfnSpec
-from puzzle.search.mip import Block, InfeasibleBudget, Solution, Status, greedy, usage
+from puzzle.search.mip import Block, InfeasibleBudget, Solution, SolverSettings, Status, greedy, solve, usage
 
 RANDOM_DRAWS = 10_000
 # The methods that rank layers by the parent's Block Influence, which the caller has to measure.
-NEEDS_INFLUENCE = frozenset({"shortgpt", "llm-drop"})
+NEEDS_INFLUENCE = frozenset({"shortgpt", "llm-drop", "depth-mip"})
 
 Layers = list[list[Block]]
 
@@ -141,6 +142,22 @@ def random_search(*, layers: Layers, limits: dict[str, float], fixed: dict[str, 
             return solution
     names = ", ".join((labels or {}).get(k, k) for k in limits)
     raise InfeasibleBudget(f"random: none of {draws:,} random architectures (seed {seed}) meets {names}; relax a budget")
+
+
+def depth_then_mip(*, layers: Layers, limits: dict[str, float], fixed: dict[str, float] | None = None,
+                   labels: dict[str, str] | None = None, layer_influence: list[float], depth: int,
+                   solver: SolverSettings = SolverSettings()) -> Solution:
+    """Depth first, then Puzzle: ShortGPT's removal of the `depth` whole layers of least Block Influence,
+    then the MIP over the blocks of the other layers."""
+    _check_influence(layers, layer_influence, "layer influence")
+    if not 0 <= depth <= len(layers):
+        raise PuzzleError(f"search.depth: {depth} layers to remove, but the parent has {len(layers)}")
+    removed = BlockChoice(AttentionSpec(AttentionKind.noop), FfnSpec(FfnKind.noop))
+    noop = {i: _index(layers, i, removed, "depth-mip")
+            for i in sorted(range(len(layers)), key=lambda i: (layer_influence[i], i))[:depth]}
+    rest = [[options[noop[i]]] if i in noop else options for i, options in enumerate(layers)]
+    [best] = solve(layers=rest, limits=limits, fixed=fixed, labels=labels, solver=solver)
+    return _solution(layers, [noop.get(i, c) for i, c in enumerate(best.choice)], limits, fixed or {})
 
 
 def greedy_search(*, layers: Layers, limits: dict[str, float], fixed: dict[str, float] | None = None,

@@ -105,6 +105,7 @@ class FrontierPoint:
     objective: float | None  # None: infeasible at this budget
     used: float | None
     greedy_objective: float | None
+    uniform_objective: float | None = None  # Minitron-style: one FFN width in every layer; None when none fits
 
 
 def frontier_points(problem: SearchProblem, sweep: Sweep, held: list[Budget], solver: SolverSettings) -> list[FrontierPoint]:
@@ -122,5 +123,15 @@ def frontier_points(problem: SearchProblem, sweep: Sweep, held: list[Budget], so
         except InfeasibleBudget:
             objective = used = None
         g = greedy(layers=problem.layers, limits=limits, fixed=fixed)
-        points.append(FrontierPoint(swept.text, limits[quantity], objective, used, g.objective if g else None))
+        points.append(FrontierPoint(swept.text, limits[quantity], objective, used, g.objective if g else None,
+                                    _uniform(problem, limits, fixed)))
     return points
+
+
+def _uniform(problem: SearchProblem, limits: dict[str, float], fixed: dict[str, float]) -> float | None:
+    from puzzle.search.baselines import uniform_ffn
+
+    try:
+        return uniform_ffn(layers=problem.layers, limits=limits, fixed=fixed).objective
+    except (InfeasibleBudget, PuzzleError):  # no width fits, or the library has no width common to all layers
+        return None

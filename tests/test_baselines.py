@@ -175,3 +175,32 @@ def test_pure_functions_raise_infeasible_budget():
         with pytest.raises(InfeasibleBudget, match="params=1"):
             call()
     assert uniform_ffn(layers=layers, limits={"p": 6.0}).choice == [2, 2, 2]
+
+
+def test_depth_first_then_puzzle_removes_its_layers_and_solves_the_rest():
+    from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec
+    from puzzle.search.baselines import depth_then_mip
+    from puzzle.search.mip import solve
+
+    removed = BlockChoice(AttentionSpec(AttentionKind.noop), FfnSpec(FfnKind.noop))
+    kept = BlockChoice(AttentionSpec(AttentionKind.attention, 2), FfnSpec(FfnKind.dense, 8))
+    half = BlockChoice(AttentionSpec(AttentionKind.attention, 2), FfnSpec(FfnKind.dense, 4))
+    layers = [[Block(kept, 0.0, {"cost": 1.0}), Block(half, 0.1 * (i + 1), {"cost": 0.6}),
+               Block(removed, 0.5 + 0.1 * i, {"cost": 0.0})] for i in range(4)]
+    influence = [0.3, 0.1, 0.4, 0.2]  # layers 1 and 3 go first
+    solution = depth_then_mip(layers=layers, limits={"cost": 2.2}, layer_influence=influence, depth=2)
+    assert [layers[i][c].label for i, c in enumerate(solution.choice)][1::2] == [removed, removed]
+    assert solution.usage["cost"].used <= 2.2 and solution.status is Status.heuristic
+    # With nothing removed first it is the MIP itself.
+    plain = depth_then_mip(layers=layers, limits={"cost": 2.2}, layer_influence=influence, depth=0)
+    assert plain.choice == solve(layers=layers, limits={"cost": 2.2})[0].choice
+    with pytest.raises(PuzzleError, match="search.depth: 5 layers to remove, but the parent has 4"):
+        depth_then_mip(layers=layers, limits={"cost": 2.2}, layer_influence=influence, depth=5)
+
+
+def test_depth_mip_through_the_search_stage(job):
+    _, config = job
+    outcome = search_stage(with_method(config, "depth-mip", "search.depth=1"), ["params=0.7x"])
+    [solution] = outcome.solutions
+    assert solution.usage["params"].used <= solution.usage["params"].limit
+    assert sum(str(layer.choice) == "attention.noop+ffn.noop" for layer in solution.layers) >= 1

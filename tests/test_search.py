@@ -75,6 +75,9 @@ def test_frontier_sweep_writes_a_table_and_a_plot(job, monkeypatch, capsys):
     feasible = table.dropna(subset=["objective"])
     assert (feasible.used <= feasible.limit * (1 + 1e-6)).all()
     assert feasible.objective.is_monotonic_decreasing  # more budget never predicts worse quality
+    # The uniform-width child beside every point where one fits: never better than the MIP's.
+    uniform = table.dropna(subset=["uniform_objective"])
+    assert len(uniform) >= 1 and (uniform.uniform_objective >= uniform.objective - 1e-12).all()
     assert (config.run.dir / "search/frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

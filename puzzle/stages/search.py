@@ -58,6 +58,8 @@ def _choose(config: PuzzleConfig, problem: SearchProblem, limits, labels, influe
             2, s.candidates)}), meter),
         "greedy": lambda: [baselines.greedy_search(**common)],
         "shortgpt": lambda: [baselines.shortgpt(**common, layer_influence=influence.layer)],
+        "depth-mip": lambda: [baselines.depth_then_mip(**common, layer_influence=influence.layer, depth=s.depth,
+                                                       solver=s.solver_settings)],
         "llm-drop": lambda: [baselines.llm_drop(**common, attention_influence=influence.attention)],
         "uniform-ffn": lambda: [baselines.uniform_ffn(**common)],
         "random": lambda: [baselines.random_search(**common, seed=config.run.seed)],
