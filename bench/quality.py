@@ -2,8 +2,8 @@
 
 On the embedded parent, at three latency budgets (ratios of the parent at the profile's scenario), every
 method (the MIP; the MIP with its children measured whole: mip+rerank (search.candidates 8), mip+rounds
-(search.rounds 3), evolve; depth+mip (2 whole layers removed by Block Influence, then the MIP); and each
-baseline) picks a child from the same library, scores and profile; each child is realized, distilled with the same KD token budget and evaluated on the same
+(search.rounds 3), evolve; depth+mip (2 whole layers removed by Block Influence, then the MIP); mip+tournament (the 4 best of 8
+measured children each get a short KD, search.tournament); and each baseline) picks a child from the same library, scores and profile; each child is realized, distilled with the same KD token budget and evaluated on the same
 held-out text. Prints one table (KL to the parent and perplexity before and after KD, parameters,
 predicted and measured speedup), writes it as CSV and plots the frontier.
 
@@ -41,10 +41,11 @@ METHODS = {
     "mip+rounds": {"method": "mip", "rounds": 3},
     "evolve": {"method": "evolve", "candidates": 4},
     "depth+mip": {"method": "depth-mip", "depth": 2},
+    "mip+tournament": {"method": "mip", "candidates": 8, "tournament": 4},
     **{m: {"method": m} for m in ("greedy", "shortgpt", "llm-drop", "uniform-ffn", "random")},
 }
 # Puzzle's own variants, compared with the plain MIP; the rest are baselines.
-VARIANTS = ("mip+rerank", "mip+rounds", "evolve", "depth+mip")
+VARIANTS = ("mip+rerank", "mip+rounds", "evolve", "depth+mip", "mip+tournament")
 
 
 def job_file(config: Path, budgets: list[float], methods: list[str], kd_tokens: int | None, out: Path) -> Path:

@@ -262,6 +262,12 @@ class SearchSection(Section):
         "child kept only if it measures lower. Stops early when the architecture stops changing.",
     )
     depth: int = Field(2, ge=0, description="Whole layers method depth-mip removes before the MIP.")
+    tournament: int = Field(
+        0, ge=0, description="The best this many children of the search (by measured KL when it measured them, "
+        "else in the MIP's order) each get a short KD of search.tournament_tokens, with the kd settings; the "
+        "lowest KL after it is chosen. A child's damage before healing need not rank it after. 0: off.",
+    )
+    tournament_tokens: int = Field(65_536, ge=1, description="Training tokens of each tournament child's short KD.")
     generations: int = Field(40, ge=1, description="Generations of method evolve.")
     offspring: int = Field(8, ge=2, description="Children each generation of method evolve tries.")
     solver: Literal["cbc", "highs"] = Field("cbc", description="MIP solver behind PuLP.")

@@ -44,7 +44,7 @@ class ChildMeter:
     """KL(parent ‖ child) of children given as one BlockChoice per layer, on `blocks` (held-out tokens)."""
 
     def __init__(self, parent, library: Library, blocks: torch.Tensor, batch_size: int):
-        self.adapter, self.library = parent.adapter, library
+        self.parent, self.adapter, self.library = parent, parent.adapter, library
         self.batches: list[_Batch] = []
         self.evaluations = 0  # children measured so far (each on however many blocks it was asked)
         with torch.no_grad():

@@ -515,6 +515,10 @@ def _search(config: PuzzleConfig, model: ModelShape, target: Target) -> StagePla
                   * model.dtype_bytes),
              Term("one layer's library modules (fp32)", max(model.layer_params()) * 4 * 3),
              _logit_terms(model, config.scoring.batch_size, t, "logits of one batch"))
+    if s.tournament:
+        # The tournament's short KD holds one child in training; as in the kd stage, at most the parent's size.
+        kd = _kd(config, model, target, by_key=False)
+        terms += tuple(t for t in kd.terms if t.name.startswith(("child", "logits", "teacher hidden")))
     return StagePlan(Stage.search, terms, 1, note="children measured whole",
                      fix="lower search.measure_blocks or data.sequence_length")
 

@@ -41,6 +41,7 @@ class Architecture:
     layers: list[ChosenLayer]
     usage: dict[str, Use]
     measured_kl: float | None = None  # the whole child's KL to the parent, when the search measured it
+    tournament_kl: float | None = None  # its KL after the tournament's short KD (search.tournament)
 
     @property
     def blocks(self) -> list[BlockChoice]:
@@ -52,13 +53,15 @@ class Architecture:
             "layers": [{"layer": i, **x.choice.to_json(), "score": x.score} for i, x in enumerate(self.layers)],
             "usage": {quantity: asdict(u) for quantity, u in self.usage.items()},
             "measured_kl": self.measured_kl,
+            "tournament_kl": self.tournament_kl,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> Architecture:
         layers = [ChosenLayer(BlockChoice.from_json(x), x.get("score")) for x in data["layers"]]
         usage = {quantity: Use(**u) for quantity, u in data.get("usage", {}).items()}
-        return cls(Status(data.get("status", "optimal")), data.get("objective"), layers, usage, data.get("measured_kl"))
+        return cls(Status(data.get("status", "optimal")), data.get("objective"), layers, usage, data.get("measured_kl"),
+                   data.get("tournament_kl"))
 
     @classmethod
     def of(cls, solution: Solution, problem: SearchProblem, labels: dict[str, str]) -> Architecture:

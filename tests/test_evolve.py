@@ -106,3 +106,14 @@ def test_rounds_keep_a_child_only_when_it_measures_lower(job):
     mip = min((a for a in outcome.solutions if a.status.value == "optimal"), key=lambda a: a.objective)
     assert outcome.solutions[0].measured_kl <= mip.measured_kl  # the MIP's own child is among those measured
     assert all(a.usage["params"].used <= a.usage["params"].limit for a in outcome.solutions)
+
+
+def test_tournament_chooses_the_lowest_kl_after_a_short_kd_and_says_whether_the_ranking_moved(job):
+    config = _with(job, candidates=3, tournament=2, tournament_tokens=512)
+    outcome = search_stage(config, ["params=0.6x"])
+    healed = [a for a in outcome.solutions if a.tournament_kl is not None]
+    assert len(healed) == 2 and outcome.solutions[:2] == healed
+    assert healed[0].tournament_kl <= healed[1].tournament_kl
+    assert outcome.solutions[2].tournament_kl is None  # the third was measured, not distilled
+    assert any(n.startswith("tournament: 2 children each distilled for 512 tokens") for n in outcome.notes)
+    assert not (job.run.dir / "search/tournament").exists()

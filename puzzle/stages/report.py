@@ -233,10 +233,13 @@ def measured_table(solutions: list[Architecture]) -> pd.DataFrame | None:
     (what the MIP predicts) beside their measured KL, the chosen one first; None when none was measured."""
     if not any(a.measured_kl is not None for a in solutions):
         return None
+    tournament = any(a.tournament_kl is not None for a in solutions)
     return pd.DataFrame([
         {"solution": k, "found by": "MIP" if a.status.value in ("optimal", "feasible") else "measured refinement",
          "predicted: sum of block scores": f"{a.objective:.5f}", "measured KL": f"{a.measured_kl:.5f}",
-         "measured / predicted": f"{a.measured_kl / a.objective:.2f}" if a.objective > 0 else "n/a"}
+         "measured / predicted": f"{a.measured_kl / a.objective:.2f}" if a.objective > 0 else "n/a",
+         **({"KL after the tournament's short KD": "" if a.tournament_kl is None else f"{a.tournament_kl:.5f}"}
+            if tournament else {})}
         for k, a in enumerate(solutions)
     ]).set_index("solution")
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, replace
 
 import pandas as pd
+import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json
@@ -69,7 +70,7 @@ def _choose(config: PuzzleConfig, problem: SearchProblem, limits, labels, influe
 
 def measures_children(config: PuzzleConfig) -> bool:
     s = config.search
-    return s.candidates > 1 or s.method == "evolve" or s.rounds > 0
+    return s.candidates > 1 or s.method == "evolve" or s.rounds > 0 or s.tournament > 0
 
 
 def _children(problem: SearchProblem, choices: list[list[int]]) -> list[tuple]:
@@ -130,6 +131,40 @@ def _in_context(config: PuzzleConfig, problem: SearchProblem, common: dict, foun
                 break
             current, current_kl = _summed(problem, candidate), kl
     return [current, *(x for x in found if x.choice != current.choice)]
+
+
+def _tournament(config: PuzzleConfig, architectures: list[Architecture], meter, directory) -> list[Architecture]:
+    """search.tournament: the first k children each distilled for search.tournament_tokens (the kd settings,
+    in memory), then ordered by their held-out KL after it; the rest follow as they were."""
+    import shutil
+
+    from puzzle.checkpoint import build_child
+    from puzzle.data import job_blocks
+    from puzzle.distill.kd import distill
+    from puzzle.progress import progress_bar
+    from puzzle.stages.kd import settings
+
+    k = min(config.search.tournament, len(architectures))
+    steps = max(1, config.search.tournament_tokens // (config.kd.batch_size * config.data.sequence_length))
+    short = replace(settings(config), steps=steps, checkpoint_every=steps + 1)
+    parent, adapter = meter.parent, meter.adapter
+    train = job_blocks(config, parent.tokenizer).train
+    held_out = torch.cat([b.input_ids for b in meter.batches])
+
+    def parent_states(x):
+        states = adapter.hidden_states(x.to(parent.device))
+        return states, adapter.head(states[-1])
+
+    healed = []
+    with progress_bar() as bar:
+        task = bar.add_task("tournament: a short KD of each child", total=k, status="")
+        for n, architecture in enumerate(architectures[:k]):
+            child = build_child(parent, meter.library, architecture.blocks).float()
+            outcome = distill(child, parent_states, train, held_out, short, directory / "tournament" / str(n))
+            healed.append(replace(architecture, tournament_kl=outcome.after["kl"]))
+            bar.update(task, advance=1, status=f"child {n}: KL {outcome.before['kl']:.5f} → {outcome.after['kl']:.5f}")
+    shutil.rmtree(directory / "tournament", ignore_errors=True)
+    return sorted(healed, key=lambda a: a.tournament_kl) + architectures[k:]
 
 
 def _measured(problem: SearchProblem, found: list[Solution], meter) -> list[float] | None:
@@ -195,12 +230,21 @@ def run(ctx: StageContext) -> SearchOutcome:
         notes.append("batch sizes: " + ", ".join(
             f"{b.batch_size}: {'infeasible' if b.objective is None else f'{b.objective:.4g}'}" for b in batches
         ) + f"; best at batch size {batch}")
+    before = list(architectures)
+    if config.search.tournament > 0:
+        architectures = _tournament(config, architectures, meter, ctx.directory)
     if measured is not None:
         mip_best = min(range(len(found)), key=lambda k: (found[k].status is not Status.optimal, found[k].objective))
         notes.append(
             f"measured {len(found)} children whole on {s.measure_blocks} training blocks: the chosen one's KL is "
             f"{architectures[0].measured_kl:.5f} (its blocks' scores sum to {architectures[0].objective:.5f}); the "
             f"MIP's best by the sum measures {measured[mip_best]:.5f} (sum {found[mip_best].objective:.5f})")
+    if config.search.tournament > 0:
+        moved = architectures[0].blocks != before[0].blocks
+        notes.append(f"tournament: {min(s.tournament, len(before))} children each distilled for "
+                     f"{s.tournament_tokens:,} tokens; the ranking "
+                     + ("changed after KD: the chosen child was not the best before it" if moved
+                        else "held: the best before KD is still the best after it"))
     outcome = SearchOutcome(
         method=s.method, solutions=architectures,
         greedy=Architecture.of(baseline, problem, labels) if baseline else None, notes=notes, batch_size=batch,
