@@ -369,6 +369,19 @@ class PuzzleConfig(Section):
         """Steps of global KD: its token budget over the tokens of one batch."""
         return self.kd.tokens // (self.kd.batch_size * self.data.sequence_length)
 
+    def kd_settings(self, tokens: int | None = None):
+        """Global KD's training settings from the kd section, for `tokens` (default kd.tokens; the search's
+        tournament distills each child for fewer)."""
+        from puzzle.distill.kd import KdSettings
+
+        kd = self.kd
+        steps = self.kd_steps if tokens is None else max(1, tokens // (kd.batch_size * self.data.sequence_length))
+        return KdSettings(
+            learning_rate=kd.learning_rate, schedule=kd.schedule, warmup_fraction=kd.warmup_fraction, steps=steps,
+            batch_size=kd.batch_size, seed=self.run.seed, checkpoint_every=kd.checkpoint_every,
+            kl_weight=kd.kl_weight, cosine_weight=kd.cosine_weight, lm_weight=kd.lm_weight,
+        )
+
 
 # --- loading --------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from puzzle.io import atomic_path, atomic_write_json, read_json
 from puzzle.checkpoint import child_info, load_child, load_child_sharded, write_checkpoint, write_child
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
-from puzzle.distill.kd import KdSettings, distill
+from puzzle.distill.kd import distill
 from puzzle.distributed import Workers
 from puzzle.parents import load_parent, parent_config, readable_by_key
 from puzzle.pipeline import StageContext
@@ -57,20 +57,11 @@ def key_extra(config: PuzzleConfig, run: RunDir) -> str:
     return child_source(config, run)[1]
 
 
-def settings(config: PuzzleConfig) -> KdSettings:
-    kd = config.kd
-    return KdSettings(
-        learning_rate=kd.learning_rate, schedule=kd.schedule, warmup_fraction=kd.warmup_fraction,
-        steps=config.kd_steps, batch_size=kd.batch_size, seed=config.run.seed, checkpoint_every=kd.checkpoint_every,
-        kl_weight=kd.kl_weight, cosine_weight=kd.cosine_weight, lm_weight=kd.lm_weight,
-    )
-
-
 def run(ctx: StageContext, team: Workers) -> KdSummary | None:
     started = time.time()
     config, directory = ctx.config, ctx.directory
     source, _ = child_source(config, ctx.run)
-    s = settings(config)
+    s = config.kd_settings()
     sharded = config.kd.shard and team.world > 1
     # The teacher is sharded too where its weights can be read a layer at a time (a dense local parent).
     parent = load_parent(config.parent, sharded=sharded and readable_by_key(config.parent, parent_config(config.parent)))

@@ -142,11 +142,9 @@ def _tournament(config: PuzzleConfig, architectures: list[Architecture], meter, 
     from puzzle.data import job_blocks
     from puzzle.distill.kd import distill
     from puzzle.progress import progress_bar
-    from puzzle.stages.kd import settings
-
     k = min(config.search.tournament, len(architectures))
-    steps = max(1, config.search.tournament_tokens // (config.kd.batch_size * config.data.sequence_length))
-    short = replace(settings(config), steps=steps, checkpoint_every=steps + 1)
+    short = config.kd_settings(config.search.tournament_tokens)
+    short = replace(short, checkpoint_every=short.steps + 1)  # a short run: no checkpoint to resume from
     parent, adapter = meter.parent, meter.adapter
     train = job_blocks(config, parent.tokenizer).train
     held_out = torch.cat([b.input_ids for b in meter.batches])
