@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from datetime import timedelta
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist

@@ -207,6 +207,11 @@ class FamilyAdapter:
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
+    @property
+    def device(self) -> torch.device:
+        """Where the parent computes (the rotary frequencies are always real, whatever the parent holds)."""
+        return self._backbone.rotary_emb.inv_freq.device
+
     def layer(self, index: int) -> LayerParts:
         decoder = self._backbone.layers[index]
         kind = self.attention_types[index]
@@ -315,6 +320,11 @@ class FamilyAdapter:
                 hidden = self.run_layer(i, hidden, ctx)
             states.append(hidden)
         return states
+
+    def states_and_logits(self, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`hidden_states` and the logits of the last one: the teacher's side of KD (`distill.kd.ParentStates`)."""
+        states = self.hidden_states(input_ids.to(self.device))
+        return states, self.head(states[-1])
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.hidden_states(input_ids)[-1])

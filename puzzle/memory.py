@@ -321,10 +321,9 @@ def placement(config: PuzzleConfig, hf_config, target: Target, replicated: Stage
 
 def split_problem(config: PuzzleConfig, hf_config, ranks: int) -> str | None:
     """Why the parent cannot be split into `ranks` layer shares; None when it can."""
-    from puzzle.families import is_dense
-    from puzzle.parents import local_checkpoint
+    from puzzle.parents import readable_by_key
 
-    if local_checkpoint(config.parent) is None or not is_dense(hf_config.model_type):
+    if not readable_by_key(config.parent, hf_config):
         return (f"run.parent_placement: layers needs a local checkpoint of a dense parent (llama, mistral, qwen2, "
                 f"qwen3), not {hf_config.model_type!r}; use replicated")
     if ranks > hf_config.num_hidden_layers:

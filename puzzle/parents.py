@@ -34,7 +34,7 @@ class Parent:
 
     @property
     def device(self):
-        return self.model.model.rotary_emb.inv_freq.device
+        return self.adapter.device
 
     @property
     def dtype(self):
@@ -201,7 +201,7 @@ def load_parent(section: ParentSection, layers: range | None = None, head: bool 
     """The parent on its device; with `layers`, only those decoder layers (the embeddings too when the range
     starts at 0, the final norm and lm_head with `head`), read by key from the safetensors files: the rest of
     the model stays on the meta device. `sharded`: the whole parent sharded by FSDP2 over the default process
-    group, read a layer at a time (`puzzle.sharding`)."""
+    group, read a layer at a time (`puzzle.sharding`), where its weights can be read by key; otherwise whole."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -210,7 +210,7 @@ def load_parent(section: ParentSection, layers: range | None = None, head: bool 
     config = parent_config(section)
     if layers is not None:
         return _load_layers(section, config, layers, head)
-    if sharded:
+    if sharded and readable_by_key(section, config):
         return _load_sharded(section, config)
     device = parent_device(section.device)
     path = str(Path(section.path).expanduser()) if _is_local(section.path) else section.path
@@ -259,7 +259,7 @@ def readable_by_key(section: ParentSection, config) -> bool:
     """Whether the parent's weights can be read a layer at a time: a local checkpoint of a dense family."""
     from puzzle.families import is_dense
 
-    return _is_local(section.path) and local_checkpoint(section) is not None and is_dense(config.model_type)
+    return local_checkpoint(section) is not None and is_dense(config.model_type)
 
 
 def parent_skeleton(section: ParentSection) -> Parent:
@@ -282,21 +282,17 @@ def _finished(section: ParentSection, model, directory: Path, **fields) -> Paren
 
 
 def _load_layers(section: ParentSection, config, layers: range, head: bool) -> Parent:
-    from safetensors import safe_open
+    from puzzle.sharding import CheckpointReader
 
     model, directory, device = _skeleton(section, config)
-    dtype = model.dtype
     tied = bool(getattr(config, "tie_word_embeddings", False))
     wanted = tuple(f"model.layers.{i}." for i in layers)
     wanted += ("model.embed_tokens.",) if layers.start == 0 or (head and tied) else ()
     wanted += ("model.norm.", "lm_head.") if head else ()
-    tensors = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(file, "pt", device="cpu") as f:
-            for key in f.keys():
-                if key.startswith(wanted):
-                    tensors[key] = f.get_tensor(key).to(device=device, dtype=dtype)
-    model.load_state_dict(tensors, strict=False, assign=True)
+    reader = CheckpointReader(directory)
+    tensors = reader.read([key for key in reader.files if key.startswith(wanted)])
+    model.load_state_dict({k: v.to(device=device, dtype=model.dtype) for k, v in tensors.items()}, strict=False,
+                          assign=True)
     if head and tied:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the tied parameter
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)

@@ -1,8 +1,9 @@
 """Models sharded by FSDP2 (`fully_shard`) over the default process group, built without a whole copy
 anywhere (docs/design.md §9): the model is built on the meta device, then each decoder layer is read
 whole from the checkpoint's safetensors files, moved to the device and sharded before the next one is
-read, and the embeddings, final norm and head (the root unit) last. A rank never holds more than one
-layer, or the root, whole; at rest it holds 1/N of every weight.
+read; then the embeddings and the head, each a unit of its own (in the root's when they are tied), and
+the final norm with the root last. A rank never holds more than one unit whole; at rest it holds 1/N of
+every weight.
 
 Code that runs a layer's parts itself (the family adapter calls attention and FFN apart, which FSDP2's
 forward hooks do not see) gathers the unit around the call with `gathered`.

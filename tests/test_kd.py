@@ -157,14 +157,14 @@ def _fsdp_run(rank: int, world: int, port: int, child_dir: str, parent_dir: str,
 
     kd.save_checkpoint, kd.kd_losses = save_then_die, counted
     try:
-        kd.distill(load_child_sharded(Path(child_dir), torch.float32, torch.device("cpu")), _parent_states(adapter),
+        kd.distill(load_child_sharded(Path(child_dir), torch.float32, torch.device("cpu")), adapter.states_and_logits,
                    blocks, blocks[:2], settings, Path(work) / "resume", rank, world)
     except KeyboardInterrupt:
         pass
     assert len(trained) == 4
     trained.clear()
     child = load_child_sharded(Path(child_dir), torch.float32, torch.device("cpu"), offload=offload)
-    kd.distill(child, _parent_states(adapter), blocks, blocks[:2], settings, Path(work) / "resume", rank, world)
+    kd.distill(child, adapter.states_and_logits, blocks, blocks[:2], settings, Path(work) / "resume", rank, world)
     from puzzle.sharding import full_tensors
 
     whole = dict(full_tensors(child))  # every rank gathers
@@ -181,14 +181,6 @@ def _fsdp_data(vocab: int):
     settings = kd.KdSettings(learning_rate=1e-3, schedule="constant", warmup_fraction=0.0, steps=6, batch_size=2,
                              seed=0, checkpoint_every=2)
     return blocks, settings
-
-
-def _parent_states(adapter):
-    def states(x):
-        hidden = adapter.hidden_states(x)
-        return hidden, adapter.head(hidden[-1])
-
-    return states
 
 
 @pytest.mark.slow
@@ -209,7 +201,7 @@ def test_sharded_kd_killed_after_a_checkpoint_resumes_and_equals_one_process(job
     adapter = load_parent(config.parent).adapter
     blocks, settings = _fsdp_data(adapter.config.vocab_size)
     child = load_child(child_dir, torch.float32)
-    kd.distill(child, _parent_states(adapter), blocks, blocks[:2], settings, tmp_path / "one")
+    kd.distill(child, adapter.states_and_logits, blocks, blocks[:2], settings, tmp_path / "one")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

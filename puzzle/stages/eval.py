@@ -25,7 +25,7 @@ from puzzle.distill.library import Library
 from puzzle.distill.metrics import hf_logits, perplexity, quality
 from puzzle.distributed import Workers
 from puzzle.errors import PuzzleError
-from puzzle.parents import load_parent, parent_config, readable_by_key
+from puzzle.parents import load_parent
 from puzzle.pipeline import StageContext
 from puzzle.progress import progress_bar
 from puzzle.rundir import RunDir, Stage
@@ -97,9 +97,8 @@ def run(ctx: StageContext, team: Workers) -> EvalSummary | None:
     if team.world > 1 and (config.eval.kv_dtype == "fp8" or config.eval.tasks):
         raise PuzzleError("eval.kv_dtype fp8 and eval.tasks run on one process; leave them out of a multi-process eval")
     models = evaluated_models(run_dir)
-    sharded = team.world > 1 and readable_by_key(config.parent, parent_config(config.parent))
-    parent = load_parent(config.parent, sharded=sharded)
-    device, dtype = parent.device, parent.dtype
+    parent = load_parent(config.parent, sharded=team.world > 1)
+    device, dtype, sharded = parent.device, parent.dtype, parent.sharded
     loaded = {name: load_child_sharded(path, dtype, device) if sharded else load_child(path, dtype, device)
               for name, path in models}
     token_blocks = job_blocks(config, parent.tokenizer)

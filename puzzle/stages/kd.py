@@ -24,7 +24,7 @@ from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.distill.kd import distill
 from puzzle.distributed import Workers
-from puzzle.parents import load_parent, parent_config, readable_by_key
+from puzzle.parents import load_parent
 from puzzle.pipeline import StageContext
 from puzzle.progress import progress_bar
 from puzzle.rundir import RunDir, Stage
@@ -63,24 +63,18 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
     source, _ = child_source(config, ctx.run)
     s = config.kd_settings()
     sharded = config.kd.shard and team.world > 1
-    # The teacher is sharded too where its weights can be read a layer at a time (a dense local parent).
-    parent = load_parent(config.parent, sharded=sharded and readable_by_key(config.parent, parent_config(config.parent)))
+    parent = load_parent(config.parent, sharded=sharded)  # the teacher too, where it can be read a layer at a time
     dtype, device = parent.dtype, parent.device
     # Trained in fp32 (master weights and AdamW state), computed in the parent's dtype, saved in it.
     child = (load_child_sharded(source, torch.float32, device, offload=config.kd.offload) if sharded
              else load_child(source, torch.float32, device))
     child.model.activation_checkpointing = config.kd.activation_checkpointing
     blocks = job_blocks(config, parent.tokenizer)
-    adapter = parent.adapter
-
-    def parent_states(x):
-        states = adapter.hidden_states(x.to(device))
-        return states, adapter.head(states[-1])
 
     with progress_bar() as bar:
         task = bar.add_task("global KD", total=s.steps, status="", visible=team.is_main)
         outcome = distill(
-            child, parent_states, blocks.train, blocks.validation[: config.kd.eval_blocks], s,
+            child, parent.adapter.states_and_logits, blocks.train, blocks.validation[: config.kd.eval_blocks], s,
             directory / "resume" / hashlib.sha256(ctx.key.encode()).hexdigest()[:16], team.rank, team.world,
             on_step=lambda step, losses: bar.update(
                 task, completed=step, status=f"loss {losses['total']:.4f} (KL {losses['kl']:.4f})"),

@@ -8,7 +8,7 @@ from puzzle.io import atomic_write_json, read_json
 from puzzle.data import job_blocks
 from puzzle.distill.metrics import next_token_loss, perplexity
 from puzzle.distributed import Workers
-from puzzle.parents import load_parent, parent_config, readable_by_key
+from puzzle.parents import load_parent
 from puzzle.pipeline import StageContext
 from puzzle.sharding import held_bytes
 
@@ -40,16 +40,14 @@ class ParentSummary:
 def validation_loss(adapter, blocks, batch_size: int, rank: int = 0, world: int = 1) -> tuple[float, int]:
     """Mean next-token loss of the model behind `adapter`, run layer by layer, and the tokens it covers; over
     `world` ranks, each taking its share of the blocks."""
-    device = adapter.model.model.rotary_emb.inv_freq.device
-    return next_token_loss(adapter.logits, blocks, batch_size, device, rank, world)
+    return next_token_loss(adapter.logits, blocks, batch_size, adapter.device, rank, world)
 
 
 def run(ctx: StageContext, team: Workers) -> ParentSummary | None:
     """On several processes the parent is sharded over them by FSDP2 (read a layer at a time) where its
     weights can be read by key, and each process measures its share of the held-out blocks."""
     config = ctx.config
-    sharded = team.world > 1 and readable_by_key(config.parent, parent_config(config.parent))
-    parent = load_parent(config.parent, sharded=sharded)
+    parent = load_parent(config.parent, sharded=team.world > 1)
     blocks = job_blocks(config, parent.tokenizer)
     loss, tokens = validation_loss(parent.adapter, blocks.validation[: config.eval.validation_blocks],
                                    config.eval.batch_size, team.rank, team.world)
@@ -77,7 +75,7 @@ def run(ctx: StageContext, team: Workers) -> ParentSummary | None:
     )
     atomic_write_json(ctx.directory / "summary.json", asdict(summary))
     ctx.record.outputs = {"summary": "summary.json", "data_fingerprint": blocks.fingerprint, "processes": team.world,
-                          "parent_sharded": sharded, "parent_bytes_per_rank": held}
+                          "parent_sharded": parent.sharded, "parent_bytes_per_rank": held}
     return summary
 
 

@@ -142,23 +142,21 @@ def _tournament(config: PuzzleConfig, architectures: list[Architecture], meter, 
     from puzzle.data import job_blocks
     from puzzle.distill.kd import distill
     from puzzle.progress import progress_bar
+
     k = min(config.search.tournament, len(architectures))
     short = config.kd_settings(config.search.tournament_tokens)
     short = replace(short, checkpoint_every=short.steps + 1)  # a short run: no checkpoint to resume from
-    parent, adapter = meter.parent, meter.adapter
+    parent = meter.parent
     train = job_blocks(config, parent.tokenizer).train
     held_out = torch.cat([b.input_ids for b in meter.batches])
-
-    def parent_states(x):
-        states = adapter.hidden_states(x.to(parent.device))
-        return states, adapter.head(states[-1])
 
     healed = []
     with progress_bar() as bar:
         task = bar.add_task("tournament: a short KD of each child", total=k, status="")
         for n, architecture in enumerate(architectures[:k]):
             child = build_child(parent, meter.library, architecture.blocks).float()
-            outcome = distill(child, parent_states, train, held_out, short, directory / "tournament" / str(n))
+            outcome = distill(child, parent.adapter.states_and_logits, train, held_out, short,
+                              directory / "tournament" / str(n))
             healed.append(replace(architecture, tournament_kl=outcome.after["kl"]))
             bar.update(task, advance=1, status=f"child {n}: KL {outcome.before['kl']:.5f} → {outcome.after['kl']:.5f}")
     shutil.rmtree(directory / "tournament", ignore_errors=True)
