@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from puzzle.errors import PuzzleError
-from puzzle.blocks.init import shaped_module
+from puzzle.blocks.init import ParentLayer, shaped_module
 from puzzle.io import atomic_path, atomic_write_json, read_json, sha256_file
 from puzzle.blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates
 from puzzle.blocks.specs import (
@@ -161,6 +161,12 @@ def write_space(directory: Path, space: list[LayerSpace], fingerprint: str) -> N
     )
 
 
+def _beside(module: nn.Module, parent: ParentLayer) -> nn.Module:
+    """The module on its parent layer's device: built on the host (the default device), it is used beside
+    that layer (on a GPU, or on the host where realize streams the parent a layer at a time)."""
+    return module.to(parent.input_norm.weight.device)
+
+
 class Library:
     """Read access to a finished library: a module with trained weights for any (layer, spec)."""
 
@@ -202,17 +208,17 @@ class Library:
         a, f = shaped_module(attention, parent), shaped_module(ffn, parent)
         a.load_state_dict({k.removeprefix("attention."): v for k, v in state.items() if k.startswith("attention.")})
         f.load_state_dict({k.removeprefix("ffn."): v for k, v in state.items() if k.startswith("ffn.")})
-        return a, f
+        return _beside(a, parent), _beside(f, parent)
 
     def module(self, layer: int, spec: SubblockSpec) -> nn.Module:
         parent = self.adapter.parent_layer(layer)
         attention = isinstance(spec, AttentionSpec)
         parent_spec = parent.shape.attention if attention else parent.shape.ffn
         if spec == parent_spec or spec.removed:
-            return shaped_module(spec, parent)  # the parent's own subblock, or nothing
+            return _beside(shaped_module(spec, parent), parent)  # the parent's own subblock, or nothing
         candidate = Candidate(layer, attention=spec) if attention else Candidate(layer, ffn=spec)
         state = self._trained(candidate)
         prefix = "attention." if attention else "ffn."
         module = shaped_module(spec, parent)
         module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()})
-        return module
+        return _beside(module, parent)
