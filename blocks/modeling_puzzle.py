@@ -322,6 +322,7 @@ class DeciLMConfig(PretrainedConfig):
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     intermediate_size: int | None = None
+    sliding_window: int | None = None  # none model-wide: a window is a layer's (`window_length`)
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
@@ -338,6 +339,9 @@ class DeciLMConfig(PretrainedConfig):
     eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self, **kwargs):
+        # `per_layer_config` (transformers 5.x) repeats what block_configs says; it makes per-layer names
+        # ambiguous on the model-wide config, but here they are the parent's and every layer reads its own.
+        self.allow_global_per_layer_attribute_access = True
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.block_configs is None:

@@ -53,6 +53,32 @@ def block_config(choice: BlockChoice, shape: ParentShape) -> dict:
     return {"attention": attention, "ffn": ffn}
 
 
+def per_layer_config(config: modeling.DeciLMConfig) -> dict[str, dict]:
+    """transformers 5.x's sparse per-layer overrides of the model-wide config, from `block_configs`, for the
+    readers that know that format: KV heads, FFN width, a sliding window, and removed subblocks (`skip`).
+    A linear replacement and an MoE's expert count have no word there; they are in `block_configs` alone."""
+    overrides = {}
+    for i, block in enumerate(config.block_configs):
+        a, f = block["attention"], block["ffn"]
+        row, skip = {}, []
+        if a["no_op"]:
+            skip.append("attention")
+        elif not a["replace_with_linear"]:
+            if a["num_key_value_heads"] != config.num_key_value_heads:
+                row["num_key_value_heads"] = a["num_key_value_heads"]
+            if a["window_length"]:
+                row["sliding_window"] = a["window_length"]
+        if f["no_op"]:
+            skip.append("mlp")
+        elif f.get("intermediate_size") not in (None, config.intermediate_size):
+            row["intermediate_size"] = f["intermediate_size"]
+        if skip:
+            row["skip"] = skip
+        if row:
+            overrides[str(i)] = row
+    return overrides
+
+
 def child_config(parent_config, choices: list[BlockChoice]) -> modeling.DeciLMConfig:
     p = parent_config
     shapes = parent_shapes(p)
@@ -69,6 +95,7 @@ def child_config(parent_config, choices: list[BlockChoice]) -> modeling.DeciLMCo
         block_configs=[block_config(c, shape) for c, shape in zip(choices, shapes)],
         bos_token_id=p.bos_token_id, eos_token_id=p.eos_token_id, pad_token_id=p.pad_token_id,
     )
+    config.per_layer_config = per_layer_config(config)
     config.architectures = ["DeciLMForCausalLM"]
     config.auto_map = {
         "AutoConfig": "modeling_puzzle.DeciLMConfig",
@@ -162,17 +189,29 @@ class WeightFiles:
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_child(directory: Path, config: modeling.DeciLMConfig, tensors, *, tokenizer, generation_config,
-                info: dict) -> None:
-    """A child checkpoint, whole or not at all, from `tensors` ((name, tensor) pairs, taken one at a time):
-    weights, config, tokenizer, generation config, modeling file and puzzle_child.json."""
+def saved_dtype(config) -> torch.dtype:
+    """The dtype a child is written in: `realize.dtype`, or by default the narrower of the parent checkpoint's
+    own dtype and the dtype the parent computes in (a quantized checkpoint's is its compute dtype's)."""
+    from puzzle.parents import parent_config
+
+    if config.realize.dtype != "auto":
+        return getattr(torch, config.realize.dtype)
+    stored = str(getattr(parent_config(config.parent), "dtype", None) or "float32").removeprefix("torch.")
+    computed = stored if config.parent.dtype == "auto" else config.parent.dtype
+    stored = stored if stored in ("float32", "bfloat16", "float16") else computed
+    return getattr(torch, stored if computed == "float32" else computed)
+
+
+def write_child(directory: Path, config: modeling.DeciLMConfig, tensors, *, dtype: torch.dtype, tokenizer,
+                generation_config, info: dict) -> None:
+    """A child checkpoint in `dtype`, whole or not at all, from `tensors` ((name, tensor) pairs, taken one at a
+    time): weights, config, tokenizer, generation config, modeling file and puzzle_child.json."""
     with atomic_dir(directory) as tmp:
-        files, dtype = WeightFiles(tmp, FILE_BYTES), None
+        files = WeightFiles(tmp, FILE_BYTES)
         for name, value in tensors:
             if config.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            files.add(name, value)
-            dtype = dtype or value.dtype
+            files.add(name, value.to(dtype))
         files.close()
         config.dtype = dtype
         config.save_pretrained(tmp)
@@ -183,9 +222,9 @@ def write_child(directory: Path, config: modeling.DeciLMConfig, tensors, *, toke
         (tmp / "puzzle_child.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def write_checkpoint(directory: Path, model: modeling.DeciLMForCausalLM, parent, info: dict) -> None:
+def write_checkpoint(directory: Path, model: modeling.DeciLMForCausalLM, parent, info: dict, dtype: torch.dtype) -> None:
     """A whole child model in memory as a child checkpoint (see `write_child`)."""
-    write_child(directory, model.config, model.state_dict().items(), tokenizer=parent.tokenizer,
+    write_child(directory, model.config, model.state_dict().items(), dtype=dtype, tokenizer=parent.tokenizer,
                 generation_config=parent.model.generation_config, info=info)
 
 

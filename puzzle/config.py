@@ -296,8 +296,20 @@ class SearchSection(Section):
         return self
 
 
+class TargetSection(Section):
+    engine: Literal["transformers", "vllm", "llama.cpp"] = Field(
+        "transformers", description="The engine the child is served with: the library and the search offer only "
+        "blocks it serves (puzzle.engines' rules; `puzzle validate` lists what it removes), and a parent it cannot "
+        "take at all stops the job before any work.",
+    )
+
+
 class RealizeSection(Section):
     solution: int = Field(0, ge=0, description="Index of the solution to build.")
+    dtype: DType = Field(
+        "auto", description="Dtype the child is saved in (realize, KD, fuse); 'auto': the narrower of the parent "
+        "checkpoint's own dtype and parent.dtype (a bf16 parent's child is bf16, whatever it was computed in).",
+    )
 
 
 class KdSection(TrainingSchedule):
@@ -360,6 +372,7 @@ class PuzzleConfig(Section):
     scoring: ScoringSection = Field(default_factory=ScoringSection, description="Replace-1-block scores.")
     profile: ProfileSection = Field(default_factory=ProfileSection, description="Cost model scenario.")
     search: SearchSection = Field(default_factory=SearchSection, description="MIP architecture search.")
+    target: TargetSection = Field(default_factory=TargetSection, description="Where the child will be served.")
     realize: RealizeSection = Field(default_factory=RealizeSection, description="Building the child checkpoint.")
     kd: KdSection = Field(default_factory=KdSection, description="Global knowledge distillation.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation of parent and child.")

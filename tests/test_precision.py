@@ -41,3 +41,24 @@ def test_cuda_without_an_index_is_the_ranks_own_gpu(monkeypatch):
     assert _device("cuda:1") == torch.device("cuda", 1)  # an explicit index is kept
     monkeypatch.delenv("LOCAL_RANK")
     assert _device("cuda") == torch.device("cuda", 0)
+
+
+def test_a_child_is_saved_in_the_narrower_of_the_parents_stored_and_computed_dtype(tmp_path, tiny_parent_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from puzzle.checkpoint import saved_dtype
+    from puzzle.config import load_config
+
+    stored_bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_parent_dir, dtype=torch.bfloat16).save_pretrained(stored_bf16)
+    AutoTokenizer.from_pretrained(tiny_parent_dir).save_pretrained(stored_bf16)
+    job = pipeline_job(tmp_path, tiny_parent_dir)
+
+    def saved(parent, *overrides):
+        return saved_dtype(load_config(job, [f"parent.path={parent}", *overrides]))
+
+    assert saved(stored_bf16, "parent.dtype=float32") == torch.bfloat16  # computed in fp32, saved as it came
+    assert saved(stored_bf16, "parent.dtype=auto") == torch.bfloat16
+    assert saved(tiny_parent_dir, "parent.dtype=float32") == torch.float32
+    assert saved(tiny_parent_dir, "parent.dtype=bfloat16") == torch.bfloat16  # never wider than it computed
+    assert saved(stored_bf16, "realize.dtype=float32") == torch.float32  # the user's word

@@ -82,7 +82,7 @@ def test_generate_with_and_without_cache_gives_the_same_tokens(job, blocks):
     assert cached.shape[1] > 6 and torch.equal(cached, uncached)
 
 
-def test_block_configs_round_trip_and_engine_formula(job):
+def test_block_configs_and_per_layer_config_round_trip_and_engine_formula(job):
     summary = with_solution(job, ["attention.kv1+ffn.i48", "attention.linear+ffn.noop"])
     written = json.loads((summary.directory / "config.json").read_text())
     assert written["model_type"] == "nemotron-nas" and written["architectures"] == ["DeciLMForCausalLM"]
@@ -95,6 +95,11 @@ def test_block_configs_round_trip_and_engine_formula(job):
     a1, f1 = written["block_configs"][1]["attention"], written["block_configs"][1]["ffn"]
     assert a1 == {"no_op": False, "replace_with_linear": True, "n_heads_in_group": None, "window_length": None}
     assert f1["no_op"] and f1["ffn_mult"] is None
+    # The same layers in transformers 5.x's per_layer_config; a linear attention has no word there.
+    assert written["per_layer_config"] == {"0": {"num_key_value_heads": 1, "intermediate_size": 48},
+                                           "1": {"skip": ["mlp"]}}
+    assert loaded.per_layer_config[0].num_key_value_heads == 1 and loaded.per_layer_config[0].intermediate_size == 48
+    assert loaded.per_layer_config[1].skip == ["mlp"] and loaded.per_layer_config[0].skip == []
     assert (summary.directory / "modeling_puzzle.py").is_file() and (summary.directory / "tokenizer.json").is_file()
 
 
@@ -114,10 +119,53 @@ def test_engine_verdicts():
     assert verdicts["vLLM"].servable and not verdicts["llama.cpp"].servable
     assert "skips the whole layer" in verdicts["llama.cpp"].reasons[0]
     linear = {"attention": {"replace_with_linear": True, "n_heads_in_group": None}, "ffn": dense["ffn"]}
-    verdicts = {v.engine: v for v in servability(config([linear]))}
+    verdicts = {v.engine: v for v in servability(config([dense, linear]))}
     assert not verdicts["vLLM"].servable and verdicts["llama.cpp"].servable
     off_grid = {"attention": {"n_heads_in_group": 4}, "ffn": {"ffn_mult": 1.0, "intermediate_size": 1000}}
     assert not any(v.servable for v in servability(config([off_grid])) if v.engine != "transformers (trust_remote_code)")
+
+
+def test_llama_cpp_verdicts_name_what_its_converter_and_runtime_did():
+    """The classes llama.cpp's own converter and runtime refused or got wrong (issue 18), each named."""
+    from puzzle.engines import Engine, child_reasons
+
+    def reasons(blocks, **model):
+        fields = {"hidden_size": 1536, "num_attention_heads": 12, **model}
+        return child_reasons(Engine.llama_cpp, DeciLMConfig(num_hidden_layers=len(blocks), block_configs=blocks,
+                                                            rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                                                            **fields))
+
+    dense = {"attention": {"n_heads_in_group": 4}, "ffn": {"ffn_mult": 1.5, "intermediate_size": 1536}}
+    removed = {"attention": {"no_op": True}, "ffn": dense["ffn"]}
+    linear = {"attention": {"replace_with_linear": True}, "ffn": dense["ffn"]}
+    gone = {"attention": {"no_op": True}, "ffn": {"no_op": True}}
+    assert reasons([dense, removed, linear]) == []
+    [first] = reasons([removed, dense])
+    assert "first layer" in first
+    assert any("last layer removed whole" in r for r in reasons([dense, gone]))
+    assert any("no layer keeps softmax" in r for r in reasons([linear, linear]))
+    assert any("invalid n_rot" in r for r in reasons([dense], head_dim=64))  # 12 × 64 ≠ 1536
+    assert any("k_norm" in r for r in reasons([dense], qk_norm=True))
+    with_window = {"attention": {"n_heads_in_group": 4, "window_length": 64}, "ffn": dense["ffn"]}
+    assert any("wrong from the window's length on" in r for r in reasons([dense, with_window]))
+    rope = child_reasons(Engine.llama_cpp, DeciLMConfig(hidden_size=1536, num_attention_heads=12, num_hidden_layers=1,
+                                                         block_configs=[dense], rope_parameters={
+                                                             "rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}))
+    assert any("drops the factor" in r for r in rope)
+    assert child_reasons(Engine.transformers, DeciLMConfig(num_hidden_layers=1, block_configs=[gone])) == []
+
+
+def test_llama_cpp_refuses_byte_level_bpe_but_not_the_projects_byte_fallback_tokenizer(tmp_path, tiny_parent_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from puzzle.engines import Engine, tokenizer_reasons
+
+    assert tokenizer_reasons(Engine.llama_cpp, tiny_parent_dir) == []
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel()
+    byte_level.save(str(tmp_path / "tokenizer.json"))
+    assert "Cannot find Llama BPE tokenizer" in tokenizer_reasons(Engine.llama_cpp, tmp_path)[0]
+    assert tokenizer_reasons(Engine.vllm, tmp_path) == []
 
 
 def test_bad_solution_index_exit_2(job, monkeypatch, capsys, tmp_path):
@@ -195,7 +243,7 @@ def test_streamed_child_equals_the_child_built_in_memory_and_holds_one_layer(job
 
     monkeypatch.setattr(checkpoint, "FILE_BYTES", 20_000)
     config = checkpoint.child_config(parent.model.config, choices)
-    checkpoint.write_child(tmp_path / "child", config, counted(), tokenizer=parent.tokenizer,
+    checkpoint.write_child(tmp_path / "child", config, counted(), dtype=torch.float32, tokenizer=parent.tokenizer,
                            generation_config=parent.model.generation_config, info={})
     assert max(held) == 1
     index = json.loads((tmp_path / "child/model.safetensors.index.json").read_text())

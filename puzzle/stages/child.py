@@ -12,8 +12,8 @@ from pathlib import Path
 from puzzle.errors import PuzzleError
 from puzzle.blocks.specs import BlockChoice
 from puzzle.checkpoint import (
-    build_child, checkpoint_parameters, child_choices, child_config, child_info, streamed_child_tensors, write_checkpoint,
-    write_child,
+    build_child, checkpoint_parameters, child_choices, child_config, child_info, saved_dtype, streamed_child_tensors,
+    write_checkpoint, write_child,
 )
 from puzzle.config import PuzzleConfig
 from puzzle.distill.library import Library
@@ -69,7 +69,8 @@ def run(ctx: StageContext) -> RealizeSummary:
         parent = load_parent(config.parent)
         child = build_child(parent, Library(ctx.run.stage_dir(Stage.library), parent.adapter), choices)
         engines = servability(child.config)
-        write_checkpoint(directory, child, parent, {**info, "engines": [e.__dict__ for e in engines]})
+        write_checkpoint(directory, child, parent, {**info, "engines": [e.__dict__ for e in engines]},
+                         saved_dtype(config))
     ctx.record.outputs = {"checkpoint": "checkpoint", "solution": config.realize.solution}
     return RealizeSummary(directory, choices, checkpoint_parameters(directory), parent_parameters(config), engines,
                           time.time() - started)
@@ -84,7 +85,7 @@ def _streamed(config: PuzzleConfig, run: RunDir, choices: list[BlockChoice], dir
     engines = servability(child)
     tensors = streamed_child_tensors(parent, CheckpointReader(Path(config.parent.path).expanduser()),
                                      Library(run.stage_dir(Stage.library), parent.adapter), choices, parent.model.dtype)
-    write_child(directory, child, tensors, tokenizer=parent.tokenizer, generation_config=parent.model.generation_config,
+    write_child(directory, child, tensors, dtype=saved_dtype(config), tokenizer=parent.tokenizer, generation_config=parent.model.generation_config,
                 info={**info, "engines": [e.__dict__ for e in engines]})
     return engines
 

@@ -22,7 +22,7 @@ from puzzle.errors import PuzzleError
 from puzzle.blocks.fusion import Dependency, attention_free_runs, ffn_dependencies, fuse_mlp, fusion_groups, is_fusable
 from puzzle.io import atomic_write_json
 from puzzle.blocks.modeling_puzzle import DeciLMForCausalLM
-from puzzle.checkpoint import ffn_mult, load_child, write_checkpoint
+from puzzle.checkpoint import ffn_mult, load_child, saved_dtype, write_checkpoint
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.distill.metrics import hf_logits, quality
@@ -182,7 +182,7 @@ def run(ctx: StageContext, *, child: Path | None = None, output: Path | None = N
     fusion = {"source": str(source), "groups": [[g.start, g.stop - 1] for g in groups], "include_last": include_last,
               "max_distance": max_distance, "dependencies": [asdict(d) for d in dependencies],
               "before": asdict(before), "after": asdict(after)}
-    write_checkpoint(target, fused, parent, _child_info(source, fused, groups, fusion))
+    write_checkpoint(target, fused, parent, _child_info(source, fused, groups, fusion), saved_dtype(config))
     summary = FusionSummary(source, span, dependencies, [(g.start, g.stop - 1) for g in groups], before, after, target,
                             blocks.numel(), time.time() - started)
     atomic_write_json(target.parent / "fusion.json", {**asdict(summary), "scenario": asdict(config.profile.scenario)})

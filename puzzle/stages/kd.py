@@ -19,7 +19,7 @@ import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_path, atomic_write_json, read_json
-from puzzle.checkpoint import child_info, load_child, load_child_sharded, write_checkpoint, write_child
+from puzzle.checkpoint import child_info, load_child, load_child_sharded, saved_dtype, write_checkpoint, write_child
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.distill.kd import distill
@@ -64,8 +64,8 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
     s = config.kd_settings()
     sharded = config.kd.shard and team.world > 1
     parent = load_parent(config.parent, sharded=sharded)  # the teacher too, where it can be read a layer at a time
-    dtype, device = parent.dtype, parent.device
-    # Trained in fp32 (master weights and AdamW state), computed in the parent's dtype, saved in it.
+    device = parent.device
+    # Trained in fp32 (master weights and AdamW state), computed in the parent's dtype, saved in saved_dtype's.
     child = (load_child_sharded(source, torch.float32, device, offload=config.kd.offload) if sharded
              else load_child(source, torch.float32, device))
     child.model.activation_checkpointing = config.kd.activation_checkpointing
@@ -82,7 +82,7 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
     held = team.gather(held_bytes(parent.model))
     tokens = s.steps * s.batch_size * blocks.train.length
     info = {**child_info(source), "kd": {"source": str(source), "steps": s.steps, "tokens": tokens}}
-    _write_child(directory / "checkpoint", child, parent, dtype, info, team)
+    _write_child(directory / "checkpoint", child, parent, saved_dtype(config), info, team)
     if not team.is_main:
         return None
     with atomic_path(directory / "train_log.csv") as tmp:
@@ -99,18 +99,18 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
 
 
 def _write_child(directory: Path, child, parent, dtype: torch.dtype, info: dict, team: Workers) -> None:
-    """The distilled child in the parent's dtype, written by rank 0. A sharded child is gathered a tensor at a
+    """The distilled child in `dtype`, written by rank 0. A sharded child is gathered a tensor at a
     time (every rank takes part) and written as it comes: no rank ever holds it whole."""
     if not is_sharded(child):
         if team.is_main:
-            write_checkpoint(directory, child.to(dtype), parent, info)
+            write_checkpoint(directory, child, parent, info, dtype)
         return
-    tensors = ((name, value.to(dtype)) for name, value in full_tensors(child))
+    tensors = full_tensors(child)
     if not team.is_main:
         for _ in tensors:
             pass
         return
-    write_child(directory, child.config, tensors, tokenizer=parent.tokenizer,
+    write_child(directory, child.config, tensors, dtype=dtype, tokenizer=parent.tokenizer,
                 generation_config=parent.model.generation_config, info=info)
 
 
