@@ -215,6 +215,12 @@ def validate_command(config: ConfigArg, set_: SetOption = None, budget: BudgetOp
     jobs = _checked_jobs(config, (set_ or []) + overrides, flag_problems=problems + _sweep_problems(sweep))
     names = [job.run.job for job in jobs if job.run.job]
     out.print(f"{config}: valid job config" + (f" with {len(names)} jobs: {', '.join(names)}" if names else ""))
+    if jobs[0].target.engine != "transformers":
+        from puzzle.preflight import engine_removals
+
+        removed = engine_removals(jobs[0])
+        out.print(f"target.engine {jobs[0].target.engine} removes {len(removed)} library candidates"
+                  + (f": {'; '.join(removed)}" if removed else ""))
     _show_plan(jobs[0])
 
 

@@ -1,23 +1,42 @@
 """Which serving engines can load a child, judged by how their Nemotron-NAS / DeciLM readers read it.
 
-The rules follow each reader's handling of `block_configs` (read in their sources, not run here):
-- vLLM (`nemotron_nas.py`): per-layer KV heads (`n_heads_in_group`), `no_op` attention and FFN, FFN
-  width from `ffn_mult` rounded up to a multiple of 256. It ignores `replace_with_linear` and
-  `window_length`, so it would build the wrong layer for either.
-- llama.cpp (DeciLM conversion): per-layer KV heads, removed attention (`n_heads_in_group: null`),
-  linear attention (`n_heads_in_group: null, replace_with_linear: true`), FFN width from `ffn_mult`
-  on the 256 grid; a layer whose `ffn_mult` is null is skipped whole, attention included; no linear
-  FFN and no window attention.
-Neither reader has an MoE FFN in its DeciLM layout (the `moe` entry is this project's own), so no
-child of an MoE parent, with the same experts in every layer or not, is servable by them as DeciLM.
-TensorRT-LLM is not judged: its reader was not checked.
+One set of rules serves three callers: the verdicts written beside every child (`servability`), the
+search of a job with `target.engine` (only the blocks the engine serves are offered, `block_reasons`), and
+`puzzle validate`, which stops a job whose parent the engine cannot take at all (`parent_reasons`).
+
+vLLM (`nemotron_nas.py`, read in its sources): per-layer KV heads (`n_heads_in_group`), `no_op` attention
+and FFN, FFN width from `ffn_mult` rounded up to a multiple of 256. It ignores `replace_with_linear` and
+`window_length`, so it would build the wrong layer for either.
+
+llama.cpp (its DeciLM conversion and runtime, run on about 30 children through llama-cpp-python 0.3.36):
+per-layer KV heads, removed attention, linear attention, FFN width from `ffn_mult` on the 256 grid. What
+failed there: a linear FFN (the converter rejects it); off-grid widths (fail to load); an FFN removed under
+a kept attention (the layer is skipped whole); window attention (not refused: llama.cpp silently attends
+over everything, so the output differs from the window's length on); the first layer's attention removed
+(the per-layer head counts no longer line up: `check_tensor_dims`); the last layer with both subblocks
+removed (the process aborts while decoding); no softmax attention in any layer (no KV cache can be
+allocated); a `head_dim` other than hidden / heads (`invalid n_rot`); per-head q/k norms (Qwen3: the
+converter cannot map `k_norm`); linear RoPE scaling (the converter drops the factor); a byte-level BPE
+tokenizer other than Llama 3's (the converter takes only that one or a byte-fallback BPE).
+
+Neither reader has an MoE FFN in its DeciLM layout (the `moe` entry is this project's own), and neither
+has attention sinks. TensorRT-LLM is not judged: its reader was not checked.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
 
 GRID = 256
+
+
+class Engine(str, Enum):
+    transformers = "transformers"
+    vllm = "vllm"
+    llama_cpp = "llama.cpp"
 
 
 @dataclass(frozen=True)
@@ -32,36 +51,138 @@ def _off_grid(ffn: dict) -> bool:
     return size is not None and size % GRID != 0
 
 
+def _softmax(attention: dict) -> bool:
+    return not attention.get("no_op") and not attention.get("replace_with_linear")
+
+
+def block_reasons(engine: Engine, layer: int, layers: int, attention: dict, ffn: dict) -> list[str]:
+    """Why `engine` cannot serve this `block_configs` entry as layer `layer` of `layers` (none: it can)."""
+    if engine is Engine.transformers:
+        return []
+    reasons = []
+    vllm = engine is Engine.vllm
+    if attention.get("replace_with_linear") and vllm:
+        reasons.append("linear attention (vLLM ignores replace_with_linear)")
+    if attention.get("window_length"):
+        reasons.append("window attention (vLLM reads no per-layer window)" if vllm else
+                       "window attention (llama.cpp attends over every token instead: wrong from the window's length on)")
+    if ffn.get("replace_with_linear"):
+        reasons.append(f"linear FFN ({'vLLM ignores replace_with_linear' if vllm else 'not in llama.cpp DeciLM reader'})")
+    if ffn.get("moe"):
+        reasons.append(f"MoE FFN with {ffn['moe']['num_local_experts']} experts (no MoE FFN in the DeciLM reader)")
+    if _off_grid(ffn):
+        reasons.append(f"FFN width {ffn['intermediate_size']} is off the {GRID} grid (ffn_mult cannot express it)")
+    if not vllm:
+        if ffn.get("no_op") and not attention.get("no_op"):
+            reasons.append("FFN removed under a kept attention (llama.cpp skips the whole layer)")
+        if layer == 0 and not _softmax(attention):
+            reasons.append("the first layer without softmax attention (llama.cpp's per-layer head counts no longer "
+                           "line up, and a child needs one softmax layer for its KV cache)")
+        if layer == layers - 1 and attention.get("no_op") and ffn.get("no_op"):
+            reasons.append("the last layer removed whole (llama.cpp aborts while decoding)")
+    return reasons
+
+
+def model_reasons(engine: Engine, config) -> list[str]:
+    """Why `engine` cannot serve any model with this (parent's or child's) model-wide config."""
+    if engine is Engine.transformers:
+        return []
+    reasons = []
+    if getattr(config, "attention_sinks", False) or getattr(config, "model_type", "") == "gpt_oss":
+        reasons.append("attention sinks (GPT-OSS; no sinks in the DeciLM reader)")
+    if getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
+        reasons.append("an MoE parent (no MoE FFN in the DeciLM reader)")
+    if engine is Engine.llama_cpp:
+        heads, hidden = config.num_attention_heads, config.hidden_size
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        if head_dim * heads != hidden:
+            reasons.append(f"head_dim {head_dim} is not hidden_size / num_attention_heads = {hidden // heads} "
+                           "(llama.cpp: invalid n_rot)")
+        if getattr(config, "qk_norm", False) or getattr(config, "model_type", "") == "qwen3":
+            reasons.append("per-head q/k norms (Qwen3; llama.cpp's DeciLM converter cannot map k_norm)")
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("rope_type") == "linear":
+            reasons.append("linear RoPE scaling (llama.cpp's DeciLM converter drops the factor)")
+    return reasons
+
+
+def tokenizer_reasons(engine: Engine, directory: Path) -> list[str]:
+    """Why `engine` cannot take the tokenizer saved in `directory` (llama.cpp: its DeciLM converter takes
+    Llama 3's byte-level BPE or a byte-fallback BPE, not another byte-level one such as Qwen2's)."""
+    path = Path(directory) / "tokenizer.json"
+    if engine is not Engine.llama_cpp or not path.is_file():
+        return []
+    tokenizer = json.loads(path.read_text())
+    byte_level = "ByteLevel" in json.dumps(tokenizer.get("pre_tokenizer"))
+    llama3 = any(t.get("content") == "<|begin_of_text|>" for t in tokenizer.get("added_tokens", []))
+    if tokenizer.get("model", {}).get("type") == "BPE" and byte_level and not llama3:
+        return ["a byte-level BPE tokenizer other than Llama 3's (llama.cpp's DeciLM converter: "
+                "'Cannot find Llama BPE tokenizer')"]
+    return []
+
+
+def child_reasons(engine: Engine, config) -> list[str]:
+    """Every reason `engine` cannot serve the child of this config."""
+    blocks = config.block_configs
+    reasons = model_reasons(engine, config)
+    for i, block in enumerate(blocks):
+        reasons += [f"layer {i}: {r}" for r in block_reasons(engine, i, len(blocks), block["attention"], block["ffn"])]
+    if engine is Engine.llama_cpp and not any(_softmax(b["attention"]) for b in blocks):
+        reasons.append("no layer keeps softmax attention (llama.cpp cannot allocate a KV cache)")
+    return reasons
+
+
 def servability(config) -> list[EngineVerdict]:
-    vllm, llama_cpp = [], []
-    if getattr(config, "attention_sinks", False):
-        reason = "attention sinks (GPT-OSS; no sinks in the DeciLM reader)"
-        vllm.append(reason)
-        llama_cpp.append(reason)
-    for i, block in enumerate(config.block_configs):
-        a, f = block["attention"], block["ffn"]
-        if a.get("replace_with_linear"):
-            vllm.append(f"layer {i}: linear attention (vLLM ignores replace_with_linear)")
-        if a.get("window_length"):
-            vllm.append(f"layer {i}: window attention (vLLM reads no per-layer window)")
-            llama_cpp.append(f"layer {i}: window attention (not in llama.cpp's DeciLM reader)")
-        if f.get("replace_with_linear"):
-            vllm.append(f"layer {i}: linear FFN (vLLM ignores replace_with_linear)")
-            llama_cpp.append(f"layer {i}: linear FFN (not in llama.cpp's DeciLM reader)")
-        if f.get("no_op") and not a.get("no_op"):
-            llama_cpp.append(f"layer {i}: FFN removed under a kept attention (llama.cpp skips the whole layer)")
-        if f.get("moe"):
-            reason = (f"layer {i}: MoE FFN with {f['moe']['num_local_experts']} experts (no MoE FFN in the "
-                      "DeciLM reader)")
-            vllm.append(reason)
-            llama_cpp.append(reason)
-        if _off_grid(f):
-            size = f["intermediate_size"]
-            reason = f"layer {i}: FFN width {size} is off the {GRID} grid (ffn_mult cannot express it)"
-            vllm.append(reason)
-            llama_cpp.append(reason)
+    vllm, llama_cpp = child_reasons(Engine.vllm, config), child_reasons(Engine.llama_cpp, config)
     return [
         EngineVerdict("transformers (trust_remote_code)", True, []),
         EngineVerdict("vLLM", not vllm, vllm),
         EngineVerdict("llama.cpp", not llama_cpp, llama_cpp),
     ]
+
+
+def choice_reasons(engine: Engine, layer: int, layers: int, choice, shape) -> list[str]:
+    """`block_reasons` of a typed block (`BlockChoice`) replacing parent layer `shape`."""
+    from puzzle.checkpoint import block_config
+
+    block = block_config(choice, shape)
+    return block_reasons(engine, layer, layers, block["attention"], block["ffn"])
+
+
+def servable_spaces(engine: Engine, spaces: list, shapes: list) -> tuple[list, list[str]]:
+    """The library's layer spaces without the subblocks `engine` serves in no layer, and what was removed
+    (the parent's own subblocks always stay). An attention is judged beside the parent's FFN, an FFN beside a
+    removed attention (their most lenient partners); what depends on the pair or the layer's place is the
+    search's to refuse (`servable_scores`)."""
+    from puzzle.blocks.specs import AttentionKind, AttentionSpec, BlockChoice, is_parent
+
+    removed, kept = [], []
+    for space, shape in zip(spaces, shapes):
+        def fits(spec, partner) -> bool:
+            pair = BlockChoice(spec, partner) if isinstance(spec, AttentionSpec) else BlockChoice(partner, spec)
+            reasons = choice_reasons(engine, 1, 3, pair, shape)  # a middle layer: no rule of place applies
+            if reasons and not is_parent(spec, shape):
+                removed.append(f"{spec.id} ({reasons[0]})")
+                return False
+            return True
+
+        attention = [a for a in space.attention if fits(a, shape.ffn)]
+        ffn = [f for f in space.ffn if fits(f, AttentionSpec(AttentionKind.noop))]
+        coupled = [c for c in space.coupled if c.attention in attention and c.ffn in ffn]
+        kept.append(type(space)(attention, ffn, coupled))
+    return kept, list(dict.fromkeys(removed))
+
+
+def servable_scores(engine: Engine, scores, shapes: list):
+    """The scores table's blocks that `engine` serves in their layer; the parent's own block always stays,
+    so the parent remains a solution of the search."""
+    from puzzle.blocks.specs import BlockChoice, spec_from_id, is_parent
+
+    def keep(row) -> bool:
+        shape = shapes[int(row.layer)]
+        a, f = spec_from_id(row.attention), spec_from_id(row.ffn)
+        if is_parent(a, shape) and is_parent(f, shape):
+            return True
+        return not choice_reasons(engine, int(row.layer), len(shapes), BlockChoice(a, f, bool(row.coupled)), shape)
+
+    return scores[[keep(r) for r in scores.itertuples()]].reset_index(drop=True)

@@ -62,14 +62,14 @@ class StageSpec:
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(Stage.parent, "parent", "run", ("parent", "data", "eval"), outputs=("summary.json",), distributed=True),
-    StageSpec(Stage.library, "library (BLD)", "distill", ("run.seed", "parent", "data", "library", "bld"),
+    StageSpec(Stage.library, "library (BLD)", "distill", ("run.seed", "parent", "data", "library", "bld", "target"),
               outputs=("space.json", "table.csv"), distributed=True, reuse=False),
     StageSpec(Stage.scores, "scores", "score", ("parent", "data", "scoring"), upstream=(Stage.library,),
               requires=(Needs(Stage.library, "space.json", "library"),), outputs=("scores.csv",), distributed=True,
               version=2),
     StageSpec(Stage.profile, "profile", "profile", ("parent", "profile"), upstream=(Stage.library,),
               requires=(Needs(Stage.library, "space.json", "library"),), outputs=("profile.csv",), version=3),
-    StageSpec(Stage.search, "search", "search", ("search", "run.seed"), upstream=(Stage.scores, Stage.profile),
+    StageSpec(Stage.search, "search", "search", ("search", "run.seed", "target"), upstream=(Stage.scores, Stage.profile),
               requires=(Needs(Stage.scores, "scores.csv"), Needs(Stage.profile, "profile.csv")), outputs=("solutions.json",),
               version=2),
     StageSpec(Stage.child, "realize", "realize", ("parent", "realize"), upstream=(Stage.library,),

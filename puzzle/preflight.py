@@ -40,7 +40,44 @@ def _parent_problems(config: PuzzleConfig) -> tuple[list[str], object | None]:
             check_tokenizer(config.parent)
         except PuzzleError as e:
             problems.append(str(e))
-    return problems + _context_problems(config, hf_config), hf_config
+    return problems + _context_problems(config, hf_config) + _engine_problems(config, hf_config), hf_config
+
+
+def _engine_problems(config: PuzzleConfig, hf_config) -> list[str]:
+    """What keeps the target engine from serving any child of this parent: its model-wide parts, its
+    tokenizer, or one of its own layers (the search may keep any of them)."""
+    from puzzle.blocks.specs import BlockChoice
+    from puzzle.engines import Engine, choice_reasons, model_reasons, tokenizer_reasons
+    from puzzle.families import parent_shapes
+    from puzzle.parents import local_checkpoint
+
+    engine = Engine(config.target.engine)
+    if engine is Engine.transformers:
+        return []
+    shapes = parent_shapes(hf_config)
+    reasons = model_reasons(engine, hf_config)
+    tokenizer = config.data.tokenizer or local_checkpoint(config.parent)
+    reasons += tokenizer_reasons(engine, tokenizer) if tokenizer else []
+    for i, shape in enumerate(shapes):
+        own = choice_reasons(engine, i, len(shapes), BlockChoice(shape.attention, shape.ffn), shape)
+        reasons += [f"the parent's layer {i}: {r}" for r in own[:1]]
+    if not reasons:
+        return []
+    more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+    return [f"target.engine: {engine.value} cannot serve this parent: {reasons[0]}{more}; choose another "
+            "target.engine, or transformers"]
+
+
+def engine_removals(config: PuzzleConfig) -> list[str]:
+    """The library candidates `target.engine` removes (for `puzzle validate`)."""
+    from puzzle.distill.library import layer_spaces
+    from puzzle.engines import Engine, servable_spaces
+    from puzzle.families import parent_shapes
+    from puzzle.parents import parent_config
+
+    shapes = parent_shapes(parent_config(config.parent))
+    spaces = layer_spaces(shapes, config.library, config.bld.coupled_pairs, every_pair=config.bld.mode == "coupled")
+    return servable_spaces(Engine(config.target.engine), spaces, shapes)[1]
 
 
 def _context_problems(config: PuzzleConfig, hf_config) -> list[str]:

@@ -19,9 +19,20 @@ from puzzle.search.problem import QUANTITY, FrontierPoint, SearchProblem, build_
 
 def job_problem(config: PuzzleConfig) -> SearchProblem:
     """The job's problem at its profile scenario, from the run's scores and profile tables."""
-    run = RunDir.of(config)
-    scores = pd.read_csv(run.stage_dir(Stage.scores) / "scores.csv")
-    return build_problem(scores, trusted(job_profile(config), config), config.profile.scenario, config.search.metric)
+    return build_problem(job_scores(config), trusted(job_profile(config), config), config.profile.scenario,
+                         config.search.metric)
+
+
+def job_scores(config: PuzzleConfig) -> pd.DataFrame:
+    """The run's scores of the blocks the job's target engine serves (every block for transformers)."""
+    from puzzle.engines import Engine, servable_scores
+    from puzzle.families import parent_shapes
+    from puzzle.parents import parent_config
+
+    scores = pd.read_csv(RunDir.of(config).stage_dir(Stage.scores) / "scores.csv")
+    engine = Engine(config.target.engine)
+    return scores if engine is Engine.transformers else servable_scores(engine, scores, parent_shapes(
+        parent_config(config.parent)))
 
 
 def job_profile(config: PuzzleConfig) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json
 from puzzle.config import PuzzleConfig
 from puzzle.pipeline import StageContext
-from puzzle.problem import describe_unreliable, job_problem, job_profile, trusted, unreliable
+from puzzle.problem import describe_unreliable, job_problem, job_profile, job_scores, trusted, unreliable
 from puzzle.solutions import Architecture, BatchResult, SearchOutcome, read_solutions, solutions_json
 from puzzle.rundir import RunDir, Stage
 from puzzle.search import baselines
@@ -38,7 +38,7 @@ def _problems(config: PuzzleConfig) -> list[tuple[int, SearchProblem]]:
     hf_config = parent_config(config.parent)
     parent = load_parent(config.parent) if config.profile.device == "local" else None
     space = Library(run.stage_dir(Stage.library), None).layers
-    scores = pd.read_csv(run.stage_dir(Stage.scores) / "scores.csv")
+    scores = job_scores(config)
     out = []
     for batch in config.search.batch_sizes:
         scenario = replace(config.profile.scenario, batch_size=batch)
