@@ -350,7 +350,9 @@ class EvalSection(Section):
     validation_blocks: int = Field(32, ge=1, description="Held-out blocks for KL, perplexity and agreement.")
     batch_size: int = Field(4, ge=1, description="Blocks per forward pass.")
     tasks: list[str] = Field(
-        default_factory=list, description="lm-evaluation-harness tasks run on parent and child (needs `pip install lm-eval`)."
+        default_factory=list, description="lm-evaluation-harness tasks run on parent and child (needs `pip install "
+        "lm-eval`): a task's name, or the path of a task YAML of one's own over local data "
+        "(examples/tasks/shakespeare_cloze.yaml).",
     )
     task_limit: int | None = Field(None, ge=1, description="Examples per lm-evaluation-harness task (all when unset).")
     speed_warmup: int = Field(1, ge=0, description="Untimed generations before the speed is measured.")

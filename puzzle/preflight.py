@@ -154,9 +154,15 @@ def _eval_problems(config: PuzzleConfig) -> list[str]:
                 "(pip install lm-eval), or remove eval.tasks"]
     from lm_eval.tasks import TaskManager
 
+    from puzzle.stages.eval import is_task_file
+
+    files = [t for t in config.eval.tasks if is_task_file(t)]
+    missing = [f"eval.tasks: {t!r} is not a file; give the path of a task YAML, or a task's name"
+               for t in files if not Path(t).is_file()]
     known = set(TaskManager().all_tasks)
-    unknown = [t for t in config.eval.tasks if t not in known]
-    return [f"eval.tasks: {', '.join(unknown)} not known to lm-evaluation-harness (see `lm_eval --tasks list`)"] if unknown else []
+    unknown = [t for t in config.eval.tasks if t not in known and t not in files]
+    return missing + ([f"eval.tasks: {', '.join(unknown)} not known to lm-evaluation-harness (see `lm_eval --tasks "
+                       "list`)"] if unknown else [])
 
 
 def run_dir_problems(path: Path) -> list[str]:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import puzzle.distill.bld as bld
 import puzzle.distill.kd as kd
-from tests.helpers import cli, library_tensors, pipeline_job
+from tests.helpers import ROOT, cli, library_tensors, pipeline_job
 
 # Deterministic costs (roofline) so that runs can be compared output for output.
 PIPELINE = {
@@ -173,12 +173,28 @@ def test_stage_outputs_that_do_not_exist_are_named(tmp_path, tiny_parent_dir, mo
 def test_eval_task_without_lm_eval_installed(tmp_path, tiny_parent_dir, monkeypatch, capsys):
     import importlib.util
 
-    if importlib.util.find_spec("lm_eval") is not None:
-        pytest.skip("lm-evaluation-harness is installed here")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "lm_eval" else real(name, *a, **k))
     path = pipeline_job(tmp_path, tiny_parent_dir, eval={"tasks": ["hellaswag"]})
     code, (_, err) = cli(monkeypatch, capsys, "run", path)
     assert code == 2 and "eval.tasks: got ['hellaswag']; lm-evaluation-harness is not installed" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_local_lm_eval_task_runs_on_parent_and_children_and_reaches_results_and_report(
+        reference, tmp_path, tiny_parent_dir, monkeypatch, capsys):
+    task = str(ROOT / "examples/tasks/shakespeare_cloze.yaml")
+    path = pipeline_job(tmp_path, tiny_parent_dir, **PIPELINE)
+    shutil.copytree(reference, tmp_path / "run")
+    code, (_, err) = cli(monkeypatch, capsys, "run", path, "--set", f"eval.tasks=[{task}]", "--set", "eval.task_limit=24")
+    assert code == 0, err
+    models = json.loads((tmp_path / "run/eval/results.json").read_text())["models"]
+    accuracies = [m["tasks"]["shakespeare_cloze"]["acc,none"] for m in models]
+    assert [m["tasks"]["shakespeare_cloze"]["sample_len"] for m in models] == [24, 24, 24]
+    assert all(0 <= a <= 1 for a in accuracies) and len(models) == 3
+    report = (tmp_path / "run/report/report.md").read_text()
+    assert "shakespeare_cloze accuracy" in report and f"{accuracies[0]:.1%}" in report
 
 
 @pytest.mark.slow

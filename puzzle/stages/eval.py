@@ -19,7 +19,7 @@ from puzzle.blocks.costs import DTYPE_BYTES, Scenario, kv_cache_bytes
 from puzzle.io import atomic_path, atomic_write_json, read_json
 from puzzle.blocks.specs import BlockChoice
 from puzzle.checkpoint import build_child, child_choices, load_child, load_child_sharded
-from puzzle.config import PuzzleConfig
+from puzzle.config import PuzzleConfig, read_yaml
 from puzzle.data import job_blocks
 from puzzle.distill.library import Library
 from puzzle.distill.metrics import hf_logits, perplexity, quality
@@ -79,12 +79,27 @@ def evaluated_models(run: RunDir) -> list[tuple[str, Path]]:
     return models
 
 
+def is_task_file(task: str) -> bool:
+    """An eval.tasks entry that names a task YAML of one's own rather than a task of the harness."""
+    return task.endswith((".yaml", ".yml"))
+
+
+def task_config(path: Path) -> dict:
+    """A local task YAML as lm-evaluation-harness takes it, its `data_files` read relative to the YAML."""
+    task = read_yaml(path)
+    files = task.get("dataset_kwargs", {}).get("data_files")
+    if isinstance(files, dict):
+        task["dataset_kwargs"]["data_files"] = {k: str(path.parent.resolve() / v) for k, v in files.items()}
+    return task
+
+
 def lm_eval_tasks(model, tokenizer, config: PuzzleConfig) -> dict[str, dict]:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.eval.batch_size)
-    results = lm_eval.simple_evaluate(model=wrapped, tasks=list(config.eval.tasks), limit=config.eval.task_limit)
+    tasks = [task_config(Path(t)) if is_task_file(t) else t for t in config.eval.tasks]
+    results = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, limit=config.eval.task_limit)
     return {task: {k: v for k, v in r.items() if isinstance(v, (int, float))} for task, r in results["results"].items()}
 
 
