@@ -40,12 +40,14 @@ METHODS = {
     "mip+rerank": {"method": "mip", "candidates": 8},
     "mip+rounds": {"method": "mip", "rounds": 3},
     "evolve": {"method": "evolve", "candidates": 4},
+    # Evolution given 7.5x the evaluations (150 generations of 16 offspring), seeded with 8 MIP solutions.
+    "evolve-long": {"method": "evolve", "candidates": 8, "generations": 150, "offspring": 16},
     "depth+mip": {"method": "depth-mip", "depth": 2},
     "mip+tournament": {"method": "mip", "candidates": 8, "tournament": 4},
     **{m: {"method": m} for m in ("greedy", "shortgpt", "llm-drop", "uniform-ffn", "random")},
 }
 # Puzzle's own variants, compared with the plain MIP; the rest are baselines.
-VARIANTS = ("mip+rerank", "mip+rounds", "evolve", "depth+mip", "mip+tournament")
+VARIANTS = ("mip+rerank", "mip+rounds", "evolve", "evolve-long", "depth+mip", "mip+tournament")
 
 
 def job_file(config: Path, budgets: list[float], methods: list[str], kd_tokens: int | None, out: Path) -> Path:

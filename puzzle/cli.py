@@ -562,18 +562,41 @@ def eval_command(
     kv_dtype: Annotated[Optional[str], typer.Option(help="'fp8' also runs every model with a simulated FP8 KV cache "
                                                     "and reports the KL it adds (eval.kv_dtype).", show_default=False)] = None,
     num_processes: ProcessesOption = 1,
+    engine: Annotated[Optional[str], typer.Option(
+        help="'llama.cpp': also convert parent and children with llama.cpp's converter, check their logits against "
+        "transformers and time them in llama.cpp (needs llama-cpp-python and --converter).", show_default=False)] = None,
+    converter: Annotated[Optional[Path], typer.Option(
+        help="llama.cpp's convert_hf_to_gguf.py (llama.cpp's source, or vendor/llama.cpp in llama-cpp-python's sdist).",
+        show_default=False)] = None,
 ) -> None:
     """Parent, child and distilled child side by side: KL to the parent, perplexity, top-1 agreement, size,
     and prefill/decode speed measured here next to the cost model's prediction.
 
-    lm-evaluation-harness tasks (eval.tasks) run on every model when it is installed. Writes
-    RUN_DIR/eval/results.json and results.csv. On --num-processes N, the parent and the children are sharded
-    over the processes (FSDP2) and each measures a share of the blocks; speed is then not measured.
+    lm-evaluation-harness tasks (eval.tasks) run on every model. Writes RUN_DIR/eval/results.json and
+    results.csv (and llama_cpp.json with --engine llama.cpp). On --num-processes N, the parent and the children
+    are sharded over the processes (FSDP2) and each measures a share of the blocks; speed is then not measured.
     """
     from puzzle.api import eval_stage
 
+    if engine not in (None, "llama.cpp") or (engine and converter is None):
+        raise PuzzleError("--engine: give llama.cpp with --converter PATH/convert_hf_to_gguf.py" if engine == "llama.cpp"
+                          else f"--engine: got {engine!r}; the engine measured here is llama.cpp")
     overrides = list(set_ or []) + ([f"eval.kv_dtype={kv_dtype}"] if kv_dtype is not None else [])
-    _jobs_on_processes(Stage.eval, "eval", config, overrides, job_name, num_processes, eval_stage, render.evaluation)
+
+    def evaluated(job: PuzzleConfig):
+        summary = eval_stage(job)
+        if engine:
+            from puzzle.llama_cpp import engine_eval
+
+            return summary, engine_eval(job, converter)
+        return summary, None
+
+    def shown(both, label: str) -> None:
+        render.evaluation(both[0], label)
+        if both[1] is not None:
+            render.engine(both[1], label)
+
+    _jobs_on_processes(Stage.eval, "eval", config, overrides, job_name, num_processes, evaluated, shown)
 
 
 def _run_config_of(child: Path) -> Path:

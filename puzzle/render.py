@@ -135,6 +135,20 @@ def evaluation(summary, label: str = "") -> None:
 
 
 
+def engine(summary, label: str = "") -> None:
+    """Each model in llama.cpp: its logits against transformers', and its speed against the parent's there."""
+    table = Table(title=f"{label}llama.cpp: {summary.tokens} held-out tokens, logits checked against transformers")
+    for column in ("model", "logits rel. error", "argmax agreement", "prefill tok/s", "decode tok/s",
+                   "prefill speedup", "decode speedup"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in summary.runs:
+        table.add_row(r.name, f"{r.relative_error:.2e}", f"{r.argmax_agreement:.1%}", _rate(r.prefill_tokens_per_second),
+                      _rate(r.decode_tokens_per_second), _ratio(summary.speedup(r.name, "prefill")),
+                      _ratio(summary.speedup(r.name, "decode")))
+    out.print(table)
+    out.print(f"llama.cpp results: {summary.file} (`puzzle report` puts them in the report)")
+
+
 def fusion(summary, label: str = "") -> None:
     if not summary.runs:
         out.print(f"{label}nothing to fuse: {summary.source} has no run of 2 or more consecutive layers without "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from puzzle.io import atomic_write_text, read_json
+from puzzle.io import atomic_write_text, read_json, sha256_file
 from puzzle.blocks.specs import AttentionKind, BlockChoice, FfnKind, SubblockSpec
 from puzzle.checkpoint import child_choices
 from puzzle.config import PuzzleConfig
@@ -24,7 +24,7 @@ from puzzle.parents import parent_config
 from puzzle.pipeline import StageContext
 from puzzle.plots import pyplot, save
 from puzzle.problem import job_frontier, plot_frontier
-from puzzle.rundir import Stage
+from puzzle.rundir import RunDir, Stage
 from puzzle.search.budgets import parse_budget, parse_sweep
 from puzzle.search.problem import QUANTITY
 from puzzle.solutions import Architecture, read_solutions
@@ -61,6 +61,9 @@ def comparison_table(results: dict) -> pd.DataFrame:
             "speedup (measured)": _shown(m["measured_latency"] and parent["measured_latency"] / m["measured_latency"],
                                          ".2f", "x"),
             "speedup (predicted by the cost model)": "n/a" if predicted is None else f"{predicted:.2f}x",
+            **{f"{task} accuracy": f"{metrics['acc,none']:.1%}" for task, metrics in m.get("tasks", {}).items()
+               if "acc,none" in metrics},
+            **m.get("llama.cpp", {}),
         }
     return pd.DataFrame(rows)
 
@@ -169,12 +172,36 @@ def _frontier(config: PuzzleConfig, solution: Architecture, path: Path, held_out
 # --- the page -------------------------------------------------------------------------------------
 
 
+def key_extra(config: PuzzleConfig, run: RunDir) -> str:
+    """The llama.cpp measurements (`puzzle eval --engine llama.cpp`) enter the report when they are made."""
+    engine = run.stage_dir(Stage.eval) / "llama_cpp.json"
+    return sha256_file(engine)[:16] if engine.is_file() else "no-engine"
+
+
+def engine_rows(results: dict, engine: dict) -> None:
+    """llama.cpp's measurements put beside each model's column of the comparison table (in place)."""
+    runs = {r["name"]: r for r in engine["runs"]}
+    parent = runs.get("parent")
+    for m in results["models"]:
+        r = runs.get(m["name"])
+        if r is None or parent is None:
+            continue
+        m["llama.cpp"] = {
+            "llama.cpp logits rel. error / argmax agreement": f"{r['relative_error']:.1e} / {r['argmax_agreement']:.1%}",
+            "llama.cpp decode tokens/s": f"{r['decode_tokens_per_second']:,.0f}",
+            "speedup in llama.cpp (decode / prefill)": f"{r['decode_tokens_per_second'] / parent['decode_tokens_per_second']:.2f}x"
+                                                         f" / {r['prefill_tokens_per_second'] / parent['prefill_tokens_per_second']:.2f}x",
+        }
+
+
 def run(ctx: StageContext) -> ReportSummary:
     started = time.time()
     config, run_dir, directory = ctx.config, ctx.run, ctx.directory
     solutions = read_solutions(run_dir.stage_dir(Stage.search) / "solutions.json")
     choices = child_choices(run_dir.stage_dir(Stage.child) / "checkpoint")
     results = read_json(run_dir.stage_dir(Stage.eval) / "results.json")
+    if (run_dir.stage_dir(Stage.eval) / "llama_cpp.json").is_file():
+        engine_rows(results, read_json(run_dir.stage_dir(Stage.eval) / "llama_cpp.json"))
     kd_dir = run_dir.stage_dir(Stage.kd)
     directory.mkdir(parents=True, exist_ok=True)
 
