@@ -4,9 +4,11 @@ One set of rules serves three callers: the verdicts written beside every child (
 search of a job with `target.engine` (only the blocks the engine serves are offered, `block_reasons`), and
 `puzzle validate`, which stops a job whose parent the engine cannot take at all (`parent_reasons`).
 
-vLLM (`nemotron_nas.py`, read in its sources): per-layer KV heads (`n_heads_in_group`), `no_op` attention
-and FFN, FFN width from `ffn_mult` rounded up to a multiple of 256. It ignores `replace_with_linear` and
-`window_length`, so it would build the wrong layer for either.
+vLLM (`nemotron_nas.py`, read in its sources, not run): per-layer KV heads (`n_heads_in_group`), `no_op`
+attention and FFN, FFN width from `ffn_mult` rounded up to a multiple of 256, any `head_dim` and RoPE
+scaling (Llama's attention and `get_rope`). It ignores `replace_with_linear` and `window_length`, so it
+would build the wrong layer for either; its layer is Llama's attention, without q/k norms, and it gives o a
+bias exactly when q, k and v have one.
 
 llama.cpp (its DeciLM conversion and runtime, run on about 30 children through llama-cpp-python 0.3.36):
 per-layer KV heads, removed attention, linear attention, FFN width from `ffn_mult` on the 256 grid. What
@@ -92,13 +94,24 @@ def model_reasons(engine: Engine, config) -> list[str]:
         reasons.append("attention sinks (GPT-OSS; no sinks in the DeciLM reader)")
     if getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
         reasons.append("an MoE parent (no MoE FFN in the DeciLM reader)")
+    qk_norm = getattr(config, "qk_norm", False) or getattr(config, "model_type", "") == "qwen3"
+    if engine is Engine.vllm:
+        if qk_norm:
+            reasons.append("per-head q/k norms (Qwen3; vLLM's DeciLM layer is Llama's attention, which has none)")
+        qkv_bias = getattr(config, "attention_bias", False)
+        o_bias = getattr(config, "attention_output_bias", qkv_bias)
+        if getattr(config, "model_type", "") == "qwen2":
+            qkv_bias, o_bias = True, False
+        if qkv_bias != o_bias:
+            reasons.append("a bias on q, k and v but not on o (Qwen2; vLLM's DeciLM reader gives o a bias exactly "
+                           "when q, k and v have one)")
     if engine is Engine.llama_cpp:
         heads, hidden = config.num_attention_heads, config.hidden_size
         head_dim = getattr(config, "head_dim", None) or hidden // heads
         if head_dim * heads != hidden:
             reasons.append(f"head_dim {head_dim} is not hidden_size / num_attention_heads = {hidden // heads} "
                            "(llama.cpp: invalid n_rot)")
-        if getattr(config, "qk_norm", False) or getattr(config, "model_type", "") == "qwen3":
+        if qk_norm:
             reasons.append("per-head q/k norms (Qwen3; llama.cpp's DeciLM converter cannot map k_norm)")
         rope = getattr(config, "rope_parameters", None) or {}
         if rope.get("rope_type") == "linear":

@@ -155,6 +155,23 @@ def test_llama_cpp_verdicts_name_what_its_converter_and_runtime_did():
     assert child_reasons(Engine.transformers, DeciLMConfig(num_hidden_layers=1, block_configs=[gone])) == []
 
 
+def test_vllm_verdicts_follow_its_readers_llama_attention():
+    from puzzle.engines import Engine, child_reasons
+
+    dense = {"attention": {"n_heads_in_group": 4}, "ffn": {"ffn_mult": 1.5, "intermediate_size": 1536}}
+
+    def reasons(**model):
+        return child_reasons(Engine.vllm, DeciLMConfig(hidden_size=1536, num_attention_heads=12, num_hidden_layers=1,
+                                                       block_configs=[dense], rope_parameters={
+                                                           "rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                                                       **model))
+
+    assert reasons() == [] and reasons(head_dim=64) == []  # RoPE scaling and any head_dim: Llama's attention
+    assert reasons(attention_bias=True, attention_output_bias=True) == []
+    assert "o a bias exactly when" in reasons(attention_bias=True, attention_output_bias=False)[0]
+    assert "q/k norms" in reasons(qk_norm=True)[0]
+
+
 def test_llama_cpp_refuses_byte_level_bpe_but_not_the_projects_byte_fallback_tokenizer(tmp_path, tiny_parent_dir):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
