@@ -219,3 +219,11 @@ def spec_from_id(text: str) -> SubblockSpec:
         f"{text!r} is not a candidate id (examples: attention.kv2, attention.kv2.window64, ffn.i256, ffn.moe4.top2, "
         "ffn.noop)"
     )
+
+
+class Engine(str, enum.Enum):
+    """A serving engine a child may be searched for (`target.engine`; the rules are `puzzle.engines`')."""
+
+    transformers = "transformers"
+    vllm = "vllm"
+    llama_cpp = "llama.cpp"

@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from puzzle import render
+from puzzle.blocks.specs import Engine
 from puzzle.config import (
     ParentTrainingConfig,
     PuzzleConfig,
@@ -215,11 +216,11 @@ def validate_command(config: ConfigArg, set_: SetOption = None, budget: BudgetOp
     jobs = _checked_jobs(config, (set_ or []) + overrides, flag_problems=problems + _sweep_problems(sweep))
     names = [job.run.job for job in jobs if job.run.job]
     out.print(f"{config}: valid job config" + (f" with {len(names)} jobs: {', '.join(names)}" if names else ""))
-    if jobs[0].target.engine != "transformers":
+    if jobs[0].target.engine is not Engine.transformers:
         from puzzle.preflight import engine_removals
 
         removed = engine_removals(jobs[0])
-        out.print(f"target.engine {jobs[0].target.engine} removes {len(removed)} library candidates"
+        out.print(f"target.engine {jobs[0].target.engine.value} removes {len(removed)} library candidates"
                   + (f": {'; '.join(removed)}" if removed else ""))
     _show_plan(jobs[0])
 

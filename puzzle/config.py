@@ -21,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 
 from puzzle.blocks.costs import Scenario
 from puzzle.blocks.space import SpaceOptions
-from puzzle.blocks.specs import BlockChoice
+from puzzle.blocks.specs import BlockChoice, Engine
 from puzzle.errors import ConfigError, PuzzleError
 from puzzle.search.budgets import Budget, BudgetKind, parse_budget
 from puzzle.search.hardware import GPUS, gpu
@@ -297,8 +297,8 @@ class SearchSection(Section):
 
 
 class TargetSection(Section):
-    engine: Literal["transformers", "vllm", "llama.cpp"] = Field(
-        "transformers", description="The engine the child is served with: the library and the search offer only "
+    engine: Engine = Field(
+        Engine.transformers, description="The engine the child is served with: the library and the search offer only "
         "blocks it serves (puzzle.engines' rules; `puzzle validate` lists what it removes), and a parent it cannot "
         "take at all stops the job before any work.",
     )

@@ -29,16 +29,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
+from puzzle.blocks.specs import Engine
+
 GRID = 256
-
-
-class Engine(str, Enum):
-    transformers = "transformers"
-    vllm = "vllm"
-    llama_cpp = "llama.cpp"
 
 
 @dataclass(frozen=True)

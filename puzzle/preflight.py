@@ -51,7 +51,7 @@ def _engine_problems(config: PuzzleConfig, hf_config) -> list[str]:
     from puzzle.families import parent_shapes
     from puzzle.parents import local_checkpoint
 
-    engine = Engine(config.target.engine)
+    engine = config.target.engine
     if engine is Engine.transformers:
         return []
     shapes = parent_shapes(hf_config)
@@ -71,13 +71,13 @@ def _engine_problems(config: PuzzleConfig, hf_config) -> list[str]:
 def engine_removals(config: PuzzleConfig) -> list[str]:
     """The library candidates `target.engine` removes (for `puzzle validate`)."""
     from puzzle.distill.library import layer_spaces
-    from puzzle.engines import Engine, servable_spaces
+    from puzzle.engines import servable_spaces
     from puzzle.families import parent_shapes
     from puzzle.parents import parent_config
 
     shapes = parent_shapes(parent_config(config.parent))
     spaces = layer_spaces(shapes, config.library, config.bld.coupled_pairs, every_pair=config.bld.mode == "coupled")
-    return servable_spaces(Engine(config.target.engine), spaces, shapes)[1]
+    return servable_spaces(config.target.engine, spaces, shapes)[1]
 
 
 def _context_problems(config: PuzzleConfig, hf_config) -> list[str]:

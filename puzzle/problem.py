@@ -30,7 +30,7 @@ def job_scores(config: PuzzleConfig) -> pd.DataFrame:
     from puzzle.parents import parent_config
 
     scores = pd.read_csv(RunDir.of(config).stage_dir(Stage.scores) / "scores.csv")
-    engine = Engine(config.target.engine)
+    engine = config.target.engine
     return scores if engine is Engine.transformers else servable_scores(engine, scores, parent_shapes(
         parent_config(config.parent)))
 

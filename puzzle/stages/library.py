@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from puzzle.errors import PuzzleError
-from puzzle.engines import Engine, servable_spaces
+from puzzle.engines import servable_spaces
 from puzzle.io import atomic_path
 from puzzle.blocks.specs import AttentionSpec, FfnKind, ParentShape
 from puzzle.config import PuzzleConfig
@@ -66,7 +66,7 @@ class LibrarySummary:
 def job_spaces(config: PuzzleConfig, shapes: list[ParentShape]) -> list[LayerSpace]:
     """The library's layer spaces, without the subblocks the target engine serves in no layer."""
     spaces = layer_spaces(shapes, config.library, config.bld.coupled_pairs, every_pair=config.bld.mode == "coupled")
-    return servable_spaces(Engine(config.target.engine), spaces, shapes)[0]
+    return servable_spaces(config.target.engine, spaces, shapes)[0]
 
 
 def entry_fingerprint(config: PuzzleConfig) -> str:
