@@ -210,6 +210,12 @@ class Library:
         f.load_state_dict({k.removeprefix("ffn."): v for k, v in state.items() if k.startswith("ffn.")})
         return _beside(a, parent), _beside(f, parent)
 
+    def block(self, layer: int, choice: BlockChoice) -> tuple[nn.Module, nn.Module]:
+        """The (attention, FFN) modules of a block: a coupled pair trained together, or two subblocks."""
+        if choice.coupled:
+            return self.pair(layer, choice.attention, choice.ffn)
+        return self.module(layer, choice.attention), self.module(layer, choice.ffn)
+
     def module(self, layer: int, spec: SubblockSpec) -> nn.Module:
         parent = self.adapter.parent_layer(layer)
         attention = isinstance(spec, AttentionSpec)

@@ -106,10 +106,7 @@ def child_config(parent_config, choices: list[BlockChoice]) -> modeling.DeciLMCo
 
 def layer_state(library: Library, i: int, c: BlockChoice) -> dict[str, torch.Tensor]:
     """Layer i's weights for block `c`, from the library, under the parent's names."""
-    if c.coupled:
-        attention, ffn = library.pair(i, c.attention, c.ffn)
-    else:
-        attention, ffn = library.module(i, c.attention), library.module(i, c.ffn)
+    attention, ffn = library.block(i, c)
     state = {}
     for name, value in attention.state_dict().items():
         key = f"model.layers.{i}.input_layernorm.weight" if name == "input_layernorm.weight" else f"model.layers.{i}.self_attn.{name}"

@@ -81,35 +81,27 @@ def block_reasons(engine: Engine, layer: int, layers: int, attention: dict, ffn:
 
 
 def model_reasons(engine: Engine, config) -> list[str]:
-    """Why `engine` cannot serve any model with this (parent's or child's) model-wide config."""
+    """Why `engine` cannot serve any child with this model-wide config (a child's `DeciLMConfig`; a parent is
+    judged as the child of its own blocks). An MoE FFN is a layer's (`block_reasons`)."""
     if engine is Engine.transformers:
         return []
     reasons = []
-    if getattr(config, "attention_sinks", False) or getattr(config, "model_type", "") == "gpt_oss":
+    if config.attention_sinks:
         reasons.append("attention sinks (GPT-OSS; no sinks in the DeciLM reader)")
-    if getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
-        reasons.append("an MoE parent (no MoE FFN in the DeciLM reader)")
-    qk_norm = getattr(config, "qk_norm", False) or getattr(config, "model_type", "") == "qwen3"
     if engine is Engine.vllm:
-        if qk_norm:
+        if config.qk_norm:
             reasons.append("per-head q/k norms (Qwen3; vLLM's DeciLM layer is Llama's attention, which has none)")
-        qkv_bias = getattr(config, "attention_bias", False)
-        o_bias = getattr(config, "attention_output_bias", qkv_bias)
-        if getattr(config, "model_type", "") == "qwen2":
-            qkv_bias, o_bias = True, False
-        if qkv_bias != o_bias:
+        if config.attention_bias != config.attention_output_bias:
             reasons.append("a bias on q, k and v but not on o (Qwen2; vLLM's DeciLM reader gives o a bias exactly "
                            "when q, k and v have one)")
     if engine is Engine.llama_cpp:
         heads, hidden = config.num_attention_heads, config.hidden_size
-        head_dim = getattr(config, "head_dim", None) or hidden // heads
-        if head_dim * heads != hidden:
-            reasons.append(f"head_dim {head_dim} is not hidden_size / num_attention_heads = {hidden // heads} "
+        if config.head_dim * heads != hidden:
+            reasons.append(f"head_dim {config.head_dim} is not hidden_size / num_attention_heads = {hidden // heads} "
                            "(llama.cpp: invalid n_rot)")
-        if qk_norm:
+        if config.qk_norm:
             reasons.append("per-head q/k norms (Qwen3; llama.cpp's DeciLM converter cannot map k_norm)")
-        rope = getattr(config, "rope_parameters", None) or {}
-        if rope.get("rope_type") == "linear":
+        if (config.rope_parameters or {}).get("rope_type") == "linear":
             reasons.append("linear RoPE scaling (llama.cpp's DeciLM converter drops the factor)")
     return reasons
 

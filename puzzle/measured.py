@@ -58,11 +58,6 @@ class ChildMeter:
     def blocks(self) -> int:
         return sum(len(b.input_ids) for b in self.batches)
 
-    def _modules(self, layer: int, choice: BlockChoice):
-        if choice.coupled:
-            return self.library.pair(layer, choice.attention, choice.ffn)
-        return self.library.module(layer, choice.attention), self.library.module(layer, choice.ffn)
-
     @torch.no_grad()
     def kl(self, children: list[Child], batches: int | None = None) -> list[float]:
         """Each child's mean KL to the parent per predicted token, on the first `batches` batches (all by
@@ -79,7 +74,7 @@ class ChildMeter:
             for stack in stacks:
                 del stack[start + 1 :]
             for i in range(start, len(child)):
-                attention, ffn = self._modules(i, child[i])
+                attention, ffn = self.library.block(i, child[i])
                 for b, stack in zip(used, stacks):
                     h = stack[i]
                     with compute(h.dtype, h.device):  # library modules (fp32) in a bf16/fp16 parent

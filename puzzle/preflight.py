@@ -47,6 +47,7 @@ def _engine_problems(config: PuzzleConfig, hf_config) -> list[str]:
     """What keeps the target engine from serving any child of this parent: its model-wide parts, its
     tokenizer, or one of its own layers (the search may keep any of them)."""
     from puzzle.blocks.specs import BlockChoice
+    from puzzle.checkpoint import child_config
     from puzzle.engines import Engine, choice_reasons, model_reasons, tokenizer_reasons
     from puzzle.families import parent_shapes
     from puzzle.parents import local_checkpoint
@@ -55,7 +56,8 @@ def _engine_problems(config: PuzzleConfig, hf_config) -> list[str]:
     if engine is Engine.transformers:
         return []
     shapes = parent_shapes(hf_config)
-    reasons = model_reasons(engine, hf_config)
+    # Judged as the child of its own blocks: the same config words (biases, norms, sinks) as any child's.
+    reasons = model_reasons(engine, child_config(hf_config, [BlockChoice(s.attention, s.ffn) for s in shapes]))
     tokenizer = config.data.tokenizer or local_checkpoint(config.parent)
     reasons += tokenizer_reasons(engine, tokenizer) if tokenizer else []
     for i, shape in enumerate(shapes):
@@ -70,14 +72,11 @@ def _engine_problems(config: PuzzleConfig, hf_config) -> list[str]:
 
 def engine_removals(config: PuzzleConfig) -> list[str]:
     """The library candidates `target.engine` removes (for `puzzle validate`)."""
-    from puzzle.distill.library import layer_spaces
-    from puzzle.engines import servable_spaces
     from puzzle.families import parent_shapes
     from puzzle.parents import parent_config
+    from puzzle.stages.library import targeted_spaces
 
-    shapes = parent_shapes(parent_config(config.parent))
-    spaces = layer_spaces(shapes, config.library, config.bld.coupled_pairs, every_pair=config.bld.mode == "coupled")
-    return servable_spaces(config.target.engine, spaces, shapes)[1]
+    return targeted_spaces(config, parent_shapes(parent_config(config.parent)))[1]
 
 
 def _context_problems(config: PuzzleConfig, hf_config) -> list[str]:

@@ -48,15 +48,14 @@ def _solution(layers: Layers, choice: list[int], limits: dict[str, float], fixed
 
 
 def _within(solution: Solution) -> bool:
-    # The same hair of slack as the MIP, so a child exactly at its budget (the parent at 1x) counts.
-    return all(u.used <= u.limit * (1 + 1e-9) for u in solution.usage.values())
+    return all(u.within for u in solution.usage.values())
 
 
 def _unmet(solution: Solution, labels: dict[str, str]) -> str:
     return ", ".join(
         f"{labels.get(k, k)} (reaches {u.used:.6g}, limit {u.limit:.6g})"
         for k, u in solution.usage.items()
-        if u.used > u.limit * (1 + 1e-9)
+        if not u.within
     )
 
 

@@ -40,7 +40,7 @@ class Evolution:
 
 
 def _fits(layers: list[list[Block]], choice: list[int], limits: dict[str, float], fixed: dict[str, float]) -> bool:
-    return all(u.used <= u.limit * (1 + 1e-9) for u in usage(layers, choice, limits, fixed).values())
+    return all(u.within for u in usage(layers, choice, limits, fixed).values())
 
 
 def mutate(layers: list[list[Block]], choice: list[int], limits: dict[str, float], fixed: dict[str, float],

@@ -37,6 +37,11 @@ class Usage:
     used: float
     limit: float
 
+    @property
+    def within(self) -> bool:
+        # A hair of slack, so a child exactly at its budget (the parent at 1x) counts.
+        return self.used <= self.limit * (1 + 1e-9)
+
 
 class Status(str, enum.Enum):
     optimal = "optimal"  # proven optimal by the MIP solver within its relative gap (under the diversity cuts so far)

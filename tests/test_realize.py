@@ -209,6 +209,9 @@ class _ParentSubblocks:
 
         return shaped_module(spec, self.adapter.parent_layer(layer))
 
+    def block(self, layer, choice):
+        return self.module(layer, choice.attention), self.module(layer, choice.ffn)
+
 
 # GPT-OSS has no sdpa path in transformers (nor in the child: sinks run eagerly).
 @pytest.mark.parametrize("model_type, overrides, attn", [

@@ -65,8 +65,13 @@ class LibrarySummary:
 
 def job_spaces(config: PuzzleConfig, shapes: list[ParentShape]) -> list[LayerSpace]:
     """The library's layer spaces, without the subblocks the target engine serves in no layer."""
+    return targeted_spaces(config, shapes)[0]
+
+
+def targeted_spaces(config: PuzzleConfig, shapes: list[ParentShape]) -> tuple[list[LayerSpace], list[str]]:
+    """The library's layer spaces as `target.engine` leaves them, and the candidates it removed."""
     spaces = layer_spaces(shapes, config.library, config.bld.coupled_pairs, every_pair=config.bld.mode == "coupled")
-    return servable_spaces(config.target.engine, spaces, shapes)[0]
+    return servable_spaces(config.target.engine, spaces, shapes)
 
 
 def entry_fingerprint(config: PuzzleConfig) -> str:
