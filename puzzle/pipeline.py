@@ -142,11 +142,14 @@ def run_stage(stage: Stage, config: PuzzleConfig, **options: Any):
     run = RunDir.of(config)
     check_requirements(spec, run)
     ctx = StageContext(config, run, stage, stage_key(spec, config, run, **options))
-    if spec.reuse and run.is_done(stage, ctx.key) and all((ctx.directory / o).exists() for o in spec.outputs):
-        return module.read(ctx, **options)
     from puzzle.distributed import workers
 
     team = workers()
+    done = spec.reuse and run.is_done(stage, ctx.key) and all((ctx.directory / o).exists() for o in spec.outputs)
+    # Rank 0's view decides: a rank that looks later may find the stage rank 0 has just finished, skip it and
+    # leave rank 0 waiting in the stage's collectives while it runs the next stage's.
+    if team.gather(done)[0]:
+        return module.read(ctx, **options)
     if not spec.distributed:
         # A one-process stage in a multi-process command: rank 0 runs it, the others wait and read its result.
         summary, problem = None, None
