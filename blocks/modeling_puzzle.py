@@ -463,6 +463,8 @@ class DeciLMModel(DeciLMPreTrainedModel):
 
 class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # FP8 KV-cache scales stored for vLLM (a child written with them): not weights of this model.
+    _keys_to_ignore_on_load_unexpected = [r"self_attn\.[kv]_scale$"]
 
     def __init__(self, config: DeciLMConfig):
         super().__init__(config)

@@ -21,6 +21,7 @@ from puzzle.io import atomic_dir, read_json
 from puzzle.blocks.specs import AttentionKind, BlockChoice, FfnKind, ParentShape
 from puzzle.distill.library import Library
 from puzzle.families import parent_shapes
+from puzzle.kv_fp8 import SCALES_FILE, KvCalibration, store_kv_scales, streamed_kv_scales
 
 
 def ffn_mult(intermediate_size: int, hidden_size: int) -> float:
@@ -200,9 +201,10 @@ def saved_dtype(config) -> torch.dtype:
 
 
 def write_child(directory: Path, config: modeling.DeciLMConfig, tensors, *, dtype: torch.dtype, tokenizer,
-                generation_config, info: dict) -> None:
+                generation_config, info: dict, kv_calibration: KvCalibration | None = None) -> None:
     """A child checkpoint in `dtype`, whole or not at all, from `tensors` ((name, tensor) pairs, taken one at a
-    time): weights, config, tokenizer, generation config, modeling file and puzzle_child.json."""
+    time): weights, config, tokenizer, generation config, modeling file and puzzle_child.json; with
+    `kv_calibration`, the FP8 KV scales calibrated on the written weights (`puzzle.kv_fp8`)."""
     with atomic_dir(directory) as tmp:
         files = WeightFiles(tmp, FILE_BYTES)
         for name, value in tensors:
@@ -212,6 +214,8 @@ def write_child(directory: Path, config: modeling.DeciLMConfig, tensors, *, dtyp
         files.close()
         config.dtype = dtype
         config.save_pretrained(tmp)
+        if kv_calibration is not None:
+            store_kv_scales(tmp, streamed_kv_scales(tmp, kv_calibration, dtype))
         tokenizer.save_pretrained(tmp)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
@@ -219,10 +223,11 @@ def write_child(directory: Path, config: modeling.DeciLMConfig, tensors, *, dtyp
         (tmp / "puzzle_child.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def write_checkpoint(directory: Path, model: modeling.DeciLMForCausalLM, parent, info: dict, dtype: torch.dtype) -> None:
+def write_checkpoint(directory: Path, model: modeling.DeciLMForCausalLM, parent, info: dict, dtype: torch.dtype,
+                     kv_calibration: KvCalibration | None = None) -> None:
     """A whole child model in memory as a child checkpoint (see `write_child`)."""
     write_child(directory, model.config, model.state_dict().items(), dtype=dtype, tokenizer=parent.tokenizer,
-                generation_config=parent.model.generation_config, info=info)
+                generation_config=parent.model.generation_config, info=info, kv_calibration=kv_calibration)
 
 
 def streamed_child_tensors(parent, reader, library: Library, choices: list[BlockChoice], dtype: torch.dtype):
@@ -278,7 +283,7 @@ def checkpoint_parameters(directory: Path) -> int:
     from safetensors import safe_open
 
     total = 0
-    for file in sorted(directory.glob("*.safetensors")):
+    for file in sorted(f for f in directory.glob("*.safetensors") if f.name != SCALES_FILE):
         with safe_open(file, "pt") as f:
             for name in f.keys():
                 total += math.prod(f.get_slice(name).get_shape())

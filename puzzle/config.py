@@ -192,7 +192,9 @@ class ProfileSection(Section):
         "local", description=f"'local' measures here; a GPU name ({', '.join(GPUS)}) uses its roofline."
     )
     weight_dtype: Literal["float32", "bfloat16", "float16", "fp8"] = Field("bfloat16", description="Weight dtype.")
-    kv_dtype: Literal["float32", "bfloat16", "float16", "fp8"] = Field("bfloat16", description="KV-cache dtype.")
+    kv_dtype: Literal["float32", "bfloat16", "float16", "fp8"] = Field(
+        "bfloat16", description="KV-cache dtype. 'fp8': the child checkpoints (realize, KD) also carry FP8 KV scales "
+        "calibrated on data.calibration_blocks, in the layout vLLM reads (not for target.engine llama.cpp).")
     batch_size: int = Field(1, ge=1, description="Sequences per batch.")
     gpus: int = Field(
         1, ge=1, description="GPUs a model is split over by tensor parallelism, for the roofline's fit check (weights "

@@ -274,6 +274,6 @@ def job_blocks(config: PuzzleConfig, parent_tokenizer) -> TokenBlocks:
     if config.data.tokenizer is not None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer, trust_remote_code=config.parent.trust_remote_code)
     tokens, key = token_stream(config.data, tokenizer, Path(config.run.dir) / "tokens")
     return _blocks(tokens, key, config.data)

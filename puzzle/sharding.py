@@ -50,7 +50,7 @@ class CheckpointReader:
         return out
 
 
-def _fill(module: nn.Module, prefix: str, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
+def fill_from_checkpoint(module: nn.Module, prefix: str, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
           skip: tuple[str, ...] = ()) -> None:
     """Give `module`'s parameters (on the meta device) their weights from the checkpoint, a tensor at a time
     (a file's mapped pages count as resident while it is open)."""
@@ -69,14 +69,14 @@ def shard_from_checkpoint(model: nn.Module, reader: CheckpointReader, *, device:
     policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     home = torch.device("cpu") if offload else device
     for i, layer in enumerate(model.model.layers):
-        _fill(layer, f"model.layers.{i}.", reader, home, dtype)
+        fill_from_checkpoint(layer, f"model.layers.{i}.", reader, home, dtype)
         fully_shard(layer, offload_policy=policy)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     if not tied:  # each vocabulary-sized matrix a unit of its own: only one is ever whole at a time
         for name in ("model.embed_tokens", "lm_head"):
-            _fill(model.get_submodule(name), name + ".", reader, home, dtype)
+            fill_from_checkpoint(model.get_submodule(name), name + ".", reader, home, dtype)
             fully_shard(model.get_submodule(name), offload_policy=policy)
-    _fill(model, "", reader, home, dtype,
+    fill_from_checkpoint(model, "", reader, home, dtype,
           skip=("model.layers.", "lm_head.") + (() if tied else ("model.embed_tokens.",)))
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the tied parameter

@@ -138,3 +138,74 @@ def test_eval_with_fp8_kv_reports_the_kl_it_adds(tmp_path, fast_library, monkeyp
 def test_eval_bad_kv_dtype_exits_2(tmp_path, tiny_parent_dir, monkeypatch, capsys):
     code, out = eval_cli(monkeypatch, capsys, write_job(tmp_path, tiny_parent_dir), "--kv-dtype", "fp4")
     assert code == 2 and "eval.kv_dtype: got 'fp4'" in out.err and "Traceback" not in out.err
+
+
+# --- scales stored in the checkpoint, where vLLM reads them ------------------------------------------------
+
+
+def test_scales_calibrated_a_layer_at_a_time_equal_the_whole_models(tmp_path, tiny_parent_dir):
+    from transformers import AutoTokenizer
+
+    from puzzle.checkpoint import write_child
+    from puzzle.kv_fp8 import KvCalibration, streamed_kv_scales
+
+    torch.manual_seed(0)
+    model, blocks = child(), torch.randint(0, 64, (5, 16))
+    write_child(tmp_path / "c", model.config, model.state_dict().items(), dtype=torch.float32,
+                tokenizer=AutoTokenizer.from_pretrained(tiny_parent_dir), generation_config=None, info={})
+    streamed = streamed_kv_scales(tmp_path / "c", KvCalibration(blocks, 2, torch.device("cpu")), torch.float32)
+    whole = calibrate_kv_scales(model, blocks=blocks, batch_size=2)
+    assert streamed.layers == whole.layers == (0, 2)
+    assert streamed.k == pytest.approx(whole.k, rel=1e-5) and streamed.v == pytest.approx(whole.v, rel=1e-5)
+
+
+@pytest.mark.parametrize("file_bytes", [None, 20_000], ids=["one-file", "several-files"])
+def test_fp8_scales_round_trip_from_the_checkpoint(tmp_path, fast_library, monkeypatch, capsys, file_bytes):
+    """profile.kv_dtype fp8: the realized child carries its calibrated scales where vLLM reads them, still loads
+    with plain transformers (one weights file or several), and eval measures the FP8 cache with those scales."""
+    import puzzle.checkpoint as checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from puzzle.checkpoint import checkpoint_parameters, load_child
+    from puzzle.data import job_blocks
+    from puzzle.kv_fp8 import KV_CACHE_SCHEME, SCALES_FILE, read_kv_scales
+    from puzzle.parents import load_parent
+
+    if file_bytes is not None:
+        monkeypatch.setattr(checkpoint, "FILE_BYTES", file_bytes)
+    path, config = copy_run(fast_library, tmp_path, EVAL + ["profile.kv_dtype=fp8"])
+    distill_stage(config)
+    directory = with_solution(config, ["attention.kv1+ffn.i48", "attention.kv2.window8+ffn.i96"]).directory
+    stored = read_kv_scales(directory)
+    model = load_child(directory)
+    parent = load_parent(config.parent)
+    calibration = job_blocks(config, parent.tokenizer).calibration(config.data.calibration_blocks)
+    expected = calibrate_kv_scales(model, blocks=calibration, batch_size=config.eval.batch_size)
+    assert stored.layers == expected.layers == (0, 1)
+    assert stored.k == pytest.approx(expected.k, rel=1e-5) and stored.v == pytest.approx(expected.v, rel=1e-5)
+
+    saved = json.loads((directory / "config.json").read_text())
+    assert saved["compression_config"] == KV_CACHE_SCHEME and "quantization_config" not in saved
+    index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["model.layers.1.self_attn.v_scale"] == SCALES_FILE
+    assert (len(set(index.values()) - {SCALES_FILE}) == 1) == (file_bytes is None)
+    assert checkpoint_parameters(directory) == sum(p.numel() for p in model.parameters())
+    plain = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
+    ids = calibration[:1]
+    torch.testing.assert_close(plain(ids).logits, model(ids).logits)
+
+    code, out = eval_cli(monkeypatch, capsys, path, "--kv-dtype", "fp8")
+    assert code == 0, out.err
+    result = {m["name"]: m for m in json.loads((config.run.dir / "eval/results.json").read_text())["models"]}["child"]
+    assert result["kv_fp8_scales"] == {"layers": [0, 1], "k": list(stored.k), "v": list(stored.v)}
+
+
+def test_no_scales_without_an_fp8_cache_or_for_llama_cpp(tmp_path, fast_library):
+    from puzzle.kv_fp8 import read_kv_scales
+
+    for name, overrides in (("bf16", []), ("llama", ["profile.kv_dtype=fp8", "target.engine=llama.cpp"])):
+        _, config = copy_run(fast_library, tmp_path, EVAL + overrides, name=name)
+        distill_stage(config)
+        directory = with_solution(config, ["attention.kv1+ffn.i48", "attention.kv2.window8+ffn.i96"]).directory
+        assert read_kv_scales(directory) is None
+        assert "compression_config" not in json.loads((directory / "config.json").read_text())

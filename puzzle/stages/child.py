@@ -18,7 +18,8 @@ from puzzle.checkpoint import (
 from puzzle.config import PuzzleConfig
 from puzzle.distill.library import Library
 from puzzle.engines import EngineVerdict, servability
-from puzzle.parents import load_parent, parent_config, parent_skeleton, readable_by_key
+from puzzle.kv_fp8 import calibration_key, job_kv_calibration
+from puzzle.parents import load_parent, parent_config, parent_device, parent_skeleton, readable_by_key
 from puzzle.pipeline import StageContext
 from puzzle.rundir import RunDir, Stage
 from puzzle.sharding import CheckpointReader
@@ -47,7 +48,7 @@ def _solution(config: PuzzleConfig, run: RunDir) -> list[BlockChoice]:
 def key_extra(config: PuzzleConfig, run: RunDir) -> str:
     # The solution's blocks, not the file's time: an identical re-search leaves the child (and KD) valid.
     blocks = [b.to_json() for b in _solution(config, run)]
-    return hashlib.sha256(json.dumps(blocks).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(blocks).encode()).hexdigest()[:16] + "-" + calibration_key(config)
 
 
 def parent_parameters(config: PuzzleConfig) -> int:
@@ -70,7 +71,7 @@ def run(ctx: StageContext) -> RealizeSummary:
         child = build_child(parent, Library(ctx.run.stage_dir(Stage.library), parent.adapter), choices)
         engines = servability(child.config)
         write_checkpoint(directory, child, parent, {**info, "engines": [e.__dict__ for e in engines]},
-                         saved_dtype(config))
+                         saved_dtype(config), job_kv_calibration(config, parent.tokenizer, parent.device))
     ctx.record.outputs = {"checkpoint": "checkpoint", "solution": config.realize.solution}
     return RealizeSummary(directory, choices, checkpoint_parameters(directory), parent_parameters(config), engines,
                           time.time() - started)
@@ -85,8 +86,9 @@ def _streamed(config: PuzzleConfig, run: RunDir, choices: list[BlockChoice], dir
     engines = servability(child)
     tensors = streamed_child_tensors(parent, CheckpointReader(Path(config.parent.path).expanduser()),
                                      Library(run.stage_dir(Stage.library), parent.adapter), choices, parent.model.dtype)
-    write_child(directory, child, tensors, dtype=saved_dtype(config), tokenizer=parent.tokenizer, generation_config=parent.model.generation_config,
-                info={**info, "engines": [e.__dict__ for e in engines]})
+    write_child(directory, child, tensors, dtype=saved_dtype(config), tokenizer=parent.tokenizer,
+                generation_config=parent.model.generation_config, info={**info, "engines": [e.__dict__ for e in engines]},
+                kv_calibration=job_kv_calibration(config, parent.tokenizer, parent_device(config.parent.device)))
     return engines
 
 

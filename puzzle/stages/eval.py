@@ -139,7 +139,7 @@ def run(ctx: StageContext, team: Workers) -> EvalSummary | None:
         if fp8:
             bar.update(task, status="FP8 KV cache")
             effects = _fp8_effects(config, run_dir, parent, loaded,
-                                   token_blocks.calibration(config.data.calibration_blocks), blocks)
+                                   token_blocks.calibration(config.data.calibration_blocks), blocks, dict(models))
             bar.advance(task)
         bar.update(task, status="speed, every model in turn" if team.world == 1 else "")
         times = (generation_times([m for _, m in everyone], scenario, config.eval.speed_warmup,
@@ -175,15 +175,18 @@ def _profiled(run: RunDir) -> bool:
     return (run.stage_dir(Stage.profile) / "profile.csv").is_file() and run.done_fingerprint(Stage.profile) is not None
 
 
-def _fp8_effects(config: PuzzleConfig, run: RunDir, parent, loaded: dict, calibration, blocks) -> dict:
-    """FP8 KV cache of every model; the parent runs as a child that keeps every layer (the model that
-    carries the simulation), whose own KL to the parent is rounding only."""
-    from puzzle.kv_fp8 import fp8_kv_effect
+def _fp8_effects(config: PuzzleConfig, run: RunDir, parent, loaded: dict, calibration, blocks,
+                 paths: dict[str, Path]) -> dict:
+    """FP8 KV cache of every model, with the scales its checkpoint carries where it carries them; the parent
+    runs as a child that keeps every layer (the model that carries the simulation), whose own KL to the parent
+    is rounding only."""
+    from puzzle.kv_fp8 import fp8_kv_effect, read_kv_scales
 
     library = Library(run.stage_dir(Stage.library), parent.adapter)
     whole = build_child(parent, library, [BlockChoice(s.attention, s.ffn) for s in parent.adapter.shapes])
+    stored = {name: scales for name, path in paths.items() if (scales := read_kv_scales(path)) is not None}
     return fp8_kv_effect(parent.adapter.logits, {"parent": whole.to(parent.model.device), **loaded},
-                         calibration=calibration, blocks=blocks, batch_size=config.eval.batch_size)
+                         calibration=calibration, blocks=blocks, batch_size=config.eval.batch_size, stored=stored)
 
 
 def _fp8_fields(effect) -> dict:

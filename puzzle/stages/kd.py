@@ -24,6 +24,7 @@ from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.distill.kd import distill
 from puzzle.distributed import Workers
+from puzzle.kv_fp8 import KvCalibration, calibration_key, job_kv_calibration
 from puzzle.parents import load_parent
 from puzzle.pipeline import StageContext
 from puzzle.progress import progress_bar
@@ -54,7 +55,7 @@ def child_source(config: PuzzleConfig, run: RunDir) -> tuple[Path, str]:
 
 
 def key_extra(config: PuzzleConfig, run: RunDir) -> str:
-    return child_source(config, run)[1]
+    return f"{child_source(config, run)[1]}-{calibration_key(config)}"
 
 
 def run(ctx: StageContext, team: Workers) -> KdSummary | None:
@@ -82,7 +83,8 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
     held = team.gather(held_bytes(parent.model))
     tokens = s.steps * s.batch_size * blocks.train.length
     info = {**child_info(source), "kd": {"source": str(source), "steps": s.steps, "tokens": tokens}}
-    _write_child(directory / "checkpoint", child, parent, saved_dtype(config), info, team)
+    calibration = job_kv_calibration(config, parent.tokenizer, device) if team.is_main else None
+    _write_child(directory / "checkpoint", child, parent, saved_dtype(config), info, team, calibration)
     if not team.is_main:
         return None
     with atomic_path(directory / "train_log.csv") as tmp:
@@ -98,12 +100,14 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
     return summary
 
 
-def _write_child(directory: Path, child, parent, dtype: torch.dtype, info: dict, team: Workers) -> None:
-    """The distilled child in `dtype`, written by rank 0. A sharded child is gathered a tensor at a
-    time (every rank takes part) and written as it comes: no rank ever holds it whole."""
+def _write_child(directory: Path, child, parent, dtype: torch.dtype, info: dict, team: Workers,
+                 calibration: KvCalibration | None) -> None:
+    """The distilled child in `dtype`, written by rank 0 (which calibrates its FP8 KV scales when asked). A
+    sharded child is gathered a tensor at a time (every rank takes part) and written as it comes: no rank ever
+    holds it whole."""
     if not is_sharded(child):
         if team.is_main:
-            write_checkpoint(directory, child, parent, info, dtype)
+            write_checkpoint(directory, child, parent, info, dtype, calibration)
         return
     tensors = full_tensors(child)
     if not team.is_main:
@@ -111,7 +115,7 @@ def _write_child(directory: Path, child, parent, dtype: torch.dtype, info: dict,
             pass
         return
     write_child(directory, child.config, tensors, dtype=dtype, tokenizer=parent.tokenizer,
-                generation_config=parent.model.generation_config, info=info)
+                generation_config=parent.model.generation_config, info=info, kv_calibration=calibration)
 
 
 def read(ctx: StageContext) -> KdSummary:
