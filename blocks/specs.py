@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 
 class AttentionKind(str, enum.Enum):
+    """The token mixer of a layer (its "attention" subblock)."""
+
     attention = "attention"  # softmax attention: the parent's, fewer KV heads, or a window
+    mamba = "mamba"  # a Mamba-2 mixer of a hybrid parent: the parent's heads, or fewer
     linear = "linear"  # one hidden×hidden Linear: each token attends to itself only
     noop = "noop"  # removed, together with its pre-norm
 
@@ -29,6 +32,7 @@ class AttentionSpec:
     kind: AttentionKind
     num_key_value_heads: int | None = None
     window: int | None = None  # None: full causal attention
+    mamba_num_heads: int | None = None
 
     def __post_init__(self):
         softmax = self.kind is AttentionKind.attention
@@ -36,9 +40,14 @@ class AttentionSpec:
             raise ValueError("num_key_value_heads is set exactly for softmax attention")
         if self.window is not None and (not softmax or self.window <= 0):
             raise ValueError("window must be a positive width of softmax attention")
+        mamba = self.kind is AttentionKind.mamba
+        if mamba != (self.mamba_num_heads is not None) or (mamba and self.mamba_num_heads <= 0):
+            raise ValueError("mamba_num_heads is set exactly for a Mamba mixer, and positive")
 
     @property
     def id(self) -> str:
+        if self.kind is AttentionKind.mamba:
+            return f"attention.mamba{self.mamba_num_heads}"
         if self.kind is not AttentionKind.attention:
             return f"attention.{self.kind.value}"
         suffix = f".window{self.window}" if self.window is not None else ""
@@ -103,6 +112,17 @@ SubblockSpec = AttentionSpec | FfnSpec
 
 
 @dataclass(frozen=True)
+class MambaShape:
+    """A hybrid parent's Mamba-2 mixer: heads of `head_dim` channels, B and C shared by groups of heads."""
+
+    num_heads: int
+    head_dim: int
+    groups: int
+    state_size: int  # per head channel
+    conv_kernel: int
+
+
+@dataclass(frozen=True)
 class ParentShape:
     """What the specs of a layer are measured against: the parent layer's own sizes, and the parts its family
     adds to every candidate of that layer (biases, norms, sinks), which the costs count and a child records."""
@@ -123,6 +143,11 @@ class ParentShape:
     expert_bias: bool = False  # biases on the router and on each expert's projections (GPT-OSS)
     swiglu_limit: float | None = None  # GPT-OSS's clamped expert activation; None: plain SwiGLU
     swiglu_alpha: float = 1.702  # its sigmoid's slope
+    # A hybrid parent's layer holds one mixer: softmax attention or Mamba-2 in the attention slot, or an FFN alone.
+    mixer: AttentionKind = AttentionKind.attention  # noop: an FFN-only layer
+    has_ffn: bool = True
+    mamba: MambaShape | None = None  # with mixer mamba
+    rotary: bool = True  # False: attention without position embeddings (Nemotron-H)
 
     @property
     def is_moe(self) -> bool:
@@ -130,10 +155,16 @@ class ParentShape:
 
     @property
     def attention(self) -> AttentionSpec:
+        if self.mixer is AttentionKind.mamba:
+            return AttentionSpec(AttentionKind.mamba, mamba_num_heads=self.mamba.num_heads)
+        if self.mixer is not AttentionKind.attention:
+            return AttentionSpec(self.mixer)
         return AttentionSpec(AttentionKind.attention, self.num_key_value_heads, self.window)
 
     @property
     def ffn(self) -> FfnSpec:
+        if not self.has_ffn:
+            return FfnSpec(FfnKind.noop)
         if self.is_moe:
             return FfnSpec(FfnKind.moe, num_experts=self.num_experts, experts_per_token=self.experts_per_token)
         return FfnSpec(FfnKind.dense, self.intermediate_size)
@@ -199,6 +230,8 @@ def spec_from_id(text: str) -> SubblockSpec:
                 return AttentionSpec(AttentionKind.linear)
             if parts == ["noop"]:
                 return AttentionSpec(AttentionKind.noop)
+            if len(parts) == 1 and parts[0].startswith("mamba"):
+                return AttentionSpec(AttentionKind.mamba, mamba_num_heads=int(parts[0][5:]))
             if parts[0].startswith("kv") and len(parts) <= 2:
                 window = int(parts[1].removeprefix("window")) if len(parts) == 2 and parts[1].startswith("window") else None
                 if len(parts) == 2 and window is None:
@@ -216,8 +249,8 @@ def spec_from_id(text: str) -> SubblockSpec:
     except ValueError:
         pass
     raise ValueError(
-        f"{text!r} is not a candidate id (examples: attention.kv2, attention.kv2.window64, ffn.i256, ffn.moe4.top2, "
-        "ffn.noop)"
+        f"{text!r} is not a candidate id (examples: attention.kv2, attention.kv2.window64, attention.mamba8, ffn.i256, "
+        "ffn.moe4.top2, ffn.noop)"
     )
 
 

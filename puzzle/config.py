@@ -673,40 +673,72 @@ class TokenizerSection(Section):
     vocab_size: int = Field(4096, ge=300, description="BPE vocabulary size, including 3 special and 256 byte tokens.")
 
 
+HybridLayer = Literal["mamba", "attention", "mlp", "moe"]
+
+
 class ParentArchitecture(Section):
-    model_type: Literal["llama", "mixtral", "gpt_oss"] = Field(
+    model_type: Literal["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gpt_oss", "nemotron_h"] = Field(
         "llama",
-        description="llama: dense FFNs; mixtral: mixture-of-experts FFNs (num_local_experts, top-k routing); gpt_oss: "
-        "experts with biases and a clamped activation, attention sinks, sliding-window and full layers alternating.",
+        description="llama: dense FFNs; mistral: llama with every layer's attention in a sliding_window; qwen2: "
+        "q/k/v biases; qwen3: q/k norms; mixtral: mixture-of-experts FFNs (num_local_experts, top-k routing); "
+        "qwen3_moe: mixtral's routing with q/k norms; gpt_oss: experts with biases and a clamped activation, "
+        "attention sinks, sliding-window and full layers alternating; nemotron_h: a hybrid whose layers are each one "
+        "mixer, named by layers_block_type.",
     )
     hidden_size: int = Field(192, ge=8, description="Width of the residual stream.")
     intermediate_size: int = Field(
-        512, ge=1, description="FFN width (of each expert for mixtral); a multiple of 256 keeps pruned sizes servable."
+        512, ge=1, description="FFN width (of each expert for the MoE families); a multiple of 256 keeps pruned sizes "
+        "servable.",
     )
-    num_local_experts: int = Field(8, ge=2, description="mixtral, gpt_oss: experts per layer.")
-    num_experts_per_tok: int = Field(2, ge=1, description="mixtral, gpt_oss: experts each token is routed to.")
+    head_dim: Optional[int] = Field(
+        None, ge=1, description="Size of an attention head; None: hidden_size / num_attention_heads.")
+    num_local_experts: int = Field(8, ge=2, description="MoE families: routed experts per layer.")
+    num_experts_per_tok: int = Field(2, ge=1, description="MoE families: experts each token is routed to.")
     router_aux_loss_coef: float = Field(
-        0.02, ge=0, description="mixtral, gpt_oss: weight of the load-balancing loss."
+        0.02, ge=0, description="mixtral, qwen3_moe, gpt_oss: weight of the load-balancing loss."
     )
     sliding_window: int = Field(
-        128, ge=1, description="gpt_oss: window of the sliding layers (the first, third, … layer; the others are full)."
+        128, ge=1, description="mistral: every layer's window; gpt_oss: window of the sliding layers (the first, "
+        "third, … layer; the others are full).",
     )
-    num_hidden_layers: int = Field(8, ge=1, description="Decoder layers.")
+    num_hidden_layers: int = Field(8, ge=1, description="Decoder layers (nemotron_h: the length of layers_block_type).")
     num_attention_heads: int = Field(6, ge=1, description="Query heads.")
     num_key_value_heads: int = Field(2, ge=1, description="KV heads (GQA); divides num_attention_heads.")
     max_position_embeddings: int = Field(512, ge=2, description="Longest context.")
-    rope_theta: float = Field(10000.0, gt=0, description="RoPE base.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base (nemotron_h's attention has no RoPE).")
     tie_word_embeddings: bool = Field(False, description="Share input embeddings and lm_head.")
+    layers_block_type: Optional[list[HybridLayer]] = Field(
+        None, description="nemotron_h: each layer's mixer, mamba (Mamba-2), attention, mlp (ReLU² FFN) or moe (routed "
+        "ReLU² experts and a shared one); None: mamba and mlp alternating, with attention as every fourth mixer.",
+    )
+    mamba_num_heads: int = Field(8, ge=1, description="nemotron_h: Mamba-2 heads per mamba layer.")
+    mamba_head_dim: int = Field(16, ge=1, description="nemotron_h: channels per Mamba-2 head.")
+    n_groups: int = Field(2, ge=1, description="nemotron_h: Mamba-2 B/C groups; divides mamba_num_heads.")
+    ssm_state_size: int = Field(16, ge=1, description="nemotron_h: Mamba-2 state per head channel.")
+    conv_kernel: int = Field(4, ge=1, description="nemotron_h: width of the Mamba-2 causal convolution.")
 
     @pydantic.model_validator(mode="after")
     def _heads(self) -> ParentArchitecture:
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError("num_attention_heads must divide hidden_size")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError("num_attention_heads must divide hidden_size (or set head_dim)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_key_value_heads must divide num_attention_heads")
         if self.num_experts_per_tok > self.num_local_experts:
             raise ValueError("num_experts_per_tok must be at most num_local_experts")
+        if self.mamba_num_heads % self.n_groups:
+            raise ValueError("n_groups must divide mamba_num_heads")
+        if self.layers_block_type is not None and self.model_type != "nemotron_h":
+            raise ValueError("layers_block_type is for model_type nemotron_h only")
+        if self.layers_block_type is not None and len(self.layers_block_type) != self.num_hidden_layers:
+            raise ValueError(f"layers_block_type names {len(self.layers_block_type)} layers; num_hidden_layers is "
+                             f"{self.num_hidden_layers}")
         return self
+
+    def hybrid_layers(self) -> list[str]:
+        """nemotron_h's layer types: the given ones, or the default pattern over num_hidden_layers."""
+        if self.layers_block_type is not None:
+            return list(self.layers_block_type)
+        return ["attention" if i % 4 == 2 else "mamba" if i % 2 == 0 else "mlp" for i in range(self.num_hidden_layers)]
 
 
 class ParentTrainingSection(Section):
@@ -724,12 +756,13 @@ class ParentTrainingSection(Section):
 
 
 class ParentTrainingConfig(Section):
-    """`puzzle train-parent`: a tokenizer and a small Llama parent trained from text, deterministically."""
+    """`puzzle train-parent`: a tokenizer and a small parent of any supported family trained from text,
+    deterministically."""
 
     output: Path = Field(..., description="Directory of the finished parent (replaced atomically at the end).")
     work_dir: Path = Field(Path("runs/train-parent"), description="Resumable checkpoints while training.")
     seed: int = Field(0, description="Seed of initialization and batch order.")
     data: DataSection = Field(..., description="Training text (data.tokenizer is ignored: one is trained).")
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="The tokenizer to train.")
-    model: ParentArchitecture = Field(default_factory=ParentArchitecture, description="Llama or Mixtral architecture.")
+    model: ParentArchitecture = Field(default_factory=ParentArchitecture, description="The parent's family and sizes.")
     training: ParentTrainingSection = Field(default_factory=ParentTrainingSection, description="Optimization.")

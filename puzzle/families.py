@@ -1,5 +1,5 @@
-"""One adapter over the decoder families: dense Llama, Mistral, Qwen2, Qwen3 and MoE Mixtral, Qwen3-MoE,
-GPT-OSS (transformers 5.x).
+"""One adapter over the decoder families: dense Llama, Mistral, Qwen2, Qwen3, MoE Mixtral, Qwen3-MoE,
+GPT-OSS, and the Nemotron-H hybrids (transformers 5.x).
 
 The adapter exposes, per layer, the attention and FFN subblocks with their norms, and builds what a
 layer needs to run alone: rotary position embeddings, the causal or sliding-window mask of its
@@ -19,10 +19,12 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask, create_recurrent_attention_mask, create_sliding_window_causal_mask,
+)
 
 from puzzle.blocks.init import ParentLayer
-from puzzle.blocks.specs import ParentShape
+from puzzle.blocks.specs import AttentionKind, MambaShape, ParentShape
 from puzzle.errors import PuzzleError
 from puzzle.sharding import gathered
 
@@ -30,6 +32,7 @@ from puzzle.sharding import gathered
 class AttentionType(str, enum.Enum):
     full = "full_attention"
     sliding = "sliding_attention"
+    recurrent = "linear_attention"  # a Mamba layer's: the padding mask only
 
 
 def _uniform_types(config: PretrainedConfig) -> list[AttentionType]:
@@ -87,6 +90,21 @@ def _gpt_oss_experts(config: PretrainedConfig) -> list[ExpertLayout | None]:
     return [layout] * config.num_hidden_layers
 
 
+def _nemotron_h_experts(config: PretrainedConfig) -> list[ExpertLayout | None]:
+    layout = ExpertLayout(config.n_routed_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+                          config.norm_topk_prob)
+    return [layout if t == "moe" else None for t in hybrid_mixers(config)]
+
+
+def hybrid_mixers(config: PretrainedConfig) -> list[str]:
+    """A Nemotron-H parent's mixer per layer: mamba, attention, mlp or moe."""
+    unknown = sorted({t for t in config.layers_block_type if t not in HYBRID_MIXERS})
+    if unknown:
+        raise PuzzleError(f"parent.path: layers_block_type names layer types {unknown} that puzzle does not know; it "
+                          f"knows {', '.join(sorted(HYBRID_MIXERS))}")
+    return [HYBRID_MIXERS[t] for t in config.layers_block_type]
+
+
 def _configured_bias(config: PretrainedConfig) -> tuple[bool, bool]:
     """(q/k/v bias, o bias): `attention_bias` puts a bias on all four projections, or on none."""
     bias = bool(getattr(config, "attention_bias", False))
@@ -109,6 +127,10 @@ class Family:
     sdpa: bool = True
     # GPT-OSS's rotary embedding gives cos/sin for half a head, which it applies to the two halves.
     half_rotary: bool = False
+    # Nemotron-H: each layer one mixer (Mamba-2, attention, MLP or MoE) behind one norm (`HybridAdapter`).
+    hybrid: bool = False
+    # What the stages after the adapter (library, costs, child) cannot take yet; None: the family is compressed.
+    not_compressed: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -122,8 +144,15 @@ FAMILIES: dict[str, Family] = {
         Family("mixtral", _mistral_types, _mixtral_experts),
         Family("qwen3_moe", _mistral_types, _qwen3_moe_experts, qk_norm=True),
         Family("gpt_oss", _declared_types, _gpt_oss_experts, attention_sinks=True, sdpa=False, half_rotary=True),
+        Family("nemotron_h", _uniform_types, _nemotron_h_experts, hybrid=True,
+               not_compressed="hybrid (nemotron_h) parents are trained by `puzzle train-parent` and run layer by layer, "
+               "but their Mamba, MLP and MoE candidates are not built yet"),
     )
 }
+
+# Nemotron-H's layer types, in transformers 5.x's words and the older ones its configs may still carry.
+HYBRID_MIXERS = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "attention",
+                 "attention": "attention", "mlp": "mlp", "moe": "moe"}
 
 
 def family_for(model_type: str) -> Family:
@@ -143,6 +172,8 @@ def is_dense(model_type: str) -> bool:
 def parent_shapes(config: PretrainedConfig) -> list[ParentShape]:
     """Every layer's sizes, from the config alone (no weights needed)."""
     family = family_for(config.model_type)
+    if family.hybrid:
+        return _hybrid_shapes(config)
     attention_bias, attention_output_bias = family.attention_bias(config)
     shapes = []
     for kind, experts in zip(family.layer_types(config), family.experts(config)):
@@ -168,15 +199,41 @@ def parent_shapes(config: PretrainedConfig) -> list[ParentShape]:
     return shapes
 
 
+def _hybrid_shapes(config: PretrainedConfig) -> list[ParentShape]:
+    """A Nemotron-H layer as a pair of slots, one of them empty: Mamba or attention (no RoPE) in the attention
+    slot, an MLP or MoE in the FFN slot."""
+    mamba = MambaShape(config.mamba_num_heads, config.mamba_head_dim, config.n_groups, config.ssm_state_size,
+                       config.conv_kernel)
+    base = ParentShape(
+        hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        intermediate_size=config.intermediate_size, rotary=False,
+    )
+    shapes = []
+    for mixer, experts in zip(hybrid_mixers(config), _nemotron_h_experts(config)):
+        if mixer == "mamba":
+            shapes.append(replace(base, mixer=AttentionKind.mamba, mamba=mamba, has_ffn=False))
+        elif mixer == "attention":
+            shapes.append(replace(base, has_ffn=False))
+        elif mixer == "mlp":
+            shapes.append(replace(base, mixer=AttentionKind.noop))
+        else:
+            shapes.append(replace(base, mixer=AttentionKind.noop, intermediate_size=experts.intermediate_size,
+                                  num_experts=experts.num_experts, experts_per_token=experts.experts_per_token,
+                                  normalize_expert_weights=experts.normalize_expert_weights))
+    return shapes
+
+
 @dataclass(frozen=True)
 class LayerParts:
     """The pieces of decoder layer `index`, as the parent holds them."""
 
     index: int
-    attention: nn.Module
-    ffn: nn.Module
-    input_norm: nn.Module
-    post_attention_norm: nn.Module
+    attention: nn.Module | None  # None: a hybrid layer without a token mixer
+    ffn: nn.Module | None  # None: a hybrid layer without an FFN
+    input_norm: nn.Module | None
+    post_attention_norm: nn.Module | None
     attention_type: AttentionType
     sliding_window: int | None
 
@@ -328,3 +385,78 @@ class FamilyAdapter:
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.hidden_states(input_ids)[-1])
+
+
+class HybridAdapter(FamilyAdapter):
+    """A Nemotron-H parent, whose layers each hold one mixer behind one norm: Mamba-2 or attention (no position
+    embeddings) as the layer's attention subblock, an MLP or MoE as its FFN subblock, the other slot empty.
+    The norm is the pre-norm of whichever subblock the layer has."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__(model)
+        self.mixers = hybrid_mixers(self.config)
+
+    @property
+    def device(self) -> torch.device:
+        return self._backbone.norm_f.weight.device
+
+    def layer(self, index: int) -> LayerParts:
+        block = self._backbone.layers[index]
+        token_mixer = self.mixers[index] in ("mamba", "attention")
+        return LayerParts(
+            index=index,
+            attention=block.mixer if token_mixer else None,
+            ffn=None if token_mixer else block.mixer,
+            input_norm=block.norm if token_mixer else None,
+            post_attention_norm=None if token_mixer else block.norm,
+            attention_type=AttentionType.full,
+            sliding_window=None,
+        )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with gathered(self.model, self._backbone.embeddings):
+            return self._backbone.embeddings(input_ids)
+
+    def context(self, hidden: torch.Tensor, *, attention_mask: torch.Tensor | None = None, cache: Cache | None = None,
+                position_ids: torch.Tensor | None = None) -> LayerContext:
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
+        mask_kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
+                           position_ids=position_ids)
+        return LayerContext(
+            position_ids=position_ids, position_embeddings=None, candidate_position_embeddings=None,
+            masks={AttentionType.full: create_causal_mask(**mask_kwargs),
+                   AttentionType.recurrent: create_recurrent_attention_mask(**mask_kwargs)},
+            cache=cache,
+        )
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> None:
+        return None
+
+    def attention_delta(self, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        parts = self.layer(index)
+        x = parts.input_norm(hidden.to(parts.input_norm.weight.dtype))
+        if self.mixers[index] == "mamba":
+            return parts.attention(x, cache=ctx.cache, attention_mask=ctx.masks[AttentionType.recurrent])
+        out, _ = parts.attention(hidden_states=x, attention_mask=ctx.masks[AttentionType.full], cache=ctx.cache,
+                                 position_ids=ctx.position_ids)
+        return out
+
+    def ffn_delta(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        parts = self.layer(index)
+        return parts.ffn(parts.post_attention_norm(hidden.to(parts.post_attention_norm.weight.dtype)))
+
+    def run_layer(self, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        if self.mixers[index] in ("mamba", "attention"):
+            return hidden + self.attention_delta(index, hidden, ctx)
+        return hidden + self.ffn_delta(index, hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        with gathered(self.model, self.model.lm_head):
+            return self.model.lm_head(self._backbone.norm_f(hidden))
+
+
+def family_adapter(model: PreTrainedModel) -> FamilyAdapter:
+    """The adapter of `model`'s family."""
+    return HybridAdapter(model) if family_for(model.config.model_type).hybrid else FamilyAdapter(model)

@@ -99,6 +99,7 @@ def local_checkpoint(section: ParentSection) -> Path | None:
 
 def parent_config(section: ParentSection) -> PretrainedConfig:
     """Read and check the parent's config without loading weights (cheap; used before writing anything)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     from puzzle.families import family_for
@@ -117,8 +118,9 @@ def parent_config(section: ParentSection) -> PretrainedConfig:
     family_for(str(model_type))
     try:
         return AutoConfig.from_pretrained(str(local), trust_remote_code=section.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise PuzzleError(f"parent.path: cannot load {str(local)!r}: {_first_line(e)}") from None
+    except (OSError, ValueError, StrictDataclassError) as e:  # the last: a field a strict config class refuses
+        # A strict config's own first line names only its validator; the cause says what is wrong.
+        raise PuzzleError(f"parent.path: cannot load {str(local)!r}: {_first_line(e.__cause__ or e)}") from None
 
 
 def check_checkpoint_weights(directory: Path, key: str) -> None:
@@ -205,7 +207,7 @@ def load_parent(section: ParentSection, layers: range | None = None, head: bool 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from puzzle.families import FamilyAdapter, family_for
+    from puzzle.families import family_adapter, family_for
 
     config = parent_config(section)
     if layers is not None:
@@ -236,7 +238,7 @@ def load_parent(section: ParentSection, layers: range | None = None, head: bool 
         )
     model.to(device).eval()
     model.requires_grad_(False)
-    return Parent(model=model, tokenizer=tokenizer, adapter=FamilyAdapter(model), source=path)
+    return Parent(model=model, tokenizer=tokenizer, adapter=family_adapter(model), source=path)
 
 
 def _skeleton(section: ParentSection, config):
@@ -272,13 +274,13 @@ def parent_skeleton(section: ParentSection) -> Parent:
 def _finished(section: ParentSection, model, directory: Path, **fields) -> Parent:
     from transformers import AutoTokenizer, GenerationConfig
 
-    from puzzle.families import FamilyAdapter
+    from puzzle.families import family_adapter
 
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(directory))
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=section.trust_remote_code)
-    return Parent(model=model, tokenizer=tokenizer, adapter=FamilyAdapter(model), source=str(directory), **fields)
+    return Parent(model=model, tokenizer=tokenizer, adapter=family_adapter(model), source=str(directory), **fields)
 
 
 def _load_layers(section: ParentSection, config, layers: range, head: bool) -> Parent:

@@ -20,17 +20,21 @@ from puzzle.rundir import RunDir, Stage
 
 def _parent_problems(config: PuzzleConfig) -> tuple[list[str], object | None]:
     """Problems with the parent, and its config when it could be read."""
-    from puzzle.families import parent_shapes
+    from puzzle.families import family_for, parent_shapes
     from puzzle.parents import check_tokenizer, check_weights, parent_config, parent_device
     from puzzle.stages.library import job_spaces
 
     try:
         hf_config = parent_config(config.parent)
+        shapes = parent_shapes(hf_config)
     except PuzzleError as e:
         return [str(e)], None
+    not_compressed = family_for(hf_config.model_type).not_compressed
+    if not_compressed is not None:
+        return [f"parent.path: {not_compressed}"], None
     problems = []
     for check in (lambda: check_weights(config.parent), lambda: parent_device(config.parent.device),
-                  lambda: job_spaces(config, parent_shapes(hf_config))):
+                  lambda: job_spaces(config, shapes)):
         try:
             check()
         except PuzzleError as e:

@@ -1,4 +1,4 @@
-"""Train an embedded parent: a tokenizer and a small Llama (or Mixtral, or GPT-OSS) with GQA, from shipped text.
+"""Train an embedded parent: a tokenizer and a small model of any supported family, from shipped text.
 
 Deterministic for a given config and machine: the initialization, the batch order and the data split
 all come from seeds. Checkpoints are written atomically every `checkpoint_every` steps, so a killed
@@ -20,9 +20,14 @@ from transformers import (
     GenerationConfig,
     GptOssConfig,
     LlamaConfig,
+    MistralConfig,
     MixtralConfig,
+    NemotronHConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from puzzle.config import ParentTrainingConfig, dump_config
@@ -63,6 +68,7 @@ def model_config(cfg: ParentTrainingConfig, tokenizer: PreTrainedTokenizerFast) 
         num_hidden_layers=m.num_hidden_layers,
         num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_key_value_heads,
+        head_dim=m.head_dim or m.hidden_size // m.num_attention_heads,
         max_position_embeddings=m.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
         tie_word_embeddings=m.tie_word_embeddings,
@@ -72,16 +78,41 @@ def model_config(cfg: ParentTrainingConfig, tokenizer: PreTrainedTokenizerFast) 
         attn_implementation="sdpa",
     )
     # The router's load-balancing loss keeps every expert in use; without it a few take all tokens.
-    experts = dict(num_local_experts=m.num_local_experts, num_experts_per_tok=m.num_experts_per_tok,
-                   router_aux_loss_coef=m.router_aux_loss_coef, output_router_logits=True)
+    routing = dict(num_experts_per_tok=m.num_experts_per_tok, router_aux_loss_coef=m.router_aux_loss_coef,
+                   output_router_logits=True)
+    if m.model_type == "mistral":
+        return MistralConfig(**common, sliding_window=m.sliding_window)
+    if m.model_type == "qwen2":
+        return Qwen2Config(**common)
+    if m.model_type == "qwen3":
+        return Qwen3Config(**common)
     if m.model_type == "mixtral":
-        return MixtralConfig(**common, **experts)
+        return MixtralConfig(**common, num_local_experts=m.num_local_experts, **routing)
+    if m.model_type == "qwen3_moe":
+        return Qwen3MoeConfig(**common, num_experts=m.num_local_experts, moe_intermediate_size=m.intermediate_size,
+                              norm_topk_prob=True, **routing)
     if m.model_type == "gpt_oss":
-        # Transformers runs GPT-OSS eagerly only (sdpa cannot take its sinks); its default head size is 64, not
-        # hidden / heads. Plain RoPE: YaRN stretches a context this parent is not trained past.
-        common.update(attn_implementation="eager", head_dim=m.hidden_size // m.num_attention_heads)
-        return GptOssConfig(**common, **experts, sliding_window=m.sliding_window)
+        # Transformers runs GPT-OSS eagerly only (sdpa cannot take its sinks). Plain RoPE: YaRN stretches a context
+        # this parent is not trained past.
+        common.update(attn_implementation="eager")
+        return GptOssConfig(**common, num_local_experts=m.num_local_experts, **routing, sliding_window=m.sliding_window)
+    if m.model_type == "nemotron_h":
+        return _nemotron_h_config(m, common)
     return LlamaConfig(**common)
+
+
+def _nemotron_h_config(m, common: dict) -> PretrainedConfig:
+    """A hybrid: each layer one mixer. Its attention has no RoPE, its FFNs are ReLU² without a gate, and its MoE
+    layers route to `num_local_experts` experts beside one shared expert of the same width."""
+    for word in ("num_hidden_layers", "rope_parameters"):
+        common.pop(word)
+    return NemotronHConfig(
+        **common, layers_block_type=m.hybrid_layers(), mamba_num_heads=m.mamba_num_heads,
+        mamba_head_dim=m.mamba_head_dim, n_groups=m.n_groups, ssm_state_size=m.ssm_state_size,
+        conv_kernel=m.conv_kernel, chunk_size=min(128, m.max_position_embeddings), use_mamba_kernels=False,
+        n_routed_experts=m.num_local_experts, num_experts_per_tok=m.num_experts_per_tok,
+        moe_intermediate_size=m.intermediate_size, moe_shared_expert_intermediate_size=m.intermediate_size,
+    )
 
 
 def mean_loss(model, blocks: torch.Tensor, batch_size: int = 8) -> float:

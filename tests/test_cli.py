@@ -45,7 +45,7 @@ def test_unsupported_model_type(monkeypatch, capsys, tmp_path):
     fake.mkdir()
     (fake / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     code, (_, err) = cli(monkeypatch, capsys, "run", pipeline_job(tmp_path, fake))
-    assert_clean_failure(code, err, tmp_path, "'gpt2' is not supported; supported: gpt_oss, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe")
+    assert_clean_failure(code, err, tmp_path, "'gpt2' is not supported; supported: gpt_oss, llama, mistral, mixtral, nemotron_h, qwen2, qwen3, qwen3_moe")
 
 
 def test_missing_data_path(monkeypatch, capsys, tmp_path, tiny_parent_dir):

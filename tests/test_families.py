@@ -72,7 +72,7 @@ def test_incremental_decoding_with_cache_matches_full_pass(model_type):
 
 
 def test_unsupported_family_names_the_supported_ones():
-    with pytest.raises(PuzzleError, match="'gpt2' is not supported; supported: gpt_oss, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe"):
+    with pytest.raises(PuzzleError, match="'gpt2' is not supported; supported: gpt_oss, llama, mistral, mixtral, nemotron_h, qwen2, qwen3, qwen3_moe"):
         family_for("gpt2")
 
 
@@ -82,3 +82,67 @@ def test_gpt_oss_alternates_windows_and_routes_every_layer():
     shape = adapter.shape(0)
     assert (shape.num_experts, shape.experts_per_token, shape.intermediate_size) == (4, 2, 96)
     assert all(adapter.shape(i).is_moe for i in range(adapter.num_layers))
+
+
+# --- hybrid parents (Nemotron-H) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_hybrid_layer_by_layer_matches_forward(attn):
+    from puzzle.families import family_adapter
+
+    model = tiny_model("nemotron_h", attn)
+    adapter = family_adapter(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.logits(ids), model(input_ids=ids).logits, atol=ATOL, rtol=0)
+    # Each layer is one mixer in one of the two slots.
+    assert [adapter.layer(i).attention is not None for i in range(5)] == [True, False, True, False, True]
+    assert [adapter.layer(i).ffn is not None for i in range(5)] == [False, True, False, True, False]
+
+
+def test_hybrid_layers_are_blocks_with_one_empty_slot():
+    from puzzle.families import parent_shapes
+
+    shapes = parent_shapes(tiny_model("nemotron_h").config)
+    assert [f"{s.attention.id}+{s.ffn.id}" for s in shapes] == [
+        "attention.mamba4+ffn.noop", "attention.noop+ffn.i96", "attention.kv2+ffn.noop",
+        "attention.noop+ffn.moe4.top2", "attention.mamba4+ffn.noop"]
+    assert not any(s.rotary for s in shapes) and shapes[0].mamba.state_size == 8
+
+
+def _hybrid_job(tmp_path, tiny_parent_dir, **config_changes):
+    import json
+    import shutil
+
+    from tests.helpers import write_job
+
+    parent = tmp_path / "hybrid"
+    tiny_model("nemotron_h").save_pretrained(parent)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_parent_dir / name, parent / name)
+    if config_changes:
+        data = json.loads((parent / "config.json").read_text())
+        data.update(config_changes)
+        (parent / "config.json").write_text(json.dumps(data))
+    return write_job(tmp_path, parent)
+
+
+def test_a_hybrid_parent_is_refused_in_one_line_before_any_work(tmp_path, tiny_parent_dir, monkeypatch, capsys):
+    from tests.helpers import cli
+
+    code, out = cli(monkeypatch, capsys, "validate", _hybrid_job(tmp_path, tiny_parent_dir))
+    assert code == 2 and "Traceback" not in out.err
+    assert "hybrid (nemotron_h) parents are trained by `puzzle train-parent`" in out.err
+    assert not (tmp_path / "job").exists()
+
+
+def test_a_hybrid_layer_type_puzzle_does_not_know_exits_2(tmp_path, tiny_parent_dir, monkeypatch, capsys):
+    from tests.helpers import cli
+
+    job = _hybrid_job(tmp_path, tiny_parent_dir, layers_block_type=["mamba", "convolution", "mlp", "moe", "mamba"])
+    code, out = cli(monkeypatch, capsys, "distill", job)
+    assert code == 2 and "Traceback" not in out.err and "1 problem(s)" in out.err
+    problem = next(line for line in out.err.splitlines() if "parent.path" in line)
+    assert "layers_block_type` contains invalid types: {'convolution'}" in problem
+    assert not (tmp_path / "job").exists()

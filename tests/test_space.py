@@ -31,6 +31,13 @@ def test_ids_round_trip():
         assert spec_from_id(spec.id) == spec
     with pytest.raises(ValueError, match="not a candidate id"):
         spec_from_id("attention.kv2.wide")
+    mamba = AttentionSpec(AttentionKind.mamba, mamba_num_heads=6)
+    assert mamba.id == "attention.mamba6" and spec_from_id("attention.mamba6") == mamba
+    for bad in (dict(mamba_num_heads=None), dict(mamba_num_heads=0)):
+        with pytest.raises(ValueError, match="mamba_num_heads"):
+            AttentionSpec(AttentionKind.mamba, **bad)
+    with pytest.raises(ValueError, match="mamba_num_heads"):
+        AttentionSpec(AttentionKind.attention, 2, mamba_num_heads=4)
 
 
 def test_grid_rounds_pruned_sizes_up():

@@ -93,3 +93,47 @@ def test_experts_per_token_beyond_the_experts_is_rejected(tmp_path):
     raw["model"].update(model_type="mixtral", num_local_experts=2, num_experts_per_tok=3)
     with pytest.raises(ConfigError, match="num_experts_per_tok must be at most num_local_experts"):
         validate(raw, ParentTrainingConfig)
+
+
+FAMILY_SETTINGS = {
+    "llama": {}, "mistral": {"sliding_window": 8}, "qwen2": {}, "qwen3": {"head_dim": 16},
+    "mixtral": {"num_local_experts": 4}, "qwen3_moe": {"num_local_experts": 4, "head_dim": 16},
+    "gpt_oss": {"num_local_experts": 4, "sliding_window": 8},
+    "nemotron_h": {"num_hidden_layers": 4, "layers_block_type": ["mamba", "mlp", "attention", "moe"],
+                   "num_local_experts": 4, "mamba_num_heads": 4, "mamba_head_dim": 8, "n_groups": 2,
+                   "ssm_state_size": 8},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_SETTINGS))
+def test_every_family_trains_and_runs_layer_by_layer_like_its_forward(tmp_path, model_type):
+    from transformers import AutoModelForCausalLM
+
+    from puzzle.config import ParentSection
+    from puzzle.parents import load_parent
+
+    raw = tiny_training(tmp_path, model_type).model_dump(mode="json")
+    raw["model"].update(model_type=model_type, **FAMILY_SETTINGS[model_type])
+    raw["training"]["steps"] = 2
+    result = tp.train_parent(validate(raw, ParentTrainingConfig))
+    assert result.validation_loss < 7.0  # near ln(320) = 5.77: finite, not diverged
+    model = AutoModelForCausalLM.from_pretrained(result.output, dtype=torch.float32).eval()
+    assert model.config.model_type == model_type
+    if "head_dim" in FAMILY_SETTINGS[model_type]:
+        assert model.config.head_dim == 16 != 32 // 4
+    parent = load_parent(ParentSection(path=str(result.output), dtype="float32"))
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(parent.adapter.logits(ids), model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_hybrid_layer_types_must_match_the_layer_count(tmp_path):
+    from puzzle.errors import ConfigError
+
+    raw = tiny_training(tmp_path, "bad").model_dump(mode="json")
+    raw["model"].update(model_type="nemotron_h", num_hidden_layers=3, layers_block_type=["mamba", "mlp"])
+    with pytest.raises(ConfigError, match="layers_block_type names 2 layers; num_hidden_layers is 3"):
+        validate(raw, ParentTrainingConfig)
+    raw["model"].update(num_hidden_layers=2, layers_block_type=["mamba", "convolution"])
+    with pytest.raises(ConfigError, match="convolution"):
+        validate(raw, ParentTrainingConfig)

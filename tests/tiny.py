@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 from transformers import (
-    AutoModelForCausalLM, GptOssConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig,
+    AutoModelForCausalLM, GptOssConfig, LlamaConfig, MistralConfig, MixtralConfig, NemotronHConfig, Qwen2Config, Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 # Every supported family, and Llama once more with attention_bias (biases on q, k, v and o).
@@ -51,6 +52,15 @@ def tiny_config(model_type: str):
             **COMMON, head_dim=12, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"], rope_parameters=rope,
             swiglu_limit=0.5,
+        )
+    if model_type == "nemotron_h":
+        # One layer of each mixer, Mamba twice (its chunked scan over 20 tokens in chunks of 8 crosses chunks).
+        common = {k: v for k, v in COMMON.items() if k != "num_hidden_layers"}
+        return NemotronHConfig(
+            **common, layers_block_type=["mamba", "mlp", "attention", "moe", "mamba"], head_dim=8,
+            mamba_num_heads=4, mamba_head_dim=8, n_groups=2, ssm_state_size=8, conv_kernel=4, chunk_size=8,
+            use_mamba_kernels=False, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            moe_shared_expert_intermediate_size=32,
         )
     raise ValueError(model_type)
 
