@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 # Repository folder -> the import name it installs as.
 PACKAGES = {"puzzle": "puzzle", "blocks": "puzzle.blocks", "distill": "puzzle.distill", "search": "puzzle.search"}
@@ -112,3 +114,13 @@ def test_validate_answers_a_bad_yaml_without_importing_torch(tmp_path):
     assert result.stdout.split() == ["exit", "2", "False"]
     # The issue's bound on this machine; the measure that cannot flake under load is the torch check above.
     print(f"puzzle validate on a bad YAML: {seconds:.2f} s")
+
+
+@pytest.mark.parametrize("name", ["modeling_puzzle.py", "modeling_hybrid.py"])
+def test_child_modeling_files_import_only_torch_transformers_and_the_standard_library(name):
+    """They are saved beside a child's weights and run where puzzle is not installed."""
+    tree = ast.parse((ROOT / "blocks" / name).read_text())
+    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
+    assert roots - {"torch", "transformers"} <= set(sys.stdlib_module_names) | {"__future__"}
+    assert not any(isinstance(node, ast.ImportFrom) and node.level > 0 for node in ast.walk(tree))

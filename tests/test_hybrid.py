@@ -1,0 +1,82 @@
+"""Children of hybrid (Nemotron-H) parents: the Nemotron-H Puzzle layout, loaded by transformers."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from puzzle.blocks.hybrid import hybrid_child_config, hybrid_child_state, mamba_heads_kept
+from puzzle.blocks.modeling_hybrid import NemotronHPuzzleForCausalLM
+from puzzle.blocks.specs import BlockChoice
+from puzzle.errors import PuzzleError
+from puzzle.families import parent_shapes
+from tests.tiny import tiny_model
+
+# tiny_model("nemotron_h"): mamba (4 heads, 2 groups), mlp (96), attention (2 KV heads), moe (4 experts, top 2), mamba.
+OWN = ["attention.mamba4+ffn.noop", "attention.noop+ffn.i96", "attention.kv2+ffn.noop", "attention.noop+ffn.moe4.top2",
+       "attention.mamba4+ffn.noop"]
+# Every kind of change: fewer Mamba heads, a pruned MLP, fewer KV heads, fewer experts, a Mamba layer removed.
+CHANGED = ["attention.mamba2+ffn.noop", "attention.noop+ffn.i48", "attention.kv1+ffn.noop", "attention.noop+ffn.moe2.top1",
+           "attention.noop+ffn.noop"]
+
+
+def child(parent, blocks):
+    choices = [BlockChoice.from_id(b) for b in blocks]
+    shapes = parent_shapes(parent.config)
+    config = hybrid_child_config(parent.config, choices, shapes)
+    with torch.device("meta"):
+        model = NemotronHPuzzleForCausalLM(config)
+    model.load_state_dict(hybrid_child_state(parent, choices, shapes), strict=True, assign=True)
+    return model.eval()
+
+
+def test_a_child_of_the_parents_own_blocks_is_the_parent():
+    parent = tiny_model("nemotron_h")
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(child(parent, OWN)(ids).logits, parent(ids).logits, rtol=0, atol=1e-6)
+    config = child(parent, OWN).config
+    assert config.block_configs == [{"block_type": t} for t in ("mamba", "mlp", "attention", "moe", "mamba")]
+
+
+def test_a_changed_child_loads_with_transformers_and_generates_alike_with_and_without_cache(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import puzzle.blocks.modeling_hybrid as modeling
+
+    parent = tiny_model("nemotron_h")
+    model = child(parent, CHANGED)
+    assert model.config.block_configs == [
+        {"block_type": "mamba", "mamba_num_heads": 2}, {"block_type": "mlp", "intermediate_size": 48},
+        {"block_type": "attention", "num_key_value_heads": 1},
+        {"block_type": "moe", "n_routed_experts": 2, "num_experts_per_tok": 1}]
+    model.save_pretrained(tmp_path)
+    shutil.copy(modeling.__file__, tmp_path / "modeling_hybrid.py")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "nemotron_h_puzzle" and saved["architectures"] == ["NemotronHPuzzleForCausalLM"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert type(loaded).__module__.startswith("transformers_modules")  # the saved file, not puzzle's
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+    cached = loaded.generate(ids, max_new_tokens=10, do_sample=False, use_cache=True)
+    uncached = loaded.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    mamba = loaded.model.layers[0].mixer
+    assert mamba.num_heads == 2 and mamba.in_proj.weight.shape == (2 * 16 + 2 * 2 * 8 + 2, 48)  # z, x; B, C; dt
+
+
+def test_mamba_heads_are_kept_alike_in_every_group():
+    mixer = tiny_model("nemotron_h").model.layers[0].mixer  # 4 heads in 2 groups
+    scores = torch.tensor([0.1, 0.9, 0.8, 0.2])
+    assert mamba_heads_kept(mixer, 2, scores).tolist() == [1, 2]
+    with pytest.raises(PuzzleError, match="multiple of 2 heads"):
+        mamba_heads_kept(mixer, 3, scores)
+
+
+def test_a_block_that_does_not_fit_its_hybrid_layer_is_refused():
+    parent = tiny_model("nemotron_h")
+    wrong = ["attention.kv1+ffn.noop", *OWN[1:]]  # attention in place of the first Mamba layer
+    with pytest.raises(PuzzleError, match="layer 0: attention.kv1\\+ffn.noop does not fit a hybrid layer"):
+        child(parent, wrong)
