@@ -120,6 +120,8 @@ class MambaShape:
     groups: int
     state_size: int  # per head channel
     conv_kernel: int
+    conv_bias: bool = True
+    projection_bias: bool = False  # on in_proj and out_proj
 
 
 @dataclass(frozen=True)

@@ -203,7 +203,7 @@ def _hybrid_shapes(config: PretrainedConfig) -> list[ParentShape]:
     """A Nemotron-H layer as a pair of slots, one of them empty: Mamba or attention (no RoPE) in the attention
     slot, an MLP or MoE in the FFN slot."""
     mamba = MambaShape(config.mamba_num_heads, config.mamba_head_dim, config.n_groups, config.ssm_state_size,
-                       config.conv_kernel)
+                       config.conv_kernel, conv_bias=config.use_conv_bias, projection_bias=config.use_bias)
     base = ParentShape(
         hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads,

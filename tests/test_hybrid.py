@@ -80,3 +80,31 @@ def test_a_block_that_does_not_fit_its_hybrid_layer_is_refused():
     wrong = ["attention.kv1+ffn.noop", *OWN[1:]]  # attention in place of the first Mamba layer
     with pytest.raises(PuzzleError, match="layer 0: attention.kv1\\+ffn.noop does not fit a hybrid layer"):
         child(parent, wrong)
+
+
+def test_a_mamba_layers_memory_is_its_state_computed_by_hand_and_its_parameters_are_counted():
+    from puzzle.blocks.costs import Scenario, kv_cache_bytes, parameters
+    from puzzle.blocks.specs import AttentionKind, AttentionSpec
+
+    parent = tiny_model("nemotron_h")
+    shape = parent_shapes(parent.config)[0]  # 4 heads of 8 channels, 2 groups, state 8, kernel 4
+    scenario = Scenario(batch_size=3, prefill_length=100, decode_length=50, kv_dtype="bfloat16")
+    for heads in (4, 2):
+        spec = AttentionSpec(AttentionKind.mamba, mamba_num_heads=heads)
+        ssm = heads * 8 * 8 * 4  # heads · head_dim · state_size, float32
+        conv = (heads * 8 + 2 * 2 * 8) * (4 - 1) * 2  # (x + B + C channels) · (kernel − 1), bf16
+        assert kv_cache_bytes(spec, shape, scenario) == 3 * (ssm + conv)
+        assert kv_cache_bytes(spec, shape, scenario, tokens=10_000) == 3 * (ssm + conv)  # not the context's
+    own = sum(p.numel() for p in parent.model.layers[0].parameters())
+    assert parameters(shape.attention, shape) == own
+    half = child(parent, CHANGED).model.layers[0]
+    assert parameters(AttentionSpec(AttentionKind.mamba, mamba_num_heads=2), shape) == sum(p.numel() for p in half.parameters())
+
+
+@pytest.mark.parametrize("biases", [dict(use_conv_bias=False, use_bias=True)])
+def test_mamba_parameters_follow_the_parents_biases(biases):
+    from puzzle.blocks.costs import parameters
+
+    parent = tiny_model("nemotron_h", **biases)
+    shape = parent_shapes(parent.config)[0]
+    assert parameters(shape.attention, shape) == sum(p.numel() for p in parent.model.layers[0].parameters())
