@@ -79,7 +79,9 @@ def unreliable_rows(rows: list[CostRow], shapes: list[ParentShape], scenario: Sc
         if r.layer >= 0:
             shape = shapes[r.layer]
             own = by_key[(r.layer, (shape.attention if r.subblock == "attention" else shape.ffn).id)]
-            if r is not own and r.latency(scenario) > SLOWER_LIMIT * own.latency(scenario):
+            if r is not own and own.latency(scenario) <= 0:  # under heavy load a difference of timings can be 0
+                why.append(f"the parent's {own.candidate}, which it prunes, timed zero")
+            elif r is not own and r.latency(scenario) > SLOWER_LIMIT * own.latency(scenario):
                 why.append(f"timed {r.latency(scenario) / own.latency(scenario):.2f}x the parent's {own.candidate}, "
                            "which it prunes")
         if why:
@@ -235,8 +237,7 @@ def _fixed_row(config, hf_config, parent, scenario: Scenario, dtype, method: str
 
 def _outer_modules(parent, dtype):
     """Copies of the embeddings, final norm and lm_head in the profiled dtype (the parent stays as loaded)."""
-    m = parent.model
-    return tuple(copy.deepcopy(x).to(dtype) for x in (m.model.embed_tokens, m.model.norm, m.lm_head))
+    return tuple(copy.deepcopy(x).to(dtype) for x in parent.adapter.outer_modules())
 
 
 def additive_checks(config, parent, library: Library, rows, scenario: Scenario, n_children: int) -> list[AdditiveCheck]:

@@ -142,6 +142,11 @@ def test_unreliable_rows_are_wide_spreads_zero_times_and_pruned_blocks_slower_th
     assert "2.00x the parent's attention.kv2" in found[(0, "attention.kv1")]
     assert "zero" in found[(0, "ffn.i32")] and "spread 300%" in found[(0, "ffn.i16")]
     assert unreliable_rows([replace(r, method="analytic") for r in rows], [shape], scenario) == {}
+    # The parent's own subblock timed zero (a difference of timings under load): no ratio to take.
+    zero_own = [replace(r, prefill_seconds=0.0, decode_seconds=0.0) if r.candidate == "attention.kv2" else r for r in rows]
+    found = unreliable_rows(zero_own, [shape], scenario)
+    assert "the parent's attention.kv2, which it prunes, timed zero" in found[(0, "attention.kv1")]
+    assert "zero" in found[(0, "attention.kv2")]
 
 
 @pytest.mark.parametrize("stays_bad", [False, True])
