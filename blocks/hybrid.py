@@ -13,11 +13,17 @@ channel's output-projection norm, an expert's).
 
 from __future__ import annotations
 
-import torch
+import copy
 
-from puzzle.blocks.init import mean_pool_kv_heads
+import torch
+from torch import nn
+from transformers.models.nemotron_h.modeling_nemotron_h import (
+    NemotronHAttention, NemotronHMamba2Mixer, NemotronHMLP, NemotronHMoE, NemotronHRMSNorm,
+)
+
+from puzzle.blocks.heads import mean_pool_kv_heads
 from puzzle.blocks.modeling_hybrid import NemotronHPuzzleConfig
-from puzzle.blocks.specs import AttentionKind, BlockChoice, FfnKind, ParentShape
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, BlockChoice, FfnKind, ParentShape
 from puzzle.errors import PuzzleError
 
 
@@ -150,3 +156,68 @@ def hybrid_child_state(parent_model, choices: list[BlockChoice], shapes: list[Pa
         kept += 1
     return state
 
+
+
+class HybridSubblock(nn.Module):
+    """A hybrid layer's mixer behind its norm, called as a candidate subblock is: `(hidden, position_embeddings)`
+    for a token mixer (Nemotron-H's attention has no position embeddings), `(hidden)` for an FFN; it returns
+    what the layer adds to the residual stream."""
+
+    def __init__(self, norm: nn.Module, mixer: nn.Module, block_type: str):
+        super().__init__()
+        self.norm, self.mixer, self.block_type = norm, mixer, block_type
+
+    def forward(self, hidden: torch.Tensor, position_embeddings=None, cache=None) -> torch.Tensor:
+        """`cache`: a `hybrid_cache` in which the mixer's `layer_idx` names its slot."""
+        x = self.norm(hidden.to(self.norm.weight.dtype))
+        if self.block_type == "mamba":
+            return self.mixer(x, cache=cache)
+        if self.block_type == "attention":  # sdpa: causal without a mask
+            return self.mixer(hidden_states=x, attention_mask=None, cache=cache)[0]
+        return self.mixer(x)
+
+
+def hybrid_cache(block_types: list[str]):
+    """An empty transformers cache with one slot per token mixer, in order: Mamba state or KV."""
+    from transformers import NemotronHConfig
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(config=NemotronHConfig(layers_block_type=block_types))
+
+
+def _layer_config(parent_config, block: dict):
+    config = copy.deepcopy(parent_config)
+    for word, value in block.items():
+        if word != "block_type":
+            setattr(config, word, value)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def init_hybrid(spec, parent, scores: torch.Tensor | None = None) -> HybridSubblock:
+    """A candidate of a hybrid layer (`parent`: a `blocks.init.ParentLayer`), its weights cut from the parent's
+    mixer; `scores`: channel or expert importances measured on calibration tokens, where the caller has them."""
+    shape = parent.shape
+    attention = isinstance(spec, AttentionSpec)
+    choice = BlockChoice(spec, shape.ffn) if attention else BlockChoice(shape.attention, spec)
+    block = hybrid_block_config(choice, shape, layer=-1)
+    src = parent.attention if attention else parent.ffn
+    config = _layer_config(parent.config, block)
+    kind = block["block_type"]
+    with torch.device("meta"):
+        mixer = {"mamba": NemotronHMamba2Mixer, "attention": NemotronHAttention, "mlp": NemotronHMLP,
+                 "moe": NemotronHMoE}[kind](config, layer_idx=0)
+    if kind == "mamba":
+        state = mamba_state(src, mamba_heads_kept(src, spec.mamba_num_heads, scores))
+    elif kind == "attention":
+        state = attention_state(src, spec.num_key_value_heads)
+    elif kind == "mlp":
+        state = mlp_state(src, spec.intermediate_size, scores)
+    else:
+        state = moe_state(src, spec.num_experts, scores)
+    state = {k: v.detach().clone() for k, v in state.items()}
+    mixer.load_state_dict(state, strict=True, assign=True)
+    norm_src = parent.input_norm if attention else parent.post_attention_norm
+    norm = NemotronHRMSNorm(shape.hidden_size, eps=parent.rms_norm_eps)
+    norm.weight.data.copy_(norm_src.weight.data)
+    return HybridSubblock(norm, mixer, kind)

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from puzzle.errors import PuzzleError
+from puzzle.blocks.heads import expand_kv_heads, mean_pool_kv_heads
+from puzzle.blocks.hybrid import init_hybrid
 from puzzle.blocks.modeling_puzzle import MLP, Attention, LinearAttention, LinearMLP, MoE, NoOp
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, ParentShape
 
@@ -24,12 +26,19 @@ from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, FfnSpec, 
 class ParentLayer:
     """The parent layer's subblocks, as modules with the standard Hugging Face names (q_proj, …, down_proj)."""
 
-    attention: nn.Module
-    ffn: nn.Module
-    input_norm: nn.Module
-    post_attention_norm: nn.Module
+    attention: nn.Module | None  # None: a hybrid layer without one
+    ffn: nn.Module | None
+    input_norm: nn.Module | None
+    post_attention_norm: nn.Module | None
     shape: ParentShape
     rms_norm_eps: float
+    config: object | None = None  # the parent's transformers config: a hybrid layer's mixers are built from it
+
+    @property
+    def device(self) -> torch.device:
+        """Where the layer's weights are (a hybrid layer has only one of the two norms)."""
+        norm = self.input_norm if self.input_norm is not None else self.post_attention_norm
+        return norm.weight.device
 
 
 def _copy(dst: nn.Module, src: nn.Module) -> None:
@@ -38,29 +47,14 @@ def _copy(dst: nn.Module, src: nn.Module) -> None:
         getattr(dst, name).data.copy_(p.data)
 
 
-def mean_pool_kv_heads(weight: torch.Tensor, heads: int, new_heads: int, head_dim: int) -> torch.Tensor:
-    """[heads·head_dim, …] → [new_heads·head_dim, …]: consecutive heads averaged in groups.
-
-    Consecutive grouping keeps each query head with the merged head of its old KV head, since query
-    head h uses KV head h // (num_attention_heads / num_key_value_heads).
-    """
-    if heads % new_heads:
-        raise PuzzleError(f"{new_heads} KV heads do not divide the parent's {heads}")
-    rest = weight.shape[1:]
-    return weight.reshape(new_heads, heads // new_heads, head_dim, *rest).mean(1).reshape(new_heads * head_dim, *rest)
-
-
-def expand_kv_heads(weight: torch.Tensor, kv_heads: int, query_heads: int, head_dim: int) -> torch.Tensor:
-    """[kv·head_dim, …] → [query_heads·head_dim, …], each KV head repeated for the queries that use it."""
-    rest = weight.shape[1:]
-    per = query_heads // kv_heads
-    return weight.reshape(kv_heads, 1, head_dim, *rest).expand(kv_heads, per, head_dim, *rest).reshape(-1, *rest)
-
-
-def init_attention(spec: AttentionSpec, parent: ParentLayer, attn_implementation: str = "sdpa") -> nn.Module:
+def init_attention(spec: AttentionSpec, parent: ParentLayer, attn_implementation: str = "sdpa",
+                   head_scores: torch.Tensor | None = None) -> nn.Module:
+    """`head_scores`: a Mamba layer's head importances measured on calibration tokens (hybrid parents)."""
     shape, src = parent.shape, parent.attention
     if spec.kind is AttentionKind.noop:
         return NoOp()
+    if shape.hybrid:
+        return init_hybrid(spec, parent, head_scores)
     if spec.kind is AttentionKind.linear:
         return _linear_attention(parent)
     # The family's parts come from the shape, as the child config's do, so a candidate always fits its child.
@@ -117,6 +111,8 @@ def init_ffn(spec: FfnSpec, parent: ParentLayer, channel_scores: torch.Tensor | 
     shape, src = parent.shape, parent.ffn
     if spec.kind is FfnKind.noop:
         return NoOp()
+    if shape.hybrid:
+        return init_hybrid(spec, parent, channel_scores)
     if spec.kind is FfnKind.moe:
         return _init_moe(spec, parent, channel_scores)
     if spec.kind is FfnKind.linear:

@@ -42,6 +42,11 @@ class SpaceOptions(BaseModel):
         description="MoE parents: numbers of experts k to keep per layer (the k most important; from the parent's "
         "experts per token up to its expert count).",
     )
+    mamba_fractions: list[Fraction] = Field(
+        default_factory=lambda: [0.75, 0.5],
+        description="Hybrid parents: Mamba heads kept, as fractions of the parent's, rounded up to a multiple of its "
+        "B/C groups.",
+    )
     expert_importance: Literal["routed", "masking"] = Field(
         "routed",
         description="How experts are ranked: routed = mean gate weight × ‖expert output‖; masking = output damage "
@@ -54,7 +59,16 @@ def divisors(n: int) -> list[int]:
 
 
 def attention_candidates(shape: ParentShape, options: SpaceOptions) -> list[AttentionSpec]:
-    """The parent's attention first, then every variant, without duplicates."""
+    """The parent's attention first, then every variant, without duplicates. A hybrid layer keeps its kind of
+    mixer (no windows or linear attention: the hybrid child's layout has neither), and has no attention to
+    offer when it is an FFN layer."""
+    if shape.mixer is AttentionKind.noop:
+        return [shape.attention]
+    if shape.mixer is AttentionKind.mamba:
+        groups, heads = shape.mamba.groups, shape.mamba.num_heads
+        counts = {min(heads, groups * math.ceil(f * heads / groups)) for f in options.mamba_fractions}
+        specs = [shape.attention] + [AttentionSpec(AttentionKind.mamba, mamba_num_heads=n) for n in sorted(counts, reverse=True)]
+        return list(dict.fromkeys(specs + ([AttentionSpec(AttentionKind.noop)] if options.noop_attention else [])))
     divisor_counts = options.kv_heads == "divisors"
     kv_counts = divisors(shape.num_key_value_heads) if divisor_counts else list(options.kv_heads)
     for kv in kv_counts:
@@ -68,9 +82,9 @@ def attention_candidates(shape: ParentShape, options: SpaceOptions) -> list[Atte
     specs += [
         AttentionSpec(AttentionKind.attention, shape.num_key_value_heads, w)
         for w in sorted(options.windows)
-        if shape.window is None or w < shape.window
+        if (shape.window is None or w < shape.window) and not shape.hybrid
     ]
-    if options.linear_attention:
+    if options.linear_attention and not shape.hybrid:
         specs.append(AttentionSpec(AttentionKind.linear))
     if options.noop_attention:
         specs.append(AttentionSpec(AttentionKind.noop))
@@ -85,7 +99,10 @@ def pruned_size(fraction: float, intermediate_size: int, grid: int | None) -> in
 
 
 def ffn_candidates(shape: ParentShape, options: SpaceOptions) -> list[FfnSpec]:
-    """The parent's FFN first, then pruned sizes (largest first), linear and no-op."""
+    """The parent's FFN first, then pruned sizes (largest first), linear and no-op (a hybrid layer: no linear
+    FFN, and no FFN at all where it has a token mixer)."""
+    if not shape.has_ffn:
+        return [shape.ffn]
     if shape.is_moe:
         return moe_candidates(shape, options)
     sizes = [pruned_size(f, shape.intermediate_size, options.ffn_grid) for f in options.ffn_fractions]
@@ -98,7 +115,7 @@ def ffn_candidates(shape: ParentShape, options: SpaceOptions) -> list[FfnSpec]:
             raise PuzzleError(f"library.ffn_sizes: {size} is not on the grid of {options.ffn_grid} (library.ffn_grid)")
         sizes.append(size)
     specs = [shape.ffn] + [FfnSpec(FfnKind.dense, s) for s in sorted(set(sizes), reverse=True)]
-    if options.linear_ffn:
+    if options.linear_ffn and not shape.hybrid:
         specs.append(FfnSpec(FfnKind.linear))
     if options.noop_ffn:
         specs.append(FfnSpec(FfnKind.noop))

@@ -156,6 +156,11 @@ class ParentShape:
         return self.num_experts is not None
 
     @property
+    def hybrid(self) -> bool:
+        """A layer of a hybrid parent: one of its two slots is empty."""
+        return self.mixer is not AttentionKind.attention or not self.has_ffn
+
+    @property
     def attention(self) -> AttentionSpec:
         if self.mixer is AttentionKind.mamba:
             return AttentionSpec(AttentionKind.mamba, mamba_num_heads=self.mamba.num_heads)

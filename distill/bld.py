@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from puzzle.blocks.init import init_attention, init_ffn
-from puzzle.blocks.specs import AttentionSpec, FfnSpec
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnSpec
 from puzzle.distill.checkpoint import TrainingState, load_checkpoint, save_checkpoint, saved_step
 from puzzle.distill.precision import compute
 from puzzle.distill.schedule import TrainingSettings, batch_indices
@@ -98,21 +98,30 @@ def parent_activations(adapter, input_ids: torch.Tensor, pipeline=None) -> Paren
     return ParentActivations(ctx.candidate_position_embeddings, inputs, attn, blocks)
 
 
+def _output_projection(adapter, layer: int) -> nn.Linear | None:
+    """The projection whose input channels pruning cuts: a dense FFN's down_proj, a Mamba mixer's out_proj."""
+    shape, parts = adapter.shape(layer), adapter.layer(layer)
+    if shape.mixer is AttentionKind.mamba:
+        return parts.attention.out_proj
+    return parts.ffn.down_proj if shape.has_ffn and not shape.is_moe else None
+
+
 @torch.no_grad()
 def ffn_channel_scores(adapter, calibration: torch.Tensor, batch_size: int, pipeline=None) -> list[torch.Tensor | None]:
-    """Channel contribution C_j = mean|x_j| · ‖W_down[:, j]‖ per dense layer, x = input of down_proj (None for MoE,
-    and for the layers another rank of a pipeline holds)."""
+    """Channel contribution C_j = mean|x_j| · ‖W[:, j]‖ per dense layer, x the input of down_proj W; for a Mamba
+    layer the same over out_proj, summed per head (None for MoE and attention layers, and for the layers another
+    rank of a pipeline holds)."""
     sums = [None] * adapter.num_layers
     count = 0
     hooks = []
     held = range(adapter.num_layers) if pipeline is None else pipeline.layers
-    dense = [i for i in held if not adapter.shape(i).is_moe]
-    for i in dense:
+    projections = {i: p for i in held if (p := _output_projection(adapter, i)) is not None}
+    for i, projection in projections.items():
         def hook(_module, args, i=i):
             x = args[0].abs().flatten(0, -2).sum(0)
             sums[i] = x if sums[i] is None else sums[i] + x
 
-        hooks.append(adapter.layer(i).ffn.down_proj.register_forward_pre_hook(hook))
+        hooks.append(projection.register_forward_pre_hook(hook))
     try:
         for start in range(0, len(calibration), batch_size):
             x = calibration[start : start + batch_size]
@@ -121,10 +130,12 @@ def ffn_channel_scores(adapter, calibration: torch.Tensor, batch_size: int, pipe
     finally:
         for h in hooks:
             h.remove()
-    return [
-        (s / count) * adapter.layer(i).ffn.down_proj.weight.norm(dim=0) if i in dense else None
-        for i, s in enumerate(sums)
-    ]
+    scores = [(s / count) * projections[i].weight.norm(dim=0) if i in projections else None for i, s in enumerate(sums)]
+    for i in projections:
+        mamba = adapter.shape(i).mamba
+        if adapter.shape(i).mixer is AttentionKind.mamba:
+            scores[i] = scores[i].reshape(mamba.num_heads, mamba.head_dim).sum(1)
+    return scores
 
 
 def build_module(candidate: Candidate, adapter, channel_scores: list[torch.Tensor | None] | None,
@@ -132,10 +143,10 @@ def build_module(candidate: Candidate, adapter, channel_scores: list[torch.Tenso
     """`channel_scores`: per layer, channel contributions of a dense FFN or expert importances of an MoE FFN."""
     parent = adapter.parent_layer(candidate.layer)
     parts = {}
+    scores = channel_scores[candidate.layer] if channel_scores is not None else None
     if candidate.attention is not None:
-        parts["attention"] = init_attention(candidate.attention, parent, attn_impl)
+        parts["attention"] = init_attention(candidate.attention, parent, attn_impl, scores)
     if candidate.ffn is not None:
-        scores = channel_scores[candidate.layer] if channel_scores is not None else None
         parts["ffn"] = init_ffn(candidate.ffn, parent, scores)
     return nn.ModuleDict(parts)
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import enum
 
 import torch
+import torch.nn.functional as F
 
 from puzzle.errors import PuzzleError
+from puzzle.blocks.hybrid import HybridSubblock
 from puzzle.blocks.init import init_ffn
 from puzzle.blocks.modeling_puzzle import MoE
 from puzzle.distill.bld import parent_activations
@@ -27,8 +29,10 @@ class ImportanceMethod(str, enum.Enum):
     masking = "masking"
 
 
-def routed_contribution(moe: MoE, hidden: torch.Tensor) -> torch.Tensor:
+def routed_contribution(moe: MoE | HybridSubblock, hidden: torch.Tensor) -> torch.Tensor:
     """Σ over the tokens of `hidden` (the FFN input, before its norm) of gate weight × ‖expert output‖, per expert."""
+    if isinstance(moe, HybridSubblock):
+        return _hybrid_routed_contribution(moe, hidden)
     x = moe.post_attention_layernorm(hidden).reshape(-1, hidden.shape[-1])
     weights, indices = moe.route(x)
     total = torch.zeros(moe.num_experts, dtype=torch.float64, device=x.device)
@@ -39,10 +43,44 @@ def routed_contribution(moe: MoE, hidden: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def masking_damage(moe: MoE, hidden: torch.Tensor) -> tuple[torch.Tensor, float]:
+def _hybrid_routed_contribution(sub: HybridSubblock, hidden: torch.Tensor) -> torch.Tensor:
+    """`routed_contribution` of a Nemotron-H MoE (sigmoid router with score-correction biases, ReLU² experts
+    behind an optional latent projection)."""
+    moe = sub.mixer
+    x = sub.norm(hidden).reshape(-1, hidden.shape[-1])
+    _, weights, indices = moe.gate(x)
+    latent = moe.fc1_latent_proj(x)
+    total = torch.zeros(moe.experts.num_experts, dtype=torch.float64, device=x.device)
+    for e in indices.unique().tolist():
+        token, slot = torch.where(indices == e)
+        inner = moe.experts.act_fn(F.linear(latent[token], moe.experts.up_proj[e]))
+        out = moe.fc2_latent_proj(F.linear(inner, moe.experts.down_proj[e]))
+        total[e] = (weights[token, slot] * out.float().norm(dim=-1)).sum().double()
+    return total
+
+
+def _masked_output(moe: MoE | HybridSubblock, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+    if not isinstance(moe, HybridSubblock):
+        return moe(hidden, masked=expert)
+    # A Nemotron-H router chooses by score + correction bias: an infinitely low bias is never chosen.
+    bias = moe.mixer.gate.e_score_correction_bias
+    kept = bias[expert].item()
+    bias[expert] = float("-inf")
+    try:
+        return moe(hidden)
+    finally:
+        bias[expert] = kept
+
+
+def _expert_count(moe: MoE | HybridSubblock) -> int:
+    return moe.mixer.experts.num_experts if isinstance(moe, HybridSubblock) else moe.num_experts
+
+
+def masking_damage(moe: MoE | HybridSubblock, hidden: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(Σ‖out_masked − out‖² per expert, Σ‖out‖²) over the tokens of `hidden` (the FFN input, before its norm)."""
     out = moe(hidden).float()
-    errors = torch.stack([(moe(hidden, masked=e).float() - out).pow(2).sum() for e in range(moe.num_experts)])
+    errors = torch.stack([(_masked_output(moe, hidden, e).float() - out).pow(2).sum()
+                          for e in range(_expert_count(moe))])
     return errors.double(), out.pow(2).sum().item()
 
 
@@ -57,12 +95,12 @@ def expert_importance(adapter, calibration: torch.Tensor, *, batch_size: int,
     except ValueError:
         raise PuzzleError(f"expert importance: unknown method {method!r}; use routed or masking") from None
     dtype = next(adapter.model.parameters()).dtype
-    copies: dict[int, MoE] = {}
+    copies: dict[int, MoE | HybridSubblock] = {}
     for i in range(adapter.num_layers):
         parent = adapter.parent_layer(i)
         if parent.shape.is_moe:
             copies[i] = init_ffn(parent.shape.ffn, parent).to(calibration.device, dtype).eval()
-    sums = {i: torch.zeros(m.num_experts, dtype=torch.float64, device=calibration.device) for i, m in copies.items()}
+    sums = {i: torch.zeros(_expert_count(m), dtype=torch.float64, device=calibration.device) for i, m in copies.items()}
     energy = dict.fromkeys(copies, 0.0)
     tokens = 0
     for start in range(0, len(calibration), batch_size):

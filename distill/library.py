@@ -164,7 +164,7 @@ def write_space(directory: Path, space: list[LayerSpace], fingerprint: str) -> N
 def _beside(module: nn.Module, parent: ParentLayer) -> nn.Module:
     """The module on its parent layer's device: built on the host (the default device), it is used beside
     that layer (on a GPU, or on the host where realize streams the parent a layer at a time)."""
-    return module.to(parent.input_norm.weight.device)
+    return module.to(parent.device)
 
 
 class Library:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +21,9 @@ from puzzle.errors import PuzzleError
 from puzzle.io import atomic_dir, read_json
 from puzzle.blocks.specs import AttentionKind, BlockChoice, FfnKind, ParentShape
 from puzzle.distill.library import Library
-from puzzle.families import parent_shapes
+from puzzle.blocks.hybrid import HybridSubblock, hybrid_block_config, hybrid_child_config
+from puzzle.blocks.modeling_hybrid import NemotronHPuzzleForCausalLM
+from puzzle.families import family_for, parent_shapes
 from puzzle.kv_fp8 import SCALES_FILE, KvCalibration, store_kv_scales, streamed_kv_scales
 
 
@@ -80,9 +83,12 @@ def per_layer_config(config: modeling.DeciLMConfig) -> dict[str, dict]:
     return overrides
 
 
-def child_config(parent_config, choices: list[BlockChoice]) -> modeling.DeciLMConfig:
+def child_config(parent_config, choices: list[BlockChoice]):
+    """The child's config: DeciLM's `block_configs`, or the Nemotron-H Puzzle layout's for a hybrid parent."""
     p = parent_config
     shapes = parent_shapes(p)
+    if family_for(p.model_type).hybrid:
+        return hybrid_child_config(p, choices, shapes)
     first = shapes[0]  # what a family adds to attention is the same in every layer
     config = modeling.DeciLMConfig(
         vocab_size=p.vocab_size, hidden_size=p.hidden_size, num_hidden_layers=len(choices),
@@ -131,7 +137,10 @@ def child_state_dict(parent, library: Library, choices: list[BlockChoice]) -> di
     return state
 
 
-def build_child(parent, library: Library, choices: list[BlockChoice]) -> modeling.DeciLMForCausalLM:
+def build_child(parent, library: Library, choices: list[BlockChoice]):
+    """The child model in memory: a DeciLM child, or a Nemotron-H Puzzle one for a hybrid parent."""
+    if family_for(parent.model.config.model_type).hybrid:
+        return _build_hybrid_child(parent, library, choices)
     config = child_config(parent.model.config, choices)
     config._attn_implementation = parent.model.config._attn_implementation
     child = modeling.DeciLMForCausalLM(config)
@@ -142,6 +151,29 @@ def build_child(parent, library: Library, choices: list[BlockChoice]) -> modelin
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"child weights do not match its config (missing {missing}, unexpected {unexpected})")
+    return child.to(next(parent.model.parameters()).dtype).eval()
+
+
+def _build_hybrid_child(parent, library: Library, choices: list[BlockChoice]) -> NemotronHPuzzleForCausalLM:
+    """Each kept layer's weights are its library module's: the norm and mixer of a `HybridSubblock`."""
+    shapes, backbone = parent.adapter.shapes, parent.model.model
+    config = child_config(parent.model.config, choices)
+    config._attn_implementation = parent.model.config._attn_implementation
+    state = {"model.embeddings.weight": backbone.embeddings.weight, "model.norm_f.weight": backbone.norm_f.weight}
+    if not config.tie_word_embeddings:
+        state["lm_head.weight"] = parent.model.lm_head.weight
+    kept = 0
+    for i, (choice, shape) in enumerate(zip(choices, shapes)):
+        if hybrid_block_config(choice, shape, i) is None:
+            continue
+        subblock = next(m for m in library.block(i, choice) if isinstance(m, HybridSubblock))
+        state.update({f"model.layers.{kept}.{name}": value for name, value in subblock.state_dict().items()})
+        kept += 1
+    with torch.device("meta"):
+        child = NemotronHPuzzleForCausalLM(config)
+    child.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        child.tie_weights()
     return child.to(next(parent.model.parameters()).dtype).eval()
 
 
@@ -219,7 +251,9 @@ def write_child(directory: Path, config: modeling.DeciLMConfig, tensors, *, dtyp
         tokenizer.save_pretrained(tmp)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
-        shutil.copyfile(modeling.__file__, tmp / "modeling_puzzle.py")
+        # The modeling file its config's auto_map names: modeling_puzzle.py, or modeling_hybrid.py.
+        source = Path(sys.modules[type(config).__module__].__file__)
+        shutil.copyfile(source, tmp / source.name)
         (tmp / "puzzle_child.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -247,15 +281,22 @@ def streamed_child_tensors(parent, reader, library: Library, choices: list[Block
     yield from ((k, v.to(dtype)) for k, v in reader.read(names).items())
 
 
+def child_class(directory: Path):
+    """The project's model class of the child checkpoint in `directory`: DeciLM, or Nemotron-H Puzzle (hybrid)."""
+    model_type = read_json(Path(directory) / "config.json").get("model_type")
+    return NemotronHPuzzleForCausalLM if model_type == "nemotron_h_puzzle" else modeling.DeciLMForCausalLM
+
+
 def load_child_sharded(directory: Path, dtype: torch.dtype, device: torch.device,
                        offload: bool = False) -> modeling.DeciLMForCausalLM:
     """A child checkpoint sharded by FSDP2 over the default process group, read a layer at a time
     (`puzzle.sharding`); `offload`: the shards live on the host."""
     from puzzle.sharding import CheckpointReader, shard_from_checkpoint
 
-    config = modeling.DeciLMConfig.from_pretrained(directory)
+    model_class = child_class(directory)
+    config = model_class.config_class.from_pretrained(directory)
     with torch.device("meta"):
-        model = modeling.DeciLMForCausalLM(config)
+        model = model_class(config)
     shard_from_checkpoint(model, CheckpointReader(directory), device=torch.device(device), dtype=dtype, offload=offload)
     return model.eval()
 
@@ -265,7 +306,7 @@ def load_child(directory: Path, dtype: torch.dtype | None = None, device="cpu") 
     if not (directory / "config.json").is_file():
         raise PuzzleError(f"{directory} is not a child checkpoint (no config.json)")
     # Weights from safetensors only, as for the parent: a pickled .bin is never loaded.
-    model = modeling.DeciLMForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
+    model = child_class(directory).from_pretrained(directory, dtype=dtype, use_safetensors=True)
     return model.to(device).eval()
 
 

@@ -31,6 +31,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from puzzle.blocks.hybrid import hybrid_block_config
 from puzzle.blocks.specs import Engine
 
 GRID = 256
@@ -121,8 +122,33 @@ def tokenizer_reasons(engine: Engine, directory: Path) -> list[str]:
     return []
 
 
+# A hybrid child's per-layer words each engine's Nemotron-H Puzzle reader does not take (read in their sources,
+# not run): vLLM builds each layer from `get_nemotron_h_config_for_layer` but sizes every Mamba layer and its
+# state from the global config; llama.cpp's converter reads per-layer expert width and top-k only.
+HYBRID_UNREAD = {
+    Engine.vllm: {"mamba_num_heads": "fewer Mamba heads in one layer (vLLM sizes every Mamba layer and its state "
+                                     "from the global mamba_num_heads)"},
+    Engine.llama_cpp: {
+        "mamba_num_heads": "fewer Mamba heads in one layer (llama.cpp's SSM sizes are global)",
+        "num_key_value_heads": "fewer KV heads in one layer (llama.cpp's Nemotron-H Puzzle converter reads none)",
+        "intermediate_size": "a pruned MLP layer (llama.cpp's Nemotron-H Puzzle converter reads per-layer widths of "
+                             "experts only)",
+        "n_routed_experts": "fewer experts in one layer (llama.cpp's expert count is global)",
+    },
+}
+
+
+def hybrid_reasons(engine: Engine, config) -> list[str]:
+    """Why `engine` cannot serve a hybrid (Nemotron-H Puzzle) child of this config."""
+    unread = HYBRID_UNREAD.get(engine, {})
+    return [f"layer {i}: {unread[word]}" for i, block in enumerate(config.block_configs) for word in block
+            if word in unread]
+
+
 def child_reasons(engine: Engine, config) -> list[str]:
     """Every reason `engine` cannot serve the child of this config."""
+    if config.model_type == "nemotron_h_puzzle":
+        return hybrid_reasons(engine, config)
     blocks = config.block_configs
     reasons = model_reasons(engine, config)
     for i, block in enumerate(blocks):
@@ -145,6 +171,10 @@ def choice_reasons(engine: Engine, layer: int, layers: int, choice, shape) -> li
     """`block_reasons` of a typed block (`BlockChoice`) replacing parent layer `shape`."""
     from puzzle.checkpoint import block_config
 
+    if shape.hybrid:
+        hybrid = hybrid_block_config(choice, shape, layer)
+        unread = HYBRID_UNREAD.get(engine, {})
+        return [] if hybrid is None else [unread[word] for word in hybrid if word in unread]
     block = block_config(choice, shape)
     return block_reasons(engine, layer, layers, block["attention"], block["ffn"])
 

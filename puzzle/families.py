@@ -129,8 +129,6 @@ class Family:
     half_rotary: bool = False
     # Nemotron-H: each layer one mixer (Mamba-2, attention, MLP or MoE) behind one norm (`HybridAdapter`).
     hybrid: bool = False
-    # What the stages after the adapter (library, costs, child) cannot take yet; None: the family is compressed.
-    not_compressed: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -144,9 +142,7 @@ FAMILIES: dict[str, Family] = {
         Family("mixtral", _mistral_types, _mixtral_experts),
         Family("qwen3_moe", _mistral_types, _qwen3_moe_experts, qk_norm=True),
         Family("gpt_oss", _declared_types, _gpt_oss_experts, attention_sinks=True, sdpa=False, half_rotary=True),
-        Family("nemotron_h", _uniform_types, _nemotron_h_experts, hybrid=True,
-               not_compressed="hybrid (nemotron_h) parents are trained by `puzzle train-parent` and run layer by layer, "
-               "but their Mamba, MLP and MoE candidates are not built yet"),
+        Family("nemotron_h", _uniform_types, _nemotron_h_experts, hybrid=True),
     )
 }
 
@@ -297,6 +293,10 @@ class FamilyAdapter:
             rms_norm_eps=self.config.rms_norm_eps,
         )
 
+    def outer_modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """The embeddings, the final norm and the head: what runs outside the layers."""
+        return self._backbone.embed_tokens, self._backbone.norm, self.model.lm_head
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # A parent sharded by FSDP2 (puzzle.sharding): the embeddings are a unit of their own, or in the root's.
         with gathered(self.model, self._backbone.embed_tokens):
@@ -413,6 +413,15 @@ class HybridAdapter(FamilyAdapter):
             sliding_window=None,
         )
 
+    def parent_layer(self, index: int) -> ParentLayer:
+        parts = self.layer(index)
+        return ParentLayer(attention=parts.attention, ffn=parts.ffn, input_norm=parts.input_norm,
+                           post_attention_norm=parts.post_attention_norm, shape=self.shape(index),
+                           rms_norm_eps=self.config.layer_norm_epsilon, config=self.config)
+
+    def outer_modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self._backbone.embeddings, self._backbone.norm_f, self.model.lm_head
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         with gathered(self.model, self._backbone.embeddings):
             return self._backbone.embeddings(input_ids)
@@ -435,7 +444,10 @@ class HybridAdapter(FamilyAdapter):
         return None
 
     def attention_delta(self, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """What the layer's token mixer adds (nothing for an MLP or MoE layer)."""
         parts = self.layer(index)
+        if parts.attention is None:
+            return torch.zeros_like(hidden)
         x = parts.input_norm(hidden.to(parts.input_norm.weight.dtype))
         if self.mixers[index] == "mamba":
             return parts.attention(x, cache=ctx.cache, attention_mask=ctx.masks[AttentionType.recurrent])
@@ -444,17 +456,18 @@ class HybridAdapter(FamilyAdapter):
         return out
 
     def ffn_delta(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """What the layer's MLP or MoE adds (nothing for a Mamba or attention layer)."""
         parts = self.layer(index)
+        if parts.ffn is None:
+            return torch.zeros_like(hidden)
         return parts.ffn(parts.post_attention_norm(hidden.to(parts.post_attention_norm.weight.dtype)))
 
-    def run_layer(self, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        if self.mixers[index] in ("mamba", "attention"):
-            return hidden + self.attention_delta(index, hidden, ctx)
-        return hidden + self.ffn_delta(index, hidden)
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._backbone.norm_f(hidden)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         with gathered(self.model, self.model.lm_head):
-            return self.model.lm_head(self._backbone.norm_f(hidden))
+            return self.model.lm_head(self.final_norm(hidden))
 
 
 def family_adapter(model: PreTrainedModel) -> FamilyAdapter:

@@ -27,6 +27,8 @@ from puzzle.errors import PuzzleError
 from puzzle.blocks.specs import Engine
 from puzzle.blocks.modeling_puzzle import FP8_E4M3_MAX, Attention, DeciLMConfig, DeciLMForCausalLM
 from puzzle.distill.metrics import hf_logits, quality
+from puzzle.families import family_for
+from puzzle.parents import parent_config
 from puzzle.rundir import fingerprint
 from puzzle.sharding import CheckpointReader, fill_from_checkpoint
 
@@ -84,8 +86,10 @@ class KvCalibration:
 def stores_kv_scales(config: PuzzleConfig) -> bool:
     """A child checkpoint carries FP8 KV scales when the deployment's KV cache is FP8 (`profile.kv_dtype`)
     and its engine reads them: llama.cpp quantizes its cache its own way, and its converter takes only
-    tensors it can map."""
-    return config.profile.kv_dtype == "fp8" and config.target.engine is not Engine.llama_cpp
+    tensors it can map. Hybrid children (Nemotron-H Puzzle) carry none: their calibration is not built."""
+    if config.profile.kv_dtype != "fp8" or config.target.engine is Engine.llama_cpp:
+        return False
+    return not family_for(parent_config(config.parent).model_type).hybrid
 
 
 def calibration_key(config: PuzzleConfig) -> str:

@@ -20,7 +20,7 @@ from puzzle.rundir import RunDir, Stage
 
 def _parent_problems(config: PuzzleConfig) -> tuple[list[str], object | None]:
     """Problems with the parent, and its config when it could be read."""
-    from puzzle.families import family_for, parent_shapes
+    from puzzle.families import parent_shapes
     from puzzle.parents import check_tokenizer, check_weights, parent_config, parent_device
     from puzzle.stages.library import job_spaces
 
@@ -29,10 +29,13 @@ def _parent_problems(config: PuzzleConfig) -> tuple[list[str], object | None]:
         shapes = parent_shapes(hf_config)
     except PuzzleError as e:
         return [str(e)], None
-    not_compressed = family_for(hf_config.model_type).not_compressed
-    if not_compressed is not None:
-        return [f"parent.path: {not_compressed}"], None
     problems = []
+    if shapes[0].hybrid and config.eval.kv_dtype == "fp8":
+        problems.append("eval.kv_dtype: 'fp8' is simulated in DeciLM children only, and this parent's children are "
+                        "hybrid (Nemotron-H Puzzle); leave it at 'model'")
+    if shapes[0].hybrid and config.kd.shard:
+        problems.append("kd.shard: hybrid (Nemotron-H Puzzle) children are not sharded over processes yet; set it to "
+                        "false (each process then holds the whole child)")
     for check in (lambda: check_weights(config.parent), lambda: parent_device(config.parent.device),
                   lambda: job_spaces(config, shapes)):
         try:

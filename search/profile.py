@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from puzzle.blocks.costs import DTYPE_BYTES, Scenario, decode_work, prefill_work
+from puzzle.blocks.hybrid import HybridSubblock, hybrid_cache
 from puzzle.blocks.modeling_puzzle import new_kv_cache
 from puzzle.blocks.specs import ParentShape, SubblockSpec
 from puzzle.search.hardware import GpuSpec
@@ -54,6 +55,16 @@ class Stack:
         b, p, self.ctx = scenario.batch_size, scenario.prefill_length, scenario.decode_context
         self.x = torch.randn(b, p, hidden_size, device=device, dtype=dtype)
         self.step = torch.randn(b, 1, hidden_size, device=device, dtype=dtype)
+        mixers = [a for a, _ in layers if isinstance(a, HybridSubblock)]
+        if mixers:
+            # A hybrid's: Mamba states and KV, filled by a prefill of the decode context.
+            self.cache = hybrid_cache([m.block_type for m in mixers])
+            for slot, mixer in enumerate(mixers):
+                mixer.mixer.layer_idx = slot
+            with torch.no_grad():
+                self.run(torch.randn(b, self.ctx, hidden_size, device=device, dtype=dtype),
+                         torch.arange(self.ctx, device=device)[None], self.cache)
+            return
         # The child's own cache, filled with the decode context as a prefill would leave it.
         softmax = [a for a, _ in layers if hasattr(a, "num_key_value_heads")]
         self.cache = new_kv_cache([a.window for a in softmax])
@@ -111,13 +122,24 @@ def differential_times(
 
 def _restoring(cache, fn):
     """Run a decode step, then put the cache back, so every timed step sees the same context."""
-    saved = [(layer.keys, layer.values, getattr(layer, "cumulative_length", None)) for layer in cache.layers]
+    saved = [_saved(layer) for layer in cache.layers]
     out = fn()
-    for layer, (keys, values, length) in zip(cache.layers, saved):
-        layer.keys, layer.values = keys, values
-        if length is not None:
-            layer.cumulative_length = length
+    for layer, state in zip(cache.layers, saved):
+        for name, value in state.items():
+            setattr(layer, name, value)
     return out
+
+
+def _saved(layer) -> dict:
+    """What a decode step changes in a cache layer: a KV layer's tensors (replaced, not written), a Mamba
+    layer's states (written in place, so copied)."""
+    if hasattr(layer, "recurrent_states"):
+        return {name: {k: None if v is None else v.clone() for k, v in getattr(layer, name).items()}
+                for name in ("conv_states", "recurrent_states")}
+    state = {"keys": layer.keys, "values": layer.values}
+    if getattr(layer, "cumulative_length", None) is not None:
+        state["cumulative_length"] = layer.cumulative_length
+    return state
 
 
 def analytic_times(spec: SubblockSpec, shape: ParentShape, scenario: Scenario, gpu: GpuSpec) -> tuple[float, float]:

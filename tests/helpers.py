@@ -167,3 +167,19 @@ def assert_clean_failure(code, err, tmp_path, *fragments):
     for fragment in fragments:
         assert fragment in err
     assert not (tmp_path / "run").exists(), "a failed command must not write its run directory"
+
+
+def hybrid_parent(directory: Path, tokenizer_parent: Path, **config_changes) -> Path:
+    """A tiny random Nemotron-H parent (`tests.tiny`) with `tokenizer_parent`'s tokenizer, saved in `directory`;
+    `config_changes` edit its config.json afterwards."""
+    from tests.tiny import tiny_model
+
+    tokenizer = json.loads((tokenizer_parent / "config.json").read_text())["vocab_size"]
+    tiny_model("nemotron_h", vocab_size=tokenizer).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_parent / name, directory / name)
+    if config_changes:
+        data = json.loads((directory / "config.json").read_text())
+        data.update(config_changes)
+        (directory / "config.json").write_text(json.dumps(data))
+    return directory

@@ -112,29 +112,9 @@ def test_hybrid_layers_are_blocks_with_one_empty_slot():
 
 
 def _hybrid_job(tmp_path, tiny_parent_dir, **config_changes):
-    import json
-    import shutil
+    from tests.helpers import hybrid_parent, write_job
 
-    from tests.helpers import write_job
-
-    parent = tmp_path / "hybrid"
-    tiny_model("nemotron_h").save_pretrained(parent)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_parent_dir / name, parent / name)
-    if config_changes:
-        data = json.loads((parent / "config.json").read_text())
-        data.update(config_changes)
-        (parent / "config.json").write_text(json.dumps(data))
-    return write_job(tmp_path, parent)
-
-
-def test_a_hybrid_parent_is_refused_in_one_line_before_any_work(tmp_path, tiny_parent_dir, monkeypatch, capsys):
-    from tests.helpers import cli
-
-    code, out = cli(monkeypatch, capsys, "validate", _hybrid_job(tmp_path, tiny_parent_dir))
-    assert code == 2 and "Traceback" not in out.err
-    assert "hybrid (nemotron_h) parents are trained by `puzzle train-parent`" in out.err
-    assert not (tmp_path / "job").exists()
+    return write_job(tmp_path, hybrid_parent(tmp_path / "hybrid", tiny_parent_dir, **config_changes))
 
 
 def test_a_hybrid_layer_type_puzzle_does_not_know_exits_2(tmp_path, tiny_parent_dir, monkeypatch, capsys):

@@ -108,3 +108,116 @@ def test_mamba_parameters_follow_the_parents_biases(biases):
     parent = tiny_model("nemotron_h", **biases)
     shape = parent_shapes(parent.config)[0]
     assert parameters(shape.attention, shape) == sum(p.numel() for p in parent.model.layers[0].parameters())
+
+
+def test_each_hybrid_layer_offers_only_its_own_kind_of_block():
+    from puzzle.blocks.space import SpaceOptions, attention_candidates, ffn_candidates
+
+    options = SpaceOptions(ffn_fractions=[0.5], experts=[2], mamba_fractions=[0.5, 0.4])
+    ids = [([a.id for a in attention_candidates(s, options)], [f.id for f in ffn_candidates(s, options)])
+           for s in parent_shapes(tiny_model("nemotron_h").config)]
+    assert ids[0] == (["attention.mamba4", "attention.mamba2", "attention.noop"], ["ffn.noop"])  # 0.4 → 2 (groups of 2)
+    assert ids[1] == (["attention.noop"], ["ffn.i96", "ffn.i48", "ffn.noop"])  # no linear FFN in this layout
+    assert ids[2] == (["attention.kv2", "attention.kv1", "attention.noop"], ["ffn.noop"])  # no windows, no linear
+    assert ids[3] == (["attention.noop"], ["ffn.moe4.top2", "ffn.moe2.top2", "ffn.noop"])
+
+
+def test_candidates_of_the_parents_own_blocks_add_what_the_parents_layers_add():
+    from puzzle.blocks.init import init_attention, init_ffn
+    from puzzle.families import family_adapter
+
+    adapter = family_adapter(tiny_model("nemotron_h"))
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hidden = adapter.embed(ids)
+        ctx = adapter.context(hidden)
+        for i in range(adapter.num_layers):
+            parent = adapter.parent_layer(i)
+            if parent.attention is not None:
+                got = init_attention(parent.shape.attention, parent)(hidden, None)
+                expected = adapter.attention_delta(i, hidden, ctx)
+            else:
+                got, expected = init_ffn(parent.shape.ffn, parent)(hidden), adapter.ffn_delta(i, hidden)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6, msg=f"layer {i}")
+            hidden = adapter.run_layer(i, hidden, ctx)
+
+
+# --- the whole job on a hybrid parent -------------------------------------------------------------------------
+
+HYBRID_RUN = ["bld.tokens_per_candidate=128", "search.budgets.latency=0.6x", "library.experts=[2]",
+              "library.mamba_fractions=[0.5]", "library.ffn_fractions=[0.5]", "kd.tokens=1024", "kd.batch_size=2",
+              "kd.eval_blocks=2", "eval.validation_blocks=2", "eval.speed_repeats=1", "eval.speed_warmup=0",
+              "profile.device=h100", "scoring.validation_blocks=1"]
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory, tiny_parent_dir):
+    """`puzzle run` once on a tiny random hybrid parent: (exit code, stderr, job file, run directory)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import hybrid_parent, write_job
+
+    root = tmp_path_factory.mktemp("hybrid_run")
+    job = write_job(root, hybrid_parent(root / "parent", tiny_parent_dir))
+    result = subprocess.run([sys.executable, "-m", "puzzle", "run", str(job), *[a for s in HYBRID_RUN for a in ("--set", s)]],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    return result.returncode, result.stderr, job, root / "job"
+
+
+@pytest.mark.slow
+def test_puzzle_run_compresses_a_hybrid_parent_within_its_budget(hybrid_run):
+    from transformers import AutoModelForCausalLM
+
+    code, err, _, run = hybrid_run
+    assert code == 0, err[-3000:]
+    solution = json.loads((run / "search/solutions.json").read_text())["solutions"][0]
+    assert solution["usage"]["latency"]["used"] <= solution["usage"]["latency"]["limit"]
+    config = json.loads((run / "kd/checkpoint/config.json").read_text())
+    assert config["model_type"] == "nemotron_h_puzzle" and (run / "kd/checkpoint/modeling_hybrid.py").is_file()
+    kept = [layer for layer in solution["layers"] if (layer["attention"], layer["ffn"]) != ("attention.noop", "ffn.noop")]
+    assert 0 < len(config["block_configs"]) == len(kept)
+    loaded = AutoModelForCausalLM.from_pretrained(run / "kd/checkpoint", trust_remote_code=True)
+    ids = torch.randint(0, 100, (1, 8))
+    assert torch.equal(loaded.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True),
+                       loaded.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False))
+    results = {m["name"]: m for m in json.loads((run / "eval/results.json").read_text())["models"]}
+    assert results.keys() == {"parent", "child", "child + KD"}
+    assert results["child"]["parameters"] < results["parent"]["parameters"]
+    assert (run / "report/architecture.png").is_file()
+
+
+def test_what_hybrids_do_not_have_yet_is_refused_before_any_work(tmp_path, tiny_parent_dir, monkeypatch, capsys):
+    from tests.helpers import cli, hybrid_parent, write_job
+
+    job = write_job(tmp_path, hybrid_parent(tmp_path / "parent", tiny_parent_dir))
+    code, out = cli(monkeypatch, capsys, "validate", job, "--set", "eval.kv_dtype=fp8", "--set", "kd.shard=true")
+    assert code == 2 and "Traceback" not in out.err and "2 problem(s)" in out.err
+    assert "eval.kv_dtype: 'fp8' is simulated in DeciLM children only" in out.err
+    assert "kd.shard: hybrid (Nemotron-H Puzzle) children are not sharded" in out.err
+    assert not (tmp_path / "job").exists()
+
+
+@pytest.mark.slow
+def test_fuse_refuses_a_hybrid_child_in_one_line(hybrid_run, monkeypatch, capsys):
+    from tests.helpers import cli
+
+    _, _, job, run = hybrid_run
+    code, out = cli(monkeypatch, capsys, "fuse", job, "--child", run / "child/checkpoint")
+    assert code == 2 and "is a hybrid (Nemotron-H Puzzle) child" in out.err
+
+
+def test_a_child_without_attention_layers_generates_alike_with_and_without_cache():
+    """transformers' Nemotron-H asks an attention layer's cache for the length seen; the child's cache counts."""
+    parent = tiny_model("nemotron_h")
+    model = child(parent, ["attention.mamba4+ffn.noop", "attention.noop+ffn.i96", "attention.noop+ffn.noop",
+                           "attention.noop+ffn.moe4.top2", "attention.mamba2+ffn.noop"])
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(cached, model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False))
+    with torch.no_grad():  # and a cached step continues the uncached forward
+        full = model(cached).logits[:, -1]
+        out = model(cached[:, :-1], use_cache=True)
+        step = model(cached[:, -1:], cache=out.cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)

@@ -22,7 +22,7 @@ from puzzle.errors import PuzzleError
 from puzzle.blocks.fusion import Dependency, attention_free_runs, ffn_dependencies, fuse_mlp, fusion_groups, is_fusable
 from puzzle.io import atomic_write_json
 from puzzle.blocks.modeling_puzzle import DeciLMForCausalLM
-from puzzle.checkpoint import ffn_mult, load_child, saved_dtype, write_checkpoint
+from puzzle.checkpoint import child_class, ffn_mult, load_child, saved_dtype, write_checkpoint
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.distill.metrics import hf_logits, quality
@@ -145,6 +145,9 @@ def _paths(config: PuzzleConfig, child: Path | None, output: Path | None) -> tup
     source = default_child(config) if child is None else Path(child)
     if not (source / "config.json").is_file():
         raise PuzzleError(f"--child: {source} is not a child checkpoint (no config.json)")
+    if child_class(source) is not DeciLMForCausalLM:
+        raise PuzzleError(f"--child: {source} is a hybrid (Nemotron-H Puzzle) child; fusion joins the FFNs of "
+                          "attention-free runs of DeciLM children only")
     target = source.with_name(source.name + "-fused") if output is None else Path(output)
     if target.resolve() == source.resolve():
         raise PuzzleError(f"--output: {target} is the child itself; the fused child needs a directory of its own")

@@ -19,7 +19,7 @@ import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_path, atomic_write_json, read_json
-from puzzle.checkpoint import child_info, load_child, load_child_sharded, saved_dtype, write_checkpoint, write_child
+from puzzle.checkpoint import child_choices, child_info, load_child, load_child_sharded, saved_dtype, write_checkpoint, write_child
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.distill.kd import distill
@@ -75,7 +75,7 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
     with progress_bar() as bar:
         task = bar.add_task("global KD", total=s.steps, status="", visible=team.is_main)
         outcome = distill(
-            child, parent.adapter.states_and_logits, blocks.train, blocks.validation[: config.kd.eval_blocks], s,
+            child, _teacher(parent, source), blocks.train, blocks.validation[: config.kd.eval_blocks], s,
             directory / "resume" / hashlib.sha256(ctx.key.encode()).hexdigest()[:16], team.rank, team.world,
             on_step=lambda step, losses: bar.update(
                 task, completed=step, status=f"loss {losses['total']:.4f} (KL {losses['kl']:.4f})"),
@@ -98,6 +98,22 @@ def run(ctx: StageContext, team: Workers) -> KdSummary | None:
                           "processes": team.world, "parallel": parallel, "teacher_sharded": parent.sharded,
                           "offload": sharded and config.kd.offload, "teacher_bytes_per_rank": held}
     return summary
+
+
+def _teacher(parent, source: Path):
+    """The parent's residual streams and logits, as the child's hidden states line up with them. A hybrid child
+    (transformers' Nemotron-H) has no layer where the parent's was removed, and its last state is after the
+    final norm."""
+    if not parent.adapter.family.hybrid:
+        return parent.adapter.states_and_logits
+    kept = [i for i, c in enumerate(child_choices(source)) if not (c.attention.removed and c.ffn.removed)]
+
+    def states_and_logits(input_ids: torch.Tensor):
+        states, logits = parent.adapter.states_and_logits(input_ids)
+        picked = [states[0]] + [states[i + 1] for i in kept]
+        return picked[:-1] + [parent.adapter.final_norm(picked[-1])], logits
+
+    return states_and_logits
 
 
 def _write_child(directory: Path, child, parent, dtype: torch.dtype, info: dict, team: Workers,

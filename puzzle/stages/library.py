@@ -24,7 +24,7 @@ from torch import nn
 from puzzle.errors import PuzzleError
 from puzzle.engines import servable_spaces
 from puzzle.io import atomic_path
-from puzzle.blocks.specs import AttentionSpec, FfnKind, ParentShape
+from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, ParentShape
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
 from puzzle.distill.bld import Candidate, build_module, ffn_channel_scores, train_candidates
@@ -170,11 +170,12 @@ def ffn_scores(config: PuzzleConfig, adapter, data, candidates: list[Candidate],
     kinds = {c.ffn.kind for c in candidates if c.ffn is not None}
     if pipeline is not None:
         kinds.add(FfnKind.dense)  # pipelines hold dense parents only
-    if not kinds & {FfnKind.dense, FfnKind.moe}:
+    mamba = any(c.attention is not None and c.attention.kind is AttentionKind.mamba for c in candidates)
+    if not kinds & {FfnKind.dense, FfnKind.moe} and not mamba:
         return None
     calibration = data.calibration(config.data.calibration_blocks).to(device)
     batch = config.eval.batch_size
-    channels = (ffn_channel_scores(adapter, calibration, batch, pipeline) if FfnKind.dense in kinds
+    channels = (ffn_channel_scores(adapter, calibration, batch, pipeline) if FfnKind.dense in kinds or mamba
                 else [None] * adapter.num_layers)
     experts = [None] * adapter.num_layers
     if FfnKind.moe in kinds:

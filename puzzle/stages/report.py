@@ -110,21 +110,42 @@ def _label(spec: SubblockSpec, parent: SubblockSpec) -> tuple[str, float]:
     return f"{spec.num_experts} of {parent.num_experts}\nexperts", 0.2 + 0.8 * spec.num_experts / parent.num_experts
 
 
+def _hybrid_label(choice: BlockChoice, parent: BlockChoice) -> tuple[str, float]:
+    """A hybrid layer's one mixer: its type, what is kept of it, and how much (0 = the layer removed)."""
+    token_mixer = not parent.attention.removed
+    spec, own = (choice.attention, parent.attention) if token_mixer else (choice.ffn, parent.ffn)
+    kind = ("Mamba" if own.kind is AttentionKind.mamba else "attention" if token_mixer
+            else "MoE" if own.kind is FfnKind.moe else "MLP")
+    if spec.removed:
+        return f"removed\n({kind})", 0.0
+    if spec == own:
+        return kind, 1.0
+    if spec.kind is AttentionKind.mamba:
+        kept = spec.mamba_num_heads / own.mamba_num_heads
+        return f"Mamba\n{spec.mamba_num_heads} of {own.mamba_num_heads}\nheads", 0.2 + 0.8 * kept
+    text, kept = _label(spec, own)
+    return f"{kind}\n{text}", kept
+
+
 def plot_architecture(choices: list[BlockChoice], parent: list[BlockChoice], path: Path) -> None:
+    """One row per subblock kind (attention, FFN), or, for a hybrid parent whose layers are each one mixer, one
+    row of mixers named by type."""
     plt = pyplot()
     n = len(choices)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * n + 1.5), 2.6))
+    hybrid = all(p.attention.removed or p.ffn.removed for p in parent)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * n + 1.5), 1.8 if hybrid else 2.6))
     cmap = plt.get_cmap("Blues")
     for i, (c, p) in enumerate(zip(choices, parent)):
-        for row, (block, parent_block) in enumerate(((c.attention, p.attention), (c.ffn, p.ffn))):
-            text, kept = _label(block, parent_block)
+        cells = ([_hybrid_label(c, p)] if hybrid
+                 else [_label(block, own) for block, own in ((c.attention, p.attention), (c.ffn, p.ffn))])
+        for row, (text, kept) in enumerate(cells):
             ax.add_patch(plt.Rectangle((i, 1 - row), 0.95, 0.9, color=cmap(0.1 + 0.75 * kept)))
             ax.text(i + 0.475, 1.45 - row, text, ha="center", va="center", fontsize=8,
                     color="white" if kept > 0.6 else "black")
     ax.set_xlim(0, n)
-    ax.set_ylim(0, 2)
+    ax.set_ylim(1 if hybrid else 0, 2)
     ax.set_xticks([i + 0.475 for i in range(n)], [str(i) for i in range(n)])
-    ax.set_yticks([1.45, 0.45], ["attention", "FFN"])
+    ax.set_yticks([1.45] if hybrid else [1.45, 0.45], ["mixer"] if hybrid else ["attention", "FFN"])
     ax.set_xlabel("layer (darker = more of the parent's block kept)")
     ax.set_title("child architecture")
     for side in ("top", "right", "left", "bottom"):
