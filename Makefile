@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build; GPU users install their own torch first (pyproject keeps an open range).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test parent moe-parent
+.PHONY: setup demo test parent moe-parent hybrid-parent
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,3 +28,7 @@ parent: setup
 # Retrains the shipped mixture-of-experts parent (examples/moe_parent); about 15 minutes on 2 CPU cores.
 moe-parent: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/puzzle train-parent examples/train_moe_parent.yaml
+
+# Retrains the shipped hybrid parent (examples/hybrid_parent); about 26 minutes on 2 CPU cores.
+hybrid-parent: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/puzzle train-parent examples/train_hybrid_parent.yaml
