@@ -81,8 +81,10 @@ def mamba_heads_kept(mixer, num_heads: int, scores: torch.Tensor | None = None) 
 def mamba_state(mixer, kept: torch.Tensor) -> dict[str, torch.Tensor]:
     """The mixer's weights for the kept heads (`mamba_heads_kept`), under the mixer's own names."""
     head_dim, inner = mixer.head_dim, mixer.intermediate_size
-    channels = (kept[:, None] * head_dim + torch.arange(head_dim)).flatten()
-    bc = torch.arange(2 * inner, 2 * inner + 2 * mixer.n_groups * mixer.ssm_state_size)
+    device = mixer.in_proj.weight.device  # the scores that chose `kept` may live elsewhere
+    kept = kept.to(device)
+    channels = (kept[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
+    bc = torch.arange(2 * inner, 2 * inner + 2 * mixer.n_groups * mixer.ssm_state_size, device=device)
     # in_proj's rows: z (gate), then x, B and C (the convolution's channels), then dt, one per head.
     in_rows = torch.cat([channels, inner + channels, bc, 2 * inner + 2 * mixer.n_groups * mixer.ssm_state_size + kept])
     conv_rows = torch.cat([channels, bc - inner])

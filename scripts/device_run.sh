@@ -1,11 +1,12 @@
 #!/bin/bash
 # The prepared CUDA check for a lent GPU machine with no network (run from the repository root there):
-# installs the wheels carried in .whl/ (the GPU image lacks pulp, pydantic and transformers>=5.24), then runs,
+# installs the wheels carried in .whl/ (the GPU image lacks pulp, pydantic and transformers>=5.24; PuLP 4 needs
+# orloge, which is not there either), then runs,
 # each bounded in time: the demo job on CUDA, bench/gpu_check.py (bf16 BLD, planned vs measured memory,
 # profile vs roofline, TFLOP/s) and bench/cuda_sharding.py (FSDP2 with NCCL and pinned offload). Logs go to
 # $OUT. Prepare the wheels here first (Python 3.12, manylinux x86_64):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
-#       PuLP pydantic pydantic_core annotated-types typing-inspection transformers==5.24.0
+#       PuLP==3.3.2 pydantic pydantic_core annotated-types typing-inspection transformers==5.24.0
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
