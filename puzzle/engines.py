@@ -139,9 +139,10 @@ HYBRID_UNREAD = {
 
 
 def hybrid_reasons(engine: Engine, config) -> list[str]:
-    """Why `engine` cannot serve a hybrid (Nemotron-H Puzzle) child of this config."""
+    """Why `engine` cannot serve a hybrid (Nemotron-H Puzzle) child of this config. A hybrid child keeps
+    only its non-empty layers, so the reasons name the checkpoint's own entries, not the parent's layers."""
     unread = HYBRID_UNREAD.get(engine, {})
-    return [f"layer {i}: {unread[word]}" for i, block in enumerate(config.block_configs) for word in block
+    return [f"block_configs[{i}]: {unread[word]}" for i, block in enumerate(config.block_configs) for word in block
             if word in unread]
 
 
