@@ -280,3 +280,24 @@ def test_streamed_child_equals_the_child_built_in_memory_and_holds_one_layer(job
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits,
                                    build_child(parent, library, choices)(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_batch_job_loads_the_childs_tokenizer_with_a_plain_call(job, tiny_parent_dir, tmp_path):
+    """transformers asks before running a config's remote code; with stdin closed, as in a batch job, the
+    question must not hold the job: the plain call loads the tokenizer, and trust_remote_code=False asks nothing."""
+    summary = with_solution(job, ["attention.noop+ffn.i96", "attention.kv1+ffn.noop"])
+    script = f"""
+from transformers import AutoTokenizer
+plain = AutoTokenizer.from_pretrained({str(summary.directory)!r})
+quiet = AutoTokenizer.from_pretrained({str(summary.directory)!r}, trust_remote_code=False)
+parent = AutoTokenizer.from_pretrained({str(tiny_parent_dir)!r})
+text = "Shall I compare thee to a summer's day?"
+same = plain(text).input_ids == parent(text).input_ids == quiet(text).input_ids
+open("same.txt", "w").write(str(same))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "same.txt").read_text() == "True"  # stdout holds the prompt's unanswered question
