@@ -140,7 +140,7 @@ def init_ffn(spec: FfnSpec, parent: ParentLayer, channel_scores: torch.Tensor | 
 
 def _init_moe(spec: FfnSpec, parent: ParentLayer, expert_scores: torch.Tensor | None) -> MoE:
     shape, src = parent.shape, parent.ffn
-    if not shape.is_moe or spec.experts_per_token != shape.experts_per_token:
+    if not shape.is_moe or spec.experts_per_token > shape.experts_per_token:
         raise PuzzleError(f"{spec.id} does not fit a parent layer with FFN {shape.ffn.id}")
     if spec.num_experts > shape.num_experts:
         raise PuzzleError(f"{spec.num_experts} experts are more than the parent layer's {shape.num_experts}")

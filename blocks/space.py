@@ -42,6 +42,11 @@ class SpaceOptions(BaseModel):
         description="MoE parents: numbers of experts k to keep per layer (the k most important; from the parent's "
         "experts per token up to its expert count).",
     )
+    experts_per_token: list[PositiveInt] = Field(
+        default_factory=list,
+        description="MoE parents: fewer experts each token is routed to (top-k), from 1 up to the parent's; offered "
+        "with every number of experts kept that is at least as large.",
+    )
     mamba_fractions: list[Fraction] = Field(
         default_factory=lambda: [0.75, 0.5],
         description="Hybrid parents: Mamba heads kept, as fractions of the parent's, rounded up to a multiple of its "
@@ -123,7 +128,8 @@ def ffn_candidates(shape: ParentShape, options: SpaceOptions) -> list[FfnSpec]:
 
 
 def moe_candidates(shape: ParentShape, options: SpaceOptions) -> list[FfnSpec]:
-    """An MoE layer's FFN options: all its experts, the k most important (most first), and no-op.
+    """An MoE layer's FFN options: all its experts, the k most important (most first), each also routing every
+    token to fewer experts (`experts_per_token`), and no-op.
 
     Dense-FFN options do not apply: no linear FFN (it has no training-free init from routed experts)
     and no pruned widths (pruning inside experts is not offered).
@@ -135,9 +141,13 @@ def moe_candidates(shape: ParentShape, options: SpaceOptions) -> list[FfnSpec]:
                 f"library.experts: {k} is outside {top}..{total} (at least the {top} experts each token is routed "
                 f"to, at most the parent's {total} experts)"
             )
-    specs = [shape.ffn] + [
-        FfnSpec(FfnKind.moe, num_experts=k, experts_per_token=top) for k in sorted(set(options.experts), reverse=True)
-    ]
+    for t in options.experts_per_token:
+        if t > top:
+            raise PuzzleError(f"library.experts_per_token: {t} is more than the parent's {top} experts per token; "
+                              f"use 1..{top}")
+    counts = sorted({total, *options.experts}, reverse=True)
+    tops = sorted({top, *options.experts_per_token}, reverse=True)
+    specs = [shape.ffn] + [FfnSpec(FfnKind.moe, num_experts=k, experts_per_token=t) for k in counts for t in tops]
     if options.noop_ffn:
         specs.append(FfnSpec(FfnKind.noop))
     return list(dict.fromkeys(specs))
@@ -147,5 +157,5 @@ def check_not_empty(attention: list[AttentionSpec], ffn: list[FfnSpec]) -> None:
     if len(attention) == 1 and len(ffn) == 1:
         raise PuzzleError(
             "library: the candidate list is empty (only the parent's own subblocks); enable kv_heads, windows, "
-            "ffn_fractions, ffn_sizes, experts, linear or noop options"
+            "ffn_fractions, ffn_sizes, experts, experts_per_token, linear or noop options"
         )

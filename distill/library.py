@@ -113,8 +113,9 @@ def layer_spaces(shapes: list[ParentShape], options: SpaceOptions, pairs: list[B
                  every_pair: bool) -> list[LayerSpace]:
     """Each layer's space; `pairs` are trained together in every layer, or every pair when `every_pair`
     (bld.mode coupled)."""
-    if options.experts and not any(s.is_moe for s in shapes):
-        raise PuzzleError("library.experts: the parent has no MoE layers; leave it empty for a dense parent")
+    for key in ("experts", "experts_per_token"):
+        if getattr(options, key) and not any(s.is_moe for s in shapes):
+            raise PuzzleError(f"library.{key}: the parent has no MoE layers; leave it empty for a dense parent")
     spaces = []
     for shape in shapes:
         attention, ffn = attention_candidates(shape, options), ffn_candidates(shape, options)

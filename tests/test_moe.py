@@ -64,6 +64,34 @@ def test_keeping_all_experts_equals_the_parent_layer(model_type):
             torch.testing.assert_close(init_ffn(parent.shape.ffn, parent)(h), adapter.ffn_delta(i, h), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("model_type", MOE_FAMILIES)
+def test_fewer_experts_per_token_route_as_the_parents_router_with_a_lower_top_k(model_type):
+    model = tiny_model(model_type)
+    adapter = FamilyAdapter(model)
+    h = torch.randn(2, 20, adapter.config.hidden_size)
+    parent = adapter.parent_layer(0)
+    fewer = init_ffn(FfnSpec(FfnKind.moe, num_experts=parent.shape.num_experts, experts_per_token=1), parent)
+    with torch.no_grad():
+        two = adapter.ffn_delta(0, h)
+        for module in model.model.layers[0].mlp.modules():  # the parent's own router, told to pick one expert
+            for name in ("top_k", "num_experts_per_tok"):
+                if hasattr(module, name):
+                    setattr(module, name, 1)
+        one = adapter.ffn_delta(0, h)
+        torch.testing.assert_close(fewer(h), one, atol=ATOL, rtol=0)
+    assert not torch.allclose(one, two, atol=1e-3)  # the lower top-k changed what the parent computes
+
+
+def test_library_offers_fewer_experts_per_token_with_every_kept_count():
+    from puzzle.blocks.space import SpaceOptions, moe_candidates
+
+    shape = FamilyAdapter(tiny_model("mixtral")).shape(0)  # 4 experts, top 2
+    ids = [s.id for s in moe_candidates(shape, SpaceOptions(experts=[2], experts_per_token=[1], noop_ffn=False))]
+    assert ids == ["ffn.moe4.top2", "ffn.moe4.top1", "ffn.moe2.top2", "ffn.moe2.top1"]
+    one = FfnSpec(FfnKind.moe, num_experts=4, experts_per_token=1)
+    assert active_parameters(one, shape) < active_parameters(shape.ffn, shape)
+    assert parameters(one, shape) == parameters(shape.ffn, shape)  # every expert is still held in memory
+
 def test_kept_experts_are_the_most_important_with_their_router_rows():
     adapter = FamilyAdapter(tiny_model("mixtral"))
     parent = adapter.parent_layer(0)
@@ -134,12 +162,13 @@ def test_moe_ids_round_trip():
         FfnSpec(FfnKind.moe, num_experts=2, experts_per_token=3)
 
 
-@pytest.mark.parametrize("experts, message", [
-    ([1], "library.experts: 1 is outside 2..4"),
-    ([8], "library.experts: 8 is outside 2..4"),
+@pytest.mark.parametrize("library, message", [
+    ({"experts": [1]}, "library.experts: 1 is outside 2..4"),
+    ({"experts": [8]}, "library.experts: 8 is outside 2..4"),
+    ({"experts_per_token": [3]}, "library.experts_per_token: 3 is more than the parent's 2 experts per token"),
 ])
-def test_bad_library_experts_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, moe_parent_dir, experts, message):
-    path = pipeline_job(tmp_path, moe_parent_dir, library={"experts": experts})
+def test_bad_library_experts_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, moe_parent_dir, library, message):
+    path = pipeline_job(tmp_path, moe_parent_dir, library=library)
     code, (_, err) = cli(monkeypatch, capsys, "run", path)
     assert_clean_failure(code, err, tmp_path, message)
     assert sum(message in line for line in err.splitlines()) == 1
@@ -295,6 +324,8 @@ def test_report_labels_kept_experts_and_shades_by_the_fraction_kept():
     text, shade = label("ffn.moe2.top2", "ffn.moe8.top2")
     assert text == "2 of 8\nexperts"
     assert label("ffn.moe6.top2", "ffn.moe8.top2")[1] > shade > label("ffn.noop", "ffn.moe8.top2")[1]
+    fewer = label("ffn.moe2.top1", "ffn.moe8.top2")
+    assert fewer[0] == "2 of 8\nexperts, top 1" and shade > fewer[1] > label("ffn.noop", "ffn.moe8.top2")[1]
 
 
 @pytest.mark.slow

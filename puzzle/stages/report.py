@@ -107,7 +107,9 @@ def _label(spec: SubblockSpec, parent: SubblockSpec) -> tuple[str, float]:
         return text, 0.3 + 0.6 * kept * (0.7 if spec.window else 1.0)
     if spec.kind is FfnKind.dense:
         return f"{spec.intermediate_size}", 0.2 + 0.8 * spec.intermediate_size / parent.intermediate_size
-    return f"{spec.num_experts} of {parent.num_experts}\nexperts", 0.2 + 0.8 * spec.num_experts / parent.num_experts
+    routed = spec.experts_per_token / parent.experts_per_token  # fewer per token: lighter, and said
+    text = f"{spec.num_experts} of {parent.num_experts}\nexperts" + (f", top {spec.experts_per_token}" if routed < 1 else "")
+    return text, 0.2 + 0.8 * spec.num_experts / parent.num_experts * (0.5 + 0.5 * routed)
 
 
 def _hybrid_label(choice: BlockChoice, parent: BlockChoice) -> tuple[str, float]:
