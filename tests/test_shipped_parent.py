@@ -61,42 +61,32 @@ def test_shipped_parent_generates_text(shipped):
     assert text.startswith("ROMEO.") and len(text) > len("ROMEO.") + 20
 
 
-MOE_PARENT = ROOT / "examples/moe_parent"
+def scores_what_its_summary_says(directory: Path, figure: str) -> dict:
+    """A shipped parent: small safetensors, and its validation perplexity through the adapter equals its
+    training summary and the README's row `figure`. Returns its config."""
+    weights = directory / "model.safetensors"
+    assert weights.is_file() and weights.stat().st_size <= 12 * 1024 * 1024
+    parent = load_parent(ParentSection(path=str(directory)))
+    section = DataSection(files=[str(ROOT / "examples/data/shakespeare/*.txt")], sequence_length=512)
+    blocks = load_blocks(section, parent.tokenizer)
+    loss, tokens = validation_loss(parent.adapter, blocks.validation, batch_size=8)
+    summary = json.loads((directory / "training_summary.json").read_text())
+    assert tokens == summary["validation_tokens"]
+    assert math.exp(loss) == pytest.approx(readme_figure(figure), rel=2e-3)
+    assert summary["validation_perplexity"] == pytest.approx(readme_figure(figure), rel=1e-4)
+    return json.loads((directory / "config.json").read_text())
 
 
 @pytest.mark.slow
 def test_shipped_moe_parent_is_small_and_scores_what_its_summary_says():
-    weights = MOE_PARENT / "model.safetensors"
-    assert weights.is_file() and weights.stat().st_size <= 12 * 1024 * 1024
-    config = json.loads((MOE_PARENT / "config.json").read_text())
+    config = scores_what_its_summary_says(ROOT / "examples/moe_parent", "MoE validation perplexity")
     assert config["model_type"] == "mixtral"
     assert (config["num_local_experts"], config["num_experts_per_tok"]) == (8, 2)
-    parent = load_parent(ParentSection(path=str(MOE_PARENT)))
-    section = DataSection(files=[str(ROOT / "examples/data/shakespeare/*.txt")], sequence_length=512)
-    blocks = load_blocks(section, parent.tokenizer)
-    loss, tokens = validation_loss(parent.adapter, blocks.validation, batch_size=8)
-    summary = json.loads((MOE_PARENT / "training_summary.json").read_text())
-    assert tokens == summary["validation_tokens"]
-    assert math.exp(loss) == pytest.approx(readme_figure("MoE validation perplexity"), rel=2e-3)
-    assert summary["validation_perplexity"] == pytest.approx(readme_figure("MoE validation perplexity"), rel=1e-4)
-
-
-HYBRID_PARENT = ROOT / "examples/hybrid_parent"
 
 
 @pytest.mark.slow
 def test_shipped_hybrid_parent_is_small_and_scores_what_its_summary_says():
-    weights = HYBRID_PARENT / "model.safetensors"
-    assert weights.is_file() and weights.stat().st_size <= 12 * 1024 * 1024
-    config = json.loads((HYBRID_PARENT / "config.json").read_text())
+    config = scores_what_its_summary_says(ROOT / "examples/hybrid_parent", "hybrid validation perplexity")
     assert config["model_type"] == "nemotron_h"
     assert config["layers_block_type"] == ["linear_attention", "mlp", "linear_attention", "full_attention",
                                            "linear_attention", "moe", "linear_attention", "mlp"]
-    parent = load_parent(ParentSection(path=str(HYBRID_PARENT)))
-    section = DataSection(files=[str(ROOT / "examples/data/shakespeare/*.txt")], sequence_length=512)
-    blocks = load_blocks(section, parent.tokenizer)
-    loss, tokens = validation_loss(parent.adapter, blocks.validation, batch_size=8)
-    summary = json.loads((HYBRID_PARENT / "training_summary.json").read_text())
-    assert tokens == summary["validation_tokens"]
-    assert math.exp(loss) == pytest.approx(readme_figure("hybrid validation perplexity"), rel=2e-3)
-    assert summary["validation_perplexity"] == pytest.approx(readme_figure("hybrid validation perplexity"), rel=1e-4)
