@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 
 from puzzle.config import load_jobs, read_yaml
+from puzzle.errors import PuzzleError
 from puzzle.pipeline import RUN_ORDER, run_stage
 from puzzle.preflight import check_inputs
 from puzzle.rundir import JOB_STAGES, Stage
@@ -75,6 +76,8 @@ def run_job(job) -> dict:
             summaries[stage] = run_stage(stage, job)
     except InfeasibleBudget as e:
         return {**row, "note": f"infeasible: {e}"}
+    except PuzzleError as e:  # a method that does not apply to this parent is a row of the table, not the end of it
+        return {**row, "note": f"not applicable: {e}"}
     chosen = summaries[Stage.search].solutions[0]
     results = {m.name: m for m in summaries[Stage.eval].models}
     parent, child, distilled = results["parent"], results["child"], results["child + KD"]

@@ -115,17 +115,22 @@ def _widths_with_parent_attention(options: list[Block]) -> dict[int, int]:
 
 def uniform_ffn(*, layers: Layers, limits: dict[str, float], fixed: dict[str, float] | None = None,
                 labels: dict[str, str] | None = None) -> Solution:
-    """The widest FFN width the library has in every layer that meets the budgets, the parent's attention kept."""
+    """The widest FFN width the library has in every layer with a dense FFN that meets the budgets, the parent's
+    attention kept. Layers without a dense FFN (MoE layers, a hybrid's Mamba and attention layers) keep the
+    parent's own block, as Minitron's uniform width pruning leaves them."""
     per_layer = [_widths_with_parent_attention(options) for options in layers]
-    widths = sorted(set.intersection(*(set(w) for w in per_layer)), reverse=True)
+    dense = [w for w in per_layer if w]
+    if not dense:
+        raise PuzzleError("search.method=uniform-ffn: no layer of the library offers a dense FFN width")
+    widths = sorted(set.intersection(*(set(w) for w in dense)), reverse=True)
     if not widths:
-        raise PuzzleError("search.method=uniform-ffn: no dense FFN width is in every layer of the library")
+        raise PuzzleError("search.method=uniform-ffn: no dense FFN width is in every layer with a dense FFN")
     for width in widths:
-        solution = _solution(layers, [w[width] for w in per_layer], limits, fixed or {})
+        solution = _solution(layers, [w[width] if w else 0 for w in per_layer], limits, fixed or {})
         if _within(solution):
             return solution
     raise InfeasibleBudget(
-        f"uniform-ffn: no FFN width common to every layer ({', '.join(map(str, widths))}) meets the budgets; "
+        f"uniform-ffn: no FFN width common to every dense layer ({', '.join(map(str, widths))}) meets the budgets; "
         f"the narrowest, {widths[-1]}, exceeds {_unmet(solution, labels or {})}"
     )
 

@@ -204,3 +204,21 @@ def test_depth_mip_through_the_search_stage(job):
     [solution] = outcome.solutions
     assert solution.usage["params"].used <= solution.usage["params"].limit
     assert sum(str(layer.choice) == "attention.noop+ffn.noop" for layer in solution.layers) >= 1
+
+
+def test_uniform_ffn_keeps_the_parents_block_where_a_layer_has_no_dense_ffn():
+    # A hybrid's layers: Mamba (no FFN), MLP, MoE. Only the MLP layer takes the uniform width.
+    mamba = [Block(BlockChoice.from_id(b), s, {"p": c}) for b, s, c in
+             [("attention.mamba8+ffn.noop", 0.0, 4.0), ("attention.mamba4+ffn.noop", 0.1, 2.0)]]
+    mlp = [Block(BlockChoice.from_id(b), s, {"p": c}) for b, s, c in
+           [("attention.noop+ffn.i256", 0.0, 4.0), ("attention.noop+ffn.i128", 0.1, 2.0),
+            ("attention.noop+ffn.i64", 0.3, 1.0)]]
+    moe = [Block(BlockChoice.from_id(b), s, {"p": c}) for b, s, c in
+           [("attention.noop+ffn.moe4.top2", 0.0, 4.0), ("attention.noop+ffn.moe2.top2", 0.1, 2.0)]]
+    layers = [mamba, mlp, moe, mlp]
+    assert uniform_ffn(layers=layers, limits={"p": 12.0}).choice == [0, 1, 0, 1]
+    assert uniform_ffn(layers=layers, limits={"p": 10.0}).choice == [0, 2, 0, 2]
+    with pytest.raises(InfeasibleBudget, match="common to every dense layer"):
+        uniform_ffn(layers=layers, limits={"p": 9.0})
+    with pytest.raises(PuzzleError, match="no layer of the library offers a dense FFN width"):
+        uniform_ffn(layers=[mamba, moe], limits={"p": 9.0})
