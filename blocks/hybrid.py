@@ -132,6 +132,18 @@ def moe_state(mixer, num_experts: int, scores: torch.Tensor | None = None) -> di
     return state
 
 
+def mixer_state(kind: str, mixer, spec, scores: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The weights of a `kind` layer's mixer cut to `spec` (an AttentionSpec for a token mixer, an FfnSpec
+    otherwise), ranked by `scores` where the caller measured them."""
+    if kind == "mamba":
+        return mamba_state(mixer, mamba_heads_kept(mixer, spec.mamba_num_heads, scores))
+    if kind == "attention":
+        return attention_state(mixer, spec.num_key_value_heads)
+    if kind == "mlp":
+        return mlp_state(mixer, spec.intermediate_size, scores)
+    return moe_state(mixer, spec.num_experts, scores)
+
+
 def hybrid_child_state(parent_model, choices: list[BlockChoice], shapes: list[ParentShape]) -> dict[str, torch.Tensor]:
     """The child's weights under the layout's names: the kept layers renumbered in order."""
     backbone = parent_model.model
@@ -143,16 +155,9 @@ def hybrid_child_state(parent_model, choices: list[BlockChoice], shapes: list[Pa
         block = hybrid_block_config(choice, shape, i)
         if block is None:
             continue
-        mixer = backbone.layers[i].mixer
         kind = block["block_type"]
-        if kind == "mamba":
-            layer = mamba_state(mixer, mamba_heads_kept(mixer, choice.attention.mamba_num_heads))
-        elif kind == "attention":
-            layer = attention_state(mixer, choice.attention.num_key_value_heads)
-        elif kind == "mlp":
-            layer = mlp_state(mixer, choice.ffn.intermediate_size)
-        else:
-            layer = moe_state(mixer, choice.ffn.num_experts)
+        spec = choice.attention if kind in ("mamba", "attention") else choice.ffn
+        layer = mixer_state(kind, backbone.layers[i].mixer, spec)
         state[f"model.layers.{kept}.norm.weight"] = backbone.layers[i].norm.weight
         state.update({f"model.layers.{kept}.mixer.{name}": value for name, value in layer.items()})
         kept += 1
@@ -209,15 +214,7 @@ def init_hybrid(spec, parent, scores: torch.Tensor | None = None) -> HybridSubbl
     with torch.device("meta"):
         mixer = {"mamba": NemotronHMamba2Mixer, "attention": NemotronHAttention, "mlp": NemotronHMLP,
                  "moe": NemotronHMoE}[kind](config, layer_idx=0)
-    if kind == "mamba":
-        state = mamba_state(src, mamba_heads_kept(src, spec.mamba_num_heads, scores))
-    elif kind == "attention":
-        state = attention_state(src, spec.num_key_value_heads)
-    elif kind == "mlp":
-        state = mlp_state(src, spec.intermediate_size, scores)
-    else:
-        state = moe_state(src, spec.num_experts, scores)
-    state = {k: v.detach().clone() for k, v in state.items()}
+    state = {k: v.detach().clone() for k, v in mixer_state(kind, src, spec, scores).items()}
     mixer.load_state_dict(state, strict=True, assign=True)
     norm_src = parent.input_norm if attention else parent.post_attention_norm
     norm = NemotronHRMSNorm(shape.hidden_size, eps=parent.rms_norm_eps)
