@@ -5,6 +5,8 @@ A hybrid layer is one mixer, so a block keeps one slot (the other is `noop`) or 
 - Mamba-2 with fewer heads: the same count kept in each B/C group (its gated norm normalizes per group),
   the highest-scoring in each; B, C and the convolution over them are kept whole;
 - attention with fewer KV heads: K and V heads mean-pooled in consecutive groups, as for the dense families;
+  window attention: the same weights, only the mask changes;
+- an MLP replaced by one Linear: W = W_down · W_up, as for the dense families;
 - an MLP with fewer channels, and routed experts with fewer of them (the router's rows and biases cut alike,
   the shared expert kept), the highest-scoring kept.
 Scores come from calibration where the caller has them; otherwise from the weights alone (a head's or
@@ -22,7 +24,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
 )
 
 from puzzle.blocks.heads import mean_pool_kv_heads
-from puzzle.blocks.modeling_hybrid import NemotronHPuzzleConfig
+from puzzle.blocks.modeling_hybrid import NemotronHLinearMLP, NemotronHPuzzleConfig
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, BlockChoice, FfnKind, ParentShape
 from puzzle.errors import PuzzleError
 
@@ -36,17 +38,20 @@ def hybrid_block_config(choice: BlockChoice, shape: ParentShape, layer: int) -> 
     problem = f"layer {layer}: {choice.id} does not fit a hybrid layer whose block is {BlockChoice(shape.attention, shape.ffn).id}"
     if shape.mixer is AttentionKind.mamba and a.kind is AttentionKind.mamba and f.removed:
         return _entry("mamba", mamba_num_heads=(a.mamba_num_heads, shape.mamba.num_heads))
-    if shape.mixer is AttentionKind.attention and a.kind is AttentionKind.attention and a.window is None and f.removed:
-        return _entry("attention", num_key_value_heads=(a.num_key_value_heads, shape.num_key_value_heads))
+    if shape.mixer is AttentionKind.attention and a.kind is AttentionKind.attention and f.removed:
+        return _entry("attention", num_key_value_heads=(a.num_key_value_heads, shape.num_key_value_heads),
+                      sliding_window=(a.window, shape.window))
     if shape.has_ffn and not shape.is_moe and a.removed and f.kind is FfnKind.dense:
         return _entry("mlp", intermediate_size=(f.intermediate_size, shape.intermediate_size))
+    if shape.has_ffn and not shape.is_moe and a.removed and f.kind is FfnKind.linear:
+        return {"block_type": "mlp", "replace_with_linear": True}
     if shape.is_moe and a.removed and f.kind is FfnKind.moe:
         return _entry("moe", n_routed_experts=(f.num_experts, shape.num_experts),
                       num_experts_per_tok=(f.experts_per_token, shape.experts_per_token))
     raise PuzzleError(problem)
 
 
-def _entry(block_type: str, **words: tuple[int, int]) -> dict:
+def _entry(block_type: str, **words: tuple[int | None, int | None]) -> dict:
     return {"block_type": block_type, **{word: mine for word, (mine, parent) in words.items() if mine != parent}}
 
 
@@ -118,6 +123,11 @@ def mlp_state(mixer, intermediate_size: int, scores: torch.Tensor | None = None)
     return state
 
 
+def linear_mlp_state(mixer) -> dict[str, torch.Tensor]:
+    """One Linear in place of down(act(up x)): W = W_down · W_up, as for the dense families."""
+    return {"linear_mlp.weight": mixer.down_proj.weight @ mixer.up_proj.weight}
+
+
 def moe_state(mixer, num_experts: int, scores: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The routed experts kept, with their router rows and score-correction biases; the rest as it was."""
     experts = mixer.experts
@@ -139,6 +149,8 @@ def mixer_state(kind: str, mixer, spec, scores: torch.Tensor | None = None) -> d
         return mamba_state(mixer, mamba_heads_kept(mixer, spec.mamba_num_heads, scores))
     if kind == "attention":
         return attention_state(mixer, spec.num_key_value_heads)
+    if kind == "mlp" and spec.kind is FfnKind.linear:
+        return linear_mlp_state(mixer)
     if kind == "mlp":
         return mlp_state(mixer, spec.intermediate_size, scores)
     return moe_state(mixer, spec.num_experts, scores)
@@ -174,22 +186,41 @@ class HybridSubblock(nn.Module):
         super().__init__()
         self.norm, self.mixer, self.block_type = norm, mixer, block_type
 
+    @property
+    def window(self) -> int | None:
+        return getattr(self.mixer.config, "sliding_window", None) if self.block_type == "attention" else None
+
     def forward(self, hidden: torch.Tensor, position_embeddings=None, cache=None) -> torch.Tensor:
         """`cache`: a `hybrid_cache` in which the mixer's `layer_idx` names its slot."""
         x = self.norm(hidden.to(self.norm.weight.dtype))
         if self.block_type == "mamba":
             return self.mixer(x, cache=cache)
-        if self.block_type == "attention":  # sdpa: causal without a mask
-            return self.mixer(hidden_states=x, attention_mask=None, cache=cache)[0]
+        if self.block_type == "attention":  # sdpa: causal without a mask, unless a window needs one
+            return self.mixer(hidden_states=x, attention_mask=self._window_mask(x, cache), cache=cache)[0]
         return self.mixer(x)
 
+    def _window_mask(self, x: torch.Tensor, cache) -> torch.Tensor | None:
+        """[1, 1, queries, keys] bool for a window; the keys are the slot's stored ones, then the new ones."""
+        if self.window is None:
+            return None
+        slot = cache.layers[self.mixer.layer_idx] if cache is not None else None
+        stored = slot.keys.shape[-2] if slot is not None and slot.is_initialized else 0
+        q_len = x.shape[1]
+        keys = torch.arange(stored + q_len, device=x.device)[None]
+        queries = torch.arange(stored, stored + q_len, device=x.device)[:, None]
+        return ((keys <= queries) & (queries - keys < self.window))[None, None]
 
-def hybrid_cache(block_types: list[str]):
-    """An empty transformers cache with one slot per token mixer, in order: Mamba state or KV."""
+
+def hybrid_cache(mixers: list[HybridSubblock]):
+    """An empty transformers cache with one slot per token mixer, in order: Mamba state, KV, or a window's KV."""
     from transformers import NemotronHConfig
-    from transformers.cache_utils import DynamicCache
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
-    return DynamicCache(config=NemotronHConfig(layers_block_type=block_types))
+    cache = DynamicCache(config=NemotronHConfig(layers_block_type=[m.block_type for m in mixers]))
+    for i, mixer in enumerate(mixers):
+        if mixer.window is not None:
+            cache.layers[i] = DynamicSlidingWindowLayer(sliding_window=mixer.window)
+    return cache
 
 
 def _layer_config(parent_config, block: dict):
@@ -211,12 +242,15 @@ def init_hybrid(spec, parent, scores: torch.Tensor | None = None) -> HybridSubbl
     src = parent.attention if attention else parent.ffn
     config = _layer_config(parent.config, block)
     kind = block["block_type"]
+    norm_src = parent.input_norm if attention else parent.post_attention_norm
     with torch.device("meta"):
-        mixer = {"mamba": NemotronHMamba2Mixer, "attention": NemotronHAttention, "mlp": NemotronHMLP,
-                 "moe": NemotronHMoE}[kind](config, layer_idx=0)
+        if block.get("replace_with_linear"):
+            mixer = NemotronHLinearMLP(config)
+        else:
+            mixer = {"mamba": NemotronHMamba2Mixer, "attention": NemotronHAttention, "mlp": NemotronHMLP,
+                     "moe": NemotronHMoE}[kind](config, layer_idx=0)
     state = {k: v.detach().clone() for k, v in mixer_state(kind, src, spec, scores).items()}
     mixer.load_state_dict(state, strict=True, assign=True)
-    norm_src = parent.input_norm if attention else parent.post_attention_norm
     norm = NemotronHRMSNorm(shape.hidden_size, eps=parent.rms_norm_eps)
     norm.weight.data.copy_(norm_src.weight.data)
     return HybridSubblock(norm, mixer, kind)

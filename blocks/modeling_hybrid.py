@@ -4,10 +4,11 @@ Saved beside a hybrid child's weights and loaded through `auto_map`; it imports 
 `model_type: nemotron_h_puzzle`, `architectures: ["NemotronHPuzzleForCausalLM"]` and a `block_configs` list
 with one entry per kept layer, as NVIDIA's Nemotron-H Puzzle checkpoints carry it: `block_type` (mamba,
 attention, mlp, moe) and the words of the global config that this layer sets otherwise: `intermediate_size`
-(mlp); `moe_intermediate_size`, `n_routed_experts`, `num_experts_per_tok` (moe); and two words only this
-file reads, `mamba_num_heads` (mamba) and `num_key_value_heads` (attention). A removed layer has no entry.
-Each layer is transformers' own Nemotron-H block built from its layer's config, so a layer the search kept
-computes what the parent's did.
+(mlp); `moe_intermediate_size`, `n_routed_experts`, `num_experts_per_tok` (moe); and words only this file
+reads: `mamba_num_heads` (mamba), `num_key_value_heads` and `sliding_window` (attention: window attention,
+whose cache keeps only the window) and `replace_with_linear` (mlp: one hidden×hidden Linear, DeciLM's word).
+A removed layer has no entry. Each layer is transformers' own Nemotron-H block built from its layer's config
+(a linear MLP's mixer aside), so a layer the search kept computes what the parent's did.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ import copy
 
 import torch
 from torch import nn
-from transformers.cache_utils import CacheLayerMixin, DynamicCache
-from transformers.masking_utils import create_recurrent_attention_mask
+from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicSlidingWindowLayer
+from transformers.masking_utils import (
+    create_causal_mask, create_recurrent_attention_mask, create_sliding_window_causal_mask,
+)
+from transformers.modeling_outputs import MoeModelOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
 from transformers.models.nemotron_h.modeling_nemotron_h import (
     NemotronHBlock, NemotronHForCausalLM, NemotronHMamba2Mixer, NemotronHModel, NemotronHPreTrainedModel,
@@ -29,8 +36,8 @@ BLOCK_TYPES = {"mamba": "linear_attention", "attention": "full_attention", "mlp"
 # The words a block may set over the global config.
 BLOCK_WORDS = {
     "mamba": ("mamba_num_heads",),
-    "attention": ("num_key_value_heads",),
-    "mlp": ("intermediate_size",),
+    "attention": ("num_key_value_heads", "sliding_window"),
+    "mlp": ("intermediate_size", "replace_with_linear"),
     "moe": ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"),
 }
 
@@ -75,11 +82,15 @@ class NemotronHPuzzlePreTrainedModel(NemotronHPreTrainedModel):
 
 
 class NemotronHPuzzleCache(DynamicCache):
-    """transformers' cache, which asks an attention layer how many tokens it has seen: a child whose attention
-    layers were all removed counts them itself."""
+    """transformers' cache with a window layer's slot holding only its window. transformers asks an attention
+    layer how many tokens the cache has seen: a child whose attention layers were all removed counts them
+    itself."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: NemotronHPuzzleConfig):
+        super().__init__(config=config)
+        for i, block in enumerate(config.block_configs):
+            if block.get("sliding_window"):
+                self.layers[i] = DynamicSlidingWindowLayer(sliding_window=block["sliding_window"])
         self.seen_tokens = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -88,42 +99,79 @@ class NemotronHPuzzleCache(DynamicCache):
         return self.seen_tokens
 
 
-def _attention_free(config: NemotronHPuzzleConfig) -> bool:
-    return "full_attention" not in config.layers_block_type
+class NemotronHLinearMLP(nn.Module):
+    """An MLP layer replaced by one hidden×hidden Linear."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.linear_mlp = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear_mlp(hidden_states)
 
 
-def _recurrent_masks(config, length_like: torch.Tensor, attention_mask, cache) -> dict:
-    """The masks of a model without attention layers: only Mamba's padding mask (transformers' causal mask is
-    sized from an attention layer's cache)."""
-    return {"linear_attention": create_recurrent_attention_mask(config, length_like, attention_mask, cache)}
+def _block(config: NemotronHPuzzleConfig, layer: int) -> NemotronHBlock:
+    block = NemotronHBlock(config.get_nemotron_h_config_for_layer(layer), layer_idx=layer)
+    if config.block_configs[layer].get("replace_with_linear"):
+        block.mixer = NemotronHLinearMLP(config)
+    return block
+
+
+def _mask_key(block: dict) -> str | None:
+    """Which mask a layer reads: one per window width, one for full attention, one for Mamba; none for an FFN."""
+    if block["block_type"] == "attention":
+        return f"sliding_attention:{block['sliding_window']}" if block.get("sliding_window") else "full_attention"
+    return "linear_attention" if block["block_type"] == "mamba" else None
+
+
+def _masks(config: NemotronHPuzzleConfig, inputs_embeds, attention_mask, cache, position_ids) -> dict:
+    """Every mask the layers read, each built once. transformers sizes the causal mask from a full-attention
+    layer's cache, so it is built only where one exists."""
+    kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+    masks = {"linear_attention": create_recurrent_attention_mask(config=config, **kwargs)}
+    for i, block in enumerate(config.block_configs):
+        key = _mask_key(block)
+        if key is None or key in masks:
+            continue
+        if key == "full_attention":
+            masks[key] = create_causal_mask(config=config, **kwargs)
+        else:
+            masks[key] = create_sliding_window_causal_mask(config=config.get_nemotron_h_config_for_layer(i), **kwargs,
+                                                           layer_idx=i)
+    return masks
 
 
 class NemotronHPuzzleModel(NemotronHPuzzlePreTrainedModel, NemotronHModel):
     def __init__(self, config: NemotronHPuzzleConfig):
         NemotronHPreTrainedModel.__init__(self, config)  # not NemotronHModel's: its layers are all alike
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            NemotronHBlock(config.get_nemotron_h_config_for_layer(i), layer_idx=i) for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(_block(config, i) for i in range(config.num_hidden_layers))
         self.norm_f = NemotronHRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.post_init()
 
+    # transformers' own stack: hidden states and router logits recorded, the old cache keyword taken.
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, cache=None, use_cache=None,
                 attention_mask=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = NemotronHPuzzleCache(config=self.config)
-        tokens = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        if _attention_free(self.config) and not isinstance(attention_mask, dict):
-            if position_ids is None:  # no layer reads them, but the base forward asks the cache for them
-                past = cache.get_seq_length() if cache is not None else 0
-                position_ids = (torch.arange(tokens.shape[1], device=tokens.device) + past)[None]
-            attention_mask = _recurrent_masks(self.config, tokens[..., None], attention_mask, cache)
-        out = super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
-                              cache=cache, use_cache=use_cache, attention_mask=attention_mask, **kwargs)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past)[None]
+        masks = attention_mask if isinstance(attention_mask, dict) else _masks(
+            self.config, hidden, attention_mask, cache, position_ids)
+        for layer, block in zip(self.layers, self.config.block_configs):
+            hidden = layer(hidden, attention_mask=masks.get(_mask_key(block)), position_ids=position_ids, cache=cache,
+                           use_cache=use_cache, **kwargs)
         if isinstance(cache, NemotronHPuzzleCache):
-            cache.seen_tokens += tokens.shape[1]
-        return out
+            cache.seen_tokens += hidden.shape[1]
+        return MoeModelOutputWithPast(last_hidden_state=self.norm_f(hidden), cache=cache if use_cache else None)
 
 
 class NemotronHPuzzleForCausalLM(NemotronHPuzzlePreTrainedModel, NemotronHForCausalLM):
@@ -141,7 +189,4 @@ class NemotronHPuzzleForCausalLM(NemotronHPuzzlePreTrainedModel, NemotronHForCau
 
     @staticmethod
     def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
-        if _attention_free(config):
-            return _recurrent_masks(config, inputs_embeds, attention_mask, cache)
-        return NemotronHForCausalLM.create_masks_for_generate(config, inputs_embeds, attention_mask, cache,
-                                                              position_ids, **kwargs)
+        return _masks(config, inputs_embeds, attention_mask, cache, position_ids)

@@ -65,8 +65,8 @@ def divisors(n: int) -> list[int]:
 
 def attention_candidates(shape: ParentShape, options: SpaceOptions) -> list[AttentionSpec]:
     """The parent's attention first, then every variant, without duplicates. A hybrid layer keeps its kind of
-    mixer (no windows or linear attention: the hybrid child's layout has neither), and has no attention to
-    offer when it is an FFN layer."""
+    mixer (no linear attention: its Mamba layers already mix tokens cheaply), and has no attention to offer
+    when it is an FFN layer."""
     if shape.mixer is AttentionKind.noop:
         return [shape.attention]
     if shape.mixer is AttentionKind.mamba:
@@ -87,7 +87,7 @@ def attention_candidates(shape: ParentShape, options: SpaceOptions) -> list[Atte
     specs += [
         AttentionSpec(AttentionKind.attention, shape.num_key_value_heads, w)
         for w in sorted(options.windows)
-        if (shape.window is None or w < shape.window) and not shape.hybrid
+        if shape.window is None or w < shape.window
     ]
     if options.linear_attention and not shape.hybrid:
         specs.append(AttentionSpec(AttentionKind.linear))
@@ -104,8 +104,8 @@ def pruned_size(fraction: float, intermediate_size: int, grid: int | None) -> in
 
 
 def ffn_candidates(shape: ParentShape, options: SpaceOptions) -> list[FfnSpec]:
-    """The parent's FFN first, then pruned sizes (largest first), linear and no-op (a hybrid layer: no linear
-    FFN, and no FFN at all where it has a token mixer)."""
+    """The parent's FFN first, then pruned sizes (largest first), linear and no-op (a hybrid layer has no FFN
+    at all where it has a token mixer)."""
     if not shape.has_ffn:
         return [shape.ffn]
     if shape.is_moe:
@@ -120,7 +120,7 @@ def ffn_candidates(shape: ParentShape, options: SpaceOptions) -> list[FfnSpec]:
             raise PuzzleError(f"library.ffn_sizes: {size} is not on the grid of {options.ffn_grid} (library.ffn_grid)")
         sizes.append(size)
     specs = [shape.ffn] + [FfnSpec(FfnKind.dense, s) for s in sorted(set(sizes), reverse=True)]
-    if options.linear_ffn and not shape.hybrid:
+    if options.linear_ffn:
         specs.append(FfnSpec(FfnKind.linear))
     if options.noop_ffn:
         specs.append(FfnSpec(FfnKind.noop))

@@ -123,12 +123,19 @@ def tokenizer_reasons(engine: Engine, directory: Path) -> list[str]:
 
 
 # A hybrid child's per-layer words each engine's Nemotron-H Puzzle reader does not take (read in their sources,
-# not run): vLLM builds each layer from `get_nemotron_h_config_for_layer` but sizes every Mamba layer and its
-# state from the global config; llama.cpp's converter reads per-layer expert width and top-k only.
+# not run): vLLM builds each layer from `get_nemotron_h_config_for_layer` (an attention layer's KV heads and
+# `sliding_window` included) but sizes every Mamba layer and its state from the global config, and builds
+# every MLP layer as an MLP; llama.cpp's converter reads per-layer expert width and top-k only.
 HYBRID_UNREAD = {
-    Engine.vllm: {"mamba_num_heads": "fewer Mamba heads in one layer (vLLM sizes every Mamba layer and its state "
-                                     "from the global mamba_num_heads)"},
+    Engine.vllm: {
+        "mamba_num_heads": "fewer Mamba heads in one layer (vLLM sizes every Mamba layer and its state from the "
+                           "global mamba_num_heads)",
+        "replace_with_linear": "a linear MLP layer (vLLM builds every MLP layer as an MLP)",
+    },
     Engine.llama_cpp: {
+        "sliding_window": "window attention in one layer (llama.cpp attends over every token instead: wrong from "
+                          "the window's length on)",
+        "replace_with_linear": "a linear MLP layer (llama.cpp builds every MLP layer as an MLP)",
         "mamba_num_heads": "fewer Mamba heads in one layer (llama.cpp's SSM sizes are global)",
         "num_key_value_heads": "fewer KV heads in one layer (llama.cpp's Nemotron-H Puzzle converter reads none)",
         "intermediate_size": "a pruned MLP layer (llama.cpp's Nemotron-H Puzzle converter reads per-layer widths of "

@@ -58,7 +58,7 @@ class Stack:
         mixers = [a for a, _ in layers if isinstance(a, HybridSubblock)]
         if mixers:
             # A hybrid's: Mamba states and KV, filled by a prefill of the decode context.
-            self.cache = hybrid_cache([m.block_type for m in mixers])
+            self.cache = hybrid_cache(mixers)
             for slot, mixer in enumerate(mixers):
                 mixer.mixer.layer_idx = slot
             with torch.no_grad():

@@ -67,6 +67,56 @@ def test_a_changed_child_loads_with_transformers_and_generates_alike_with_and_wi
     assert mamba.num_heads == 2 and mamba.in_proj.weight.shape == (2 * 16 + 2 * 2 * 8 + 2, 48)  # z, x; B, C; dt
 
 
+# Window attention (a window of 4 on 12 + 10 tokens) and a linear MLP.
+WINDOW_LINEAR = [OWN[0], "attention.noop+ffn.linear", "attention.kv1.window4+ffn.noop", *OWN[3:]]
+
+
+def test_a_child_with_window_attention_and_a_linear_mlp_loads_and_generates_alike_with_and_without_cache(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import puzzle.blocks.modeling_hybrid as modeling
+
+    parent = tiny_model("nemotron_h")
+    model = child(parent, WINDOW_LINEAR)
+    assert model.config.block_configs[1:3] == [{"block_type": "mlp", "replace_with_linear": True},
+                                               {"block_type": "attention", "num_key_value_heads": 1, "sliding_window": 4}]
+    model.save_pretrained(tmp_path)
+    shutil.copy(modeling.__file__, tmp_path / "modeling_hybrid.py")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+    cached = loaded.generate(ids, max_new_tokens=10, do_sample=False, use_cache=True)
+    assert torch.equal(cached, loaded.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False))
+    out = loaded(ids, use_cache=True, output_hidden_states=True)
+    assert out.cache.layers[2].keys.shape[-2] == 3  # the window's cache keeps the last window − 1 tokens' KV
+    assert len(out.hidden_states) == 1 + 5  # what KD aligns the layers on
+
+
+def test_window_attention_sees_only_its_window_in_the_child_and_in_its_library_candidate():
+    from puzzle.blocks.init import init_attention
+    from puzzle.blocks.specs import AttentionKind, AttentionSpec
+    from puzzle.families import family_adapter
+
+    parent = tiny_model("nemotron_h")
+    removed = "attention.noop+ffn.noop"
+    model = child(parent, [removed, removed, "attention.kv2.window4+ffn.noop", removed, removed])  # no full mask
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    changed = ids.clone()
+    changed[0, :8] = (ids[0, :8] + 1) % 128  # outside the window of the last token (which sees 8..11)
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert torch.equal(model(changed).logits[0, 11], logits[0, 11])
+        assert not torch.equal(model(changed).logits[0, 8], logits[0, 8])
+        padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+        mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], dim=1)
+        torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, 3:], logits, rtol=0, atol=1e-5)
+        candidate = init_attention(AttentionSpec(AttentionKind.attention, 2, 4), family_adapter(parent).parent_layer(2))
+        hidden = model.model.embeddings(ids)
+        alone = model.lm_head(model.model.norm_f(hidden + candidate(hidden, None)))
+        torch.testing.assert_close(alone, logits, rtol=0, atol=1e-5)
+
+
 def test_mamba_heads_are_kept_alike_in_every_group():
     mixer = tiny_model("nemotron_h").model.layers[0].mixer  # 4 heads in 2 groups
     scores = torch.tensor([0.1, 0.9, 0.8, 0.2])
@@ -113,12 +163,12 @@ def test_mamba_parameters_follow_the_parents_biases(biases):
 def test_each_hybrid_layer_offers_only_its_own_kind_of_block():
     from puzzle.blocks.space import SpaceOptions, attention_candidates, ffn_candidates
 
-    options = SpaceOptions(ffn_fractions=[0.5], experts=[2], mamba_fractions=[0.5, 0.4])
+    options = SpaceOptions(ffn_fractions=[0.5], experts=[2], mamba_fractions=[0.5, 0.4], windows=[8])
     ids = [([a.id for a in attention_candidates(s, options)], [f.id for f in ffn_candidates(s, options)])
            for s in parent_shapes(tiny_model("nemotron_h").config)]
     assert ids[0] == (["attention.mamba4", "attention.mamba2", "attention.noop"], ["ffn.noop"])  # 0.4 → 2 (groups of 2)
-    assert ids[1] == (["attention.noop"], ["ffn.i96", "ffn.i48", "ffn.noop"])  # no linear FFN in this layout
-    assert ids[2] == (["attention.kv2", "attention.kv1", "attention.noop"], ["ffn.noop"])  # no windows, no linear
+    assert ids[1] == (["attention.noop"], ["ffn.i96", "ffn.i48", "ffn.linear", "ffn.noop"])
+    assert ids[2] == (["attention.kv2", "attention.kv1", "attention.kv2.window8", "attention.noop"], ["ffn.noop"])
     assert ids[3] == (["attention.noop"], ["ffn.moe4.top2", "ffn.moe2.top2", "ffn.noop"])
 
 
