@@ -3,8 +3,8 @@
 - pruned FFN: keep the channels of highest contribution C_j = mean|x_j| · ‖W_down[:, j]‖₂;
 - fewer KV heads: mean-pool the K and V heads inside each merged group (queries unchanged);
 - window attention: the parent's weights, only the mask changes;
-- linear attention: W = W_O · W_V (V heads expanded to the query heads first);
-- linear FFN: W = W_down · W_up (the gate is dropped);
+- linear attention: W = W_O · W_V (V heads expanded to the query heads first), and linear FFN: W = W_down ·
+  W_up (the gate is dropped), where BLD has no least-squares fit on calibration (`distill.bld.linear_fits`);
 - MoE experts: keep the k most important experts (see `distill.experts`), slice the router rows.
 """
 

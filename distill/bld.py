@@ -138,17 +138,110 @@ def ffn_channel_scores(adapter, calibration: torch.Tensor, batch_size: int, pipe
     return scores
 
 
+# The float32 statistics of linear fits held at once; more linear candidates take more calibration passes.
+LINEAR_FIT_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class LinearSlot:
+    """A subblock that a linear candidate replaces: `layer`'s attention or FFN, fitted with a bias or without."""
+
+    layer: int
+    attention: bool
+    bias: bool
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    weight: torch.Tensor  # [hidden, hidden], float32, on the host
+    bias: torch.Tensor | None
+
+
+def linear_slots(candidates, adapter) -> list[LinearSlot]:
+    """The subblocks some candidate replaces by one Linear; an attention's keeps the parent's biases."""
+    slots = set()
+    for c in candidates:
+        if c.attention is not None and c.attention.linear:
+            shape = adapter.shape(c.layer)
+            slots.add(LinearSlot(c.layer, True, shape.attention_bias or shape.attention_output_bias))
+        if c.ffn is not None and c.ffn.linear:
+            slots.add(LinearSlot(c.layer, False, False))
+    return sorted(slots, key=lambda s: (s.layer, not s.attention))
+
+
+def _slot_io(adapter, acts: ParentActivations, slot: LinearSlot) -> tuple[torch.Tensor, torch.Tensor]:
+    """A subblock's normalized input and what it adds to the residual stream, one row per token."""
+    parts, i = adapter.layer(slot.layer), slot.layer
+    if slot.attention:
+        x, y = parts.input_norm(acts.block_input[i]), acts.attention_delta[i]
+    else:
+        x, y = parts.post_attention_norm(acts.ffn_input(i)), acts.block_delta[i] - acts.attention_delta[i]
+    return x.flatten(0, -2).float(), y.flatten(0, -2).float()
+
+
+def _solve(xtx: torch.Tensor, xty: torch.Tensor, bias: bool) -> LinearFit:
+    """Ridge least squares, the ridge 1e-4 of the inputs' mean square: calibration tokens may not span every
+    direction of the hidden state."""
+    n = xtx.shape[0] - (0 if bias else 1)
+    a, b = xtx[:n, :n].double(), xty[:n].double()
+    ridge = 1e-4 * a.diagonal()[: xtx.shape[0] - 1].mean().clamp_min(1e-12)
+    w = torch.linalg.solve(a + ridge * torch.eye(n, dtype=a.dtype, device=a.device), b).float().cpu()  # kept on the host
+    return LinearFit(w[: xtx.shape[0] - 1].T.contiguous(), w[-1] if bias else None)
+
+
+@torch.no_grad()
+def linear_fits(adapter, calibration: torch.Tensor, batch_size: int, slots: list[LinearSlot],
+                pipeline=None) -> dict[LinearSlot, LinearFit]:
+    """The least-squares Linear from each slot's normalized input to what the parent's subblock adds, on the
+    calibration tokens: where a linear candidate starts (the products W_down·W_up and W_O·W_V start further
+    from the parent than removing the subblock on the shipped parents). X^T X and X^T Y (X with a ones
+    column) take 2(h+1)² float32 per slot, so a pass fits as many slots as LINEAR_FIT_BYTES holds; in a
+    pipeline every rank makes as many passes as the rank with the most, each rank fitting its own layers."""
+    h = adapter.config.hidden_size
+    per_pass = max(1, LINEAR_FIT_BYTES // (8 * (h + 1) ** 2))
+    chunks = [slots[k : k + per_pass] for k in range(0, len(slots), per_pass)]
+    passes = len(chunks) if pipeline is None else pipeline.most(len(chunks))
+    fits = {}
+    for n in range(passes):
+        stats = {}
+        for start in range(0, len(calibration), batch_size):
+            acts = parent_activations(adapter, calibration[start : start + batch_size], pipeline)
+            for slot in chunks[n] if n < len(chunks) else []:
+                x, y = _slot_io(adapter, acts, slot)
+                x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+                xtx, xty = stats.get(slot, (0.0, 0.0))
+                stats[slot] = (xtx + x.T @ x, xty + x.T @ y)
+        fits.update({slot: _solve(xtx, xty, slot.bias) for slot, (xtx, xty) in stats.items()})
+    return fits
+
+
 def build_module(candidate: Candidate, adapter, channel_scores: list[torch.Tensor | None] | None,
-                 attn_impl: str) -> nn.ModuleDict:
-    """`channel_scores`: per layer, channel contributions of a dense FFN or expert importances of an MoE FFN."""
+                 attn_impl: str, fits: dict[LinearSlot, LinearFit] | None = None) -> nn.ModuleDict:
+    """`channel_scores`: per layer, channel contributions of a dense FFN or expert importances of an MoE FFN;
+    `fits`: where linear candidates start (`linear_fits`), else from the parent's weights alone."""
     parent = adapter.parent_layer(candidate.layer)
     parts = {}
     scores = channel_scores[candidate.layer] if channel_scores is not None else None
+    fit = {(s.layer, s.attention): f for s, f in (fits or {}).items()}
     if candidate.attention is not None:
         parts["attention"] = init_attention(candidate.attention, parent, attn_impl, scores)
+        if candidate.attention.linear:
+            _start_at(parts["attention"], fit.get((candidate.layer, True)))
     if candidate.ffn is not None:
         parts["ffn"] = init_ffn(candidate.ffn, parent, scores)
+        if candidate.ffn.linear:
+            _start_at(parts["ffn"], fit.get((candidate.layer, False)))
     return nn.ModuleDict(parts)
+
+
+def _start_at(module: nn.Module, fit: LinearFit | None) -> None:
+    """Put a linear candidate's one Linear at its least-squares fit."""
+    if fit is None:
+        return
+    linear = next(m for m in module.modules() if isinstance(m, nn.Linear))
+    linear.weight.data.copy_(fit.weight)
+    if linear.bias is not None:
+        linear.bias.data.copy_(fit.bias)
 
 
 def predict(candidate: Candidate, module: nn.ModuleDict, adapter, acts: ParentActivations) -> torch.Tensor:

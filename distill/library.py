@@ -25,7 +25,7 @@ from puzzle.blocks.init import ParentLayer, shaped_module
 from puzzle.io import atomic_path, atomic_write_json, read_json, sha256_file
 from puzzle.blocks.space import SpaceOptions, attention_candidates, check_not_empty, ffn_candidates
 from puzzle.blocks.specs import (
-    AttentionSpec, BlockChoice, FfnKind, FfnSpec, ParentShape, SubblockSpec, needs_training, spec_from_id,
+    AttentionKind, AttentionSpec, BlockChoice, FfnKind, FfnSpec, ParentShape, SubblockSpec, needs_training, spec_from_id,
 )
 from puzzle.distill.bld import Candidate, CandidateResult
 
@@ -85,12 +85,14 @@ def read_entry(directory: Path, candidate: Candidate, fingerprint: str) -> dict 
 def init_name(spec: SubblockSpec, parent_spec: SubblockSpec) -> str:
     if isinstance(spec, AttentionSpec):
         if spec.linear:
-            return "W_O·W_V"
+            return "least squares on calibration"
+        if spec.kind is AttentionKind.mamba:
+            return "heads by contribution"
         if spec.num_key_value_heads != parent_spec.num_key_value_heads:
             return "mean-pooled KV heads"
         return "parent weights, window mask"
     if spec.linear:
-        return "W_down·W_up"
+        return "least squares on calibration"
     if spec.kind is FfnKind.moe:
         return "most important experts"
     return "channel contribution"

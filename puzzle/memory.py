@@ -279,6 +279,21 @@ def candidate_params(candidate, shape: ParentShape) -> int:
     return sum(parameters(s, shape) for s in (candidate.attention, candidate.ffn) if s is not None)
 
 
+def _linear_fit_terms(candidates: list, hidden: int) -> list[Term]:
+    """Where linear candidates start (`distill.bld.linear_fits`): one calibration pass's float32 statistics,
+    counted at the peak though they are freed before training, and the fits, kept on the host."""
+    from puzzle.distill.bld import LINEAR_FIT_BYTES
+
+    slots = {(c.layer, spec.kind) for c in candidates for spec in (c.attention, c.ffn) if spec is not None and spec.linear}
+    if not slots:
+        return []
+    per_slot = 8 * (hidden + 1) ** 2
+    per_pass = min(len(slots), max(1, LINEAR_FIT_BYTES // per_slot))
+    return [Term(f"least-squares statistics ({per_pass} of {len(slots)} linear subblocks per calibration pass)",
+                 per_pass * per_slot),
+            Term("linear candidates' starting weights (fp32, host)", len(slots) * 4 * (hidden + 1) * hidden, host=True)]
+
+
 def bld_groups(config: PuzzleConfig, model: ModelShape, candidates: list, target: Target,
                min_groups: int | None = None, share: range | None = None) -> tuple[list[list], StagePlan]:
     """The candidates in the groups BLD trains (at least `min_groups`, default one per rank), and the stage's
@@ -297,7 +312,8 @@ def bld_groups(config: PuzzleConfig, model: ModelShape, candidates: list, target
                 + (f", {math.ceil(len(groups) / target.ranks)} per rank" if share is None else " on this rank"))
     heaviest = max(groups, key=lambda g: sum(sizes[i] for i in g), default=[])
     params = sum(sizes[i] for i in heaviest)
-    terms = [*fixed, Term("candidates: fp32 weights, grads, AdamW (heaviest group)", params * TRAINED_BYTES),
+    terms = [*fixed, *_linear_fit_terms(candidates, model.hidden_size),
+             Term("candidates: fp32 weights, grads, AdamW (heaviest group)", params * TRAINED_BYTES),
              Term("candidates' initial weights (fp32, host)", params * 4, host=True)]
     plan = StagePlan(Stage.library, tuple(terms), target.ranks, len(groups), note,
                      "lower bld.batch_size or bld.sequence_length (the parent's activations of a batch stay beside every group)")

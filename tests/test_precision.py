@@ -13,7 +13,9 @@ def _dtypes(path) -> set[str]:
 
 def test_a_bf16_parent_runs_the_whole_pipeline_and_its_library_and_children_are_bf16(tmp_path, tiny_parent_dir,
                                                                                      monkeypatch, capsys):
-    path = pipeline_job(tmp_path, tiny_parent_dir)
+    # Without linear subblocks: fitted by least squares, they leave this random parent's child almost exact
+    # (KL about 1e-4), below what KD can still lower.
+    path = pipeline_job(tmp_path, tiny_parent_dir, library={"linear_attention": False, "linear_ffn": False})
     code, (out, err) = cli(monkeypatch, capsys, "run", path, "--set", "parent.dtype=bfloat16")
     assert code == 0, err
     run = tmp_path / "run"

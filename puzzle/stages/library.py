@@ -27,7 +27,7 @@ from puzzle.io import atomic_path
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, FfnKind, ParentShape
 from puzzle.config import PuzzleConfig
 from puzzle.data import job_blocks
-from puzzle.distill.bld import Candidate, build_module, ffn_channel_scores, train_candidates
+from puzzle.distill.bld import Candidate, build_module, ffn_channel_scores, linear_fits, linear_slots, train_candidates
 from puzzle.distill.experts import expert_importance
 from puzzle.distill.library import (
     ENTRY_FORMAT, LayerSpace, bld_candidates, init_name, layer_spaces, read_entry, write_entry, write_space,
@@ -136,6 +136,7 @@ class BldJob:
     train: object  # BlockSet on the host, read a batch at a time
     held_out: torch.Tensor  # on the device
     scores: list | None
+    fits: dict  # where linear candidates start: LinearSlot → LinearFit
     settings: TrainingSettings
 
 
@@ -148,10 +149,13 @@ def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate], pipel
         learning_rate=bld.learning_rate, schedule=bld.schedule, warmup_fraction=bld.warmup_fraction, steps=steps,
         batch_size=bld.batch_size, seed=config.run.seed, checkpoint_every=bld.checkpoint_every,
     )
+    slots = linear_slots(candidates, parent.adapter)
+    calibration = data.calibration(config.data.calibration_blocks).to(device)
     return BldJob(
         train=data.train.recut(bld.sequence_length),
         held_out=data.validation.recut(bld.sequence_length)[: bld.eval_blocks].to(device),
         scores=ffn_scores(config, parent.adapter, data, candidates, device, pipeline),
+        fits=linear_fits(parent.adapter, calibration, config.eval.batch_size, slots, pipeline),
         settings=settings,
     )
 
@@ -160,7 +164,8 @@ def group_modules(config: PuzzleConfig, parent, job: BldJob, group: list[Candida
     """A group's candidates, initialized from the parent, on the parent's device."""
     device = parent.device
     return nn.ModuleDict(
-        {c.module_name: build_module(c, parent.adapter, job.scores, config.parent.attn_implementation) for c in group}
+        {c.module_name: build_module(c, parent.adapter, job.scores, config.parent.attn_implementation, job.fits)
+         for c in group}
     ).to(device)
 
 
