@@ -12,7 +12,7 @@ over 2 processes with the parent and the child sharded by FSDP2.
 Measured: each stage process's peak resident set (VmHWM) here; on a GPU (--device cuda) the CUDA allocator's peak,
 against the plan without its runtime term (the CUDA context is outside the allocator).
 
-    python bench/scale.py                 # both shapes, about 6 minutes on 2 CPU cores
+    python bench/scale.py                 # both shapes, one and two processes: about 10 minutes on 2 CPU cores
     python bench/scale.py --shapes qwen2.5-0.5b
 """
 
