@@ -29,11 +29,20 @@ from puzzle.blocks.specs import AttentionKind, AttentionSpec, BlockChoice, FfnKi
 from puzzle.errors import PuzzleError
 
 
+def _removed(choice: BlockChoice) -> bool:
+    return choice.attention.removed and choice.ffn.removed
+
+
+def kept_layers(choices: list[BlockChoice]) -> list[int]:
+    """The parent layers that keep an entry in a hybrid child's `block_configs` (a removed layer has none)."""
+    return [i for i, c in enumerate(choices) if not _removed(c)]
+
+
 def hybrid_block_config(choice: BlockChoice, shape: ParentShape, layer: int) -> dict | None:
     """Layer `layer`'s `block_configs` entry (None: the layer is removed), with only the words that differ
     from the parent's, as the released layout writes them."""
     a, f = choice.attention, choice.ffn
-    if a.removed and f.removed:
+    if _removed(choice):
         return None
     problem = f"layer {layer}: {choice.id} does not fit a hybrid layer whose block is {BlockChoice(shape.attention, shape.ffn).id}"
     if shape.mixer is AttentionKind.mamba and a.kind is AttentionKind.mamba and f.removed:

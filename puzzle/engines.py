@@ -145,18 +145,20 @@ HYBRID_UNREAD = {
 }
 
 
-def hybrid_reasons(engine: Engine, config) -> list[str]:
+def hybrid_reasons(engine: Engine, config, parent_layers: list[int] | None = None) -> list[str]:
     """Why `engine` cannot serve a hybrid (Nemotron-H Puzzle) child of this config. A hybrid child keeps
-    only its non-empty layers, so the reasons name the checkpoint's own entries, not the parent's layers."""
+    only its non-empty layers, so the reasons name the checkpoint's own entries, and with `parent_layers`
+    (the parent layer of each entry) the parent's layer that the search's tables show too."""
     unread = HYBRID_UNREAD.get(engine, {})
-    return [f"block_configs[{i}]: {unread[word]}" for i, block in enumerate(config.block_configs) for word in block
-            if word in unread]
+    where = [f" (parent layer {p})" for p in parent_layers] if parent_layers else [""] * len(config.block_configs)
+    return [f"block_configs[{i}]{where[i]}: {unread[word]}" for i, block in enumerate(config.block_configs)
+            for word in block if word in unread]
 
 
-def child_reasons(engine: Engine, config) -> list[str]:
-    """Every reason `engine` cannot serve the child of this config."""
+def child_reasons(engine: Engine, config, parent_layers: list[int] | None = None) -> list[str]:
+    """Every reason `engine` cannot serve the child of this config; `parent_layers`: see `hybrid_reasons`."""
     if config.model_type == "nemotron_h_puzzle":
-        return hybrid_reasons(engine, config)
+        return hybrid_reasons(engine, config, parent_layers)
     blocks = config.block_configs
     reasons = model_reasons(engine, config)
     for i, block in enumerate(blocks):
@@ -166,8 +168,9 @@ def child_reasons(engine: Engine, config) -> list[str]:
     return reasons
 
 
-def servability(config) -> list[EngineVerdict]:
-    vllm, llama_cpp = child_reasons(Engine.vllm, config), child_reasons(Engine.llama_cpp, config)
+def servability(config, parent_layers: list[int] | None = None) -> list[EngineVerdict]:
+    vllm, llama_cpp = (child_reasons(Engine.vllm, config, parent_layers),
+                       child_reasons(Engine.llama_cpp, config, parent_layers))
     return [
         EngineVerdict("transformers (trust_remote_code)", True, []),
         EngineVerdict("vLLM", not vllm, vllm),

@@ -67,6 +67,22 @@ def test_a_changed_child_loads_with_transformers_and_generates_alike_with_and_wi
     assert mamba.num_heads == 2 and mamba.in_proj.weight.shape == (2 * 16 + 2 * 2 * 8 + 2, 48)  # z, x; B, C; dt
 
 
+def test_engine_verdicts_name_the_parent_layer_of_each_kept_entry():
+    from puzzle.blocks.hybrid import kept_layers
+    from puzzle.engines import Engine, hybrid_reasons
+
+    # Layer 0 removed: the child's entries 0..3 are the parent's layers 1..4.
+    blocks = ["attention.noop+ffn.noop", "attention.noop+ffn.linear", "attention.kv1+ffn.noop", *OWN[3:]]
+    choices = [BlockChoice.from_id(b) for b in blocks]
+    parent = tiny_model("nemotron_h")
+    config = hybrid_child_config(parent.config, choices, parent_shapes(parent.config))
+    assert kept_layers(choices) == [1, 2, 3, 4]
+    assert hybrid_reasons(Engine.llama_cpp, config, kept_layers(choices)) == [
+        "block_configs[0] (parent layer 1): a linear MLP layer (llama.cpp builds every MLP layer as an MLP)",
+        "block_configs[1] (parent layer 2): fewer KV heads in one layer (llama.cpp's Nemotron-H Puzzle converter "
+        "reads none)"]
+
+
 # Window attention (a window of 4 on 12 + 10 tokens) and a linear MLP.
 WINDOW_LINEAR = [OWN[0], "attention.noop+ffn.linear", "attention.kv1.window4+ffn.noop", *OWN[3:]]
 
