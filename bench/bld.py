@@ -22,7 +22,8 @@ from puzzle.distill.bld import parent_activations, train_step
 from puzzle.config import load_config
 from puzzle.distill.library import bld_candidates
 from puzzle.stages.library import group_modules, job_spaces, prepare_bld
-from puzzle.parents import load_parent
+from puzzle.memory import linear_fit_slots, model_shape, target
+from puzzle.parents import load_parent, parent_config
 
 
 def matmul_rate(n: int = 1024, repeats: int = 10) -> float:
@@ -56,7 +57,8 @@ def main() -> None:
     adapter = parent.adapter
     shapes = [adapter.shape(i) for i in range(adapter.num_layers)]
     candidates = bld_candidates(job_spaces(config, shapes), shapes)
-    job = prepare_bld(config, parent, candidates)
+    fit_slots = linear_fit_slots(config, model_shape(config, parent_config(config.parent)), candidates, target(config))
+    job = prepare_bld(config, parent, candidates, fit_slots)
     modules = group_modules(config, parent, job, candidates)
     x = job.train[: config.bld.batch_size]
     params = [p for p in modules.parameters() if p.requires_grad]

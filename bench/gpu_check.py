@@ -99,12 +99,14 @@ def bld_step_rate(config, steps: int = 5) -> tuple[float, float]:
     from puzzle.distill.library import bld_candidates
     from puzzle.families import parent_shapes
     from puzzle.parents import load_parent, parent_config
+    from puzzle.memory import linear_fit_slots, model_shape, target
     from puzzle.stages.library import group_modules, job_spaces, prepare_bld
 
     parent = load_parent(config.parent)
     shapes = parent_shapes(parent_config(config.parent))
     candidates = [c for c in bld_candidates(job_spaces(config, shapes), shapes) if c.layer == 0]
-    job = prepare_bld(config, parent, candidates)
+    fit_slots = linear_fit_slots(config, model_shape(config, parent_config(config.parent)), candidates, target(config))
+    job = prepare_bld(config, parent, candidates, fit_slots)
     modules = group_modules(config, parent, job, candidates)
     optimizer = torch.optim.AdamW([p for p in modules.parameters() if p.requires_grad], lr=1e-5, fused=True)
     x = job.train[: config.bld.batch_size].to(parent.model.device)

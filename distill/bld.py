@@ -138,10 +138,6 @@ def ffn_channel_scores(adapter, calibration: torch.Tensor, batch_size: int, pipe
     return scores
 
 
-# The float32 statistics of linear fits held at once; more linear candidates take more calibration passes.
-LINEAR_FIT_BYTES = 1 << 30
-
-
 @dataclass(frozen=True)
 class LinearSlot:
     """A subblock that a linear candidate replaces: `layer`'s attention or FFN, fitted with a bias or without."""
@@ -190,15 +186,14 @@ def _solve(xtx: torch.Tensor, xty: torch.Tensor, bias: bool) -> LinearFit:
 
 
 @torch.no_grad()
-def linear_fits(adapter, calibration: torch.Tensor, batch_size: int, slots: list[LinearSlot],
+def linear_fits(adapter, calibration: torch.Tensor, batch_size: int, slots: list[LinearSlot], per_pass: int,
                 pipeline=None) -> dict[LinearSlot, LinearFit]:
     """The least-squares Linear from each slot's normalized input to what the parent's subblock adds, on the
     calibration tokens: where a linear candidate starts (the products W_down·W_up and W_O·W_V start further
     from the parent than removing the subblock on the shipped parents). X^T X and X^T Y (X with a ones
-    column) take 2(h+1)² float32 per slot, so a pass fits as many slots as LINEAR_FIT_BYTES holds; in a
-    pipeline every rank makes as many passes as the rank with the most, each rank fitting its own layers."""
-    h = adapter.config.hidden_size
-    per_pass = max(1, LINEAR_FIT_BYTES // (8 * (h + 1) ** 2))
+    column) take 2(h+1)² float32 per slot, so a pass fits `per_pass` slots, as many as the memory plan
+    finds room for (`puzzle.memory.linear_fit_slots`); in a pipeline every rank makes as many passes as the
+    rank with the most, each rank fitting its own layers."""
     chunks = [slots[k : k + per_pass] for k in range(0, len(slots), per_pass)]
     passes = len(chunks) if pipeline is None else pipeline.most(len(chunks))
     fits = {}

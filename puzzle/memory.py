@@ -13,6 +13,7 @@ the parent, and the library stage trains exactly these groups (`bld_groups`).
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 from dataclasses import dataclass, replace
@@ -38,11 +39,20 @@ TRAINED_BYTES = 16
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+class Phase(str, enum.Enum):
+    """A part of a stage whose memory is freed before the next part starts: a stage's peak counts its terms
+    of no phase plus the heaviest phase's."""
+
+    calibration = "calibration"
+    training = "training"
+
+
 @dataclass(frozen=True)
 class Term:
     name: str
     bytes: float
     host: bool = False  # kept in host memory (counts on the device only when the device is the host)
+    phase: Phase | None = None
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,9 @@ class StagePlan:
 
     def peak(self, target: Target) -> float:
         """Bytes one rank needs at its peak, in the target's memory."""
-        return sum(t.bytes for t in self.terms if not (t.host and target.is_gpu))
+        held = [t for t in self.terms if not (t.host and target.is_gpu)]
+        phases = [sum(t.bytes for t in held if t.phase is p) for p in Phase]
+        return sum(t.bytes for t in held if t.phase is None) + max(phases)
 
 
 @dataclass(frozen=True)
@@ -228,13 +240,10 @@ def _candidate_bytes(params: int, target: Target) -> float:
     return params * TRAINED_BYTES + (0 if target.is_gpu else params * 4)
 
 
-def _bld_fixed(config: PuzzleConfig, model: ModelShape, target: Target, largest: int,
-               share: range | None = None) -> list[Term]:
-    """BLD's terms that do not grow with the group: runtime, parent (or, in a pipeline, the `share` of its
-    layers this rank holds), the parent's activations of one batch, one candidate's forward and backward
-    (candidates are back-propagated one at a time)."""
-    b, t, h = config.bld.batch_size, config.bld.sequence_length, model.hidden_size
-    layers = len(model.shapes) if share is None else len(share)
+def _bld_held(config: PuzzleConfig, model: ModelShape, target: Target, share: range | None = None) -> list[Term]:
+    """What BLD holds throughout: the runtime and the parent (or, in a pipeline, the `share` of its layers
+    this rank holds)."""
+    h = model.hidden_size
     parent = model.parent_weights(target, uses_head=False)
     if share is not None:
         held = sum(model.layer_params(share))
@@ -242,15 +251,31 @@ def _bld_fixed(config: PuzzleConfig, model: ModelShape, target: Target, largest:
         embedding = model.vocab_size * h if share.start == 0 and not (model.mapped and not target.is_gpu) else 0
         parent = Term(f"parent layers {share.start}-{share.stop - 1} of {len(model.shapes)}"
                       + (" and the embeddings" if embedding else ""), (held + embedding) * model.dtype_bytes)
+    return [target.runtime, parent]
+
+
+def _parent_activations(model: ModelShape, layers: int, blocks: int, length: int) -> float:
+    """What `distill.bld.parent_activations` keeps of a batch: three streams per layer, and one FFN's widest
+    intermediate while it runs."""
+    b, t, h = blocks, length, model.hidden_size
+    return 3 * layers * b * t * h * model.dtype_bytes + b * t * 3 * model.widest() * model.dtype_bytes
+
+
+def _bld_fixed(config: PuzzleConfig, model: ModelShape, target: Target, largest: int,
+               share: range | None = None) -> list[Term]:
+    """BLD's terms that do not grow with the group: what it holds throughout, and while it trains the
+    parent's activations of one batch and one candidate's forward and backward (candidates are
+    back-propagated one at a time)."""
+    b, t, h = config.bld.batch_size, config.bld.sequence_length, model.hidden_size
+    layers = len(model.shapes) if share is None else len(share)
     act = model.dtype_bytes
     compute = min(act, 4)
     candidate_acts = b * t * (8 * h + 5 * model.widest()) * compute + 3 * b * t * h * 4
     autocast_copy = largest * 2 if act < 4 else 0
     return [
-        target.runtime,
-        parent,
-        Term("parent activations (3 per layer)", 3 * layers * b * t * h * act + b * t * 3 * model.widest() * act),
-        Term("one candidate's activations", candidate_acts + autocast_copy),
+        *_bld_held(config, model, target, share),
+        Term("parent activations (3 per layer)", _parent_activations(model, layers, b, t), phase=Phase.training),
+        Term("one candidate's activations", candidate_acts + autocast_copy, phase=Phase.training),
     ]
 
 
@@ -279,19 +304,52 @@ def candidate_params(candidate, shape: ParentShape) -> int:
     return sum(parameters(s, shape) for s in (candidate.attention, candidate.ffn) if s is not None)
 
 
-def _linear_fit_terms(candidates: list, hidden: int) -> list[Term]:
-    """Where linear candidates start (`distill.bld.linear_fits`): one calibration pass's float32 statistics,
-    counted at the peak though they are freed before training, and the fits, kept on the host."""
-    from puzzle.distill.bld import LINEAR_FIT_BYTES
+def _linear_subblocks(candidates: list) -> int:
+    """The subblocks some candidate replaces by one Linear (`distill.bld.linear_slots`): a layer's attention,
+    its FFN or both."""
+    return len({(c.layer, spec is c.attention) for c in candidates for spec in (c.attention, c.ffn)
+                if spec is not None and spec.linear})
 
-    slots = {(c.layer, spec.kind) for c in candidates for spec in (c.attention, c.ffn) if spec is not None and spec.linear}
-    if not slots:
-        return []
-    per_slot = 8 * (hidden + 1) ** 2
-    per_pass = min(len(slots), max(1, LINEAR_FIT_BYTES // per_slot))
-    return [Term(f"least-squares statistics ({per_pass} of {len(slots)} linear subblocks per calibration pass)",
-                 per_pass * per_slot),
-            Term("linear candidates' starting weights (fp32, host)", len(slots) * 4 * (hidden + 1) * hidden, host=True)]
+
+def _calibration_activations(config: PuzzleConfig, model: ModelShape, share: range | None) -> Term:
+    layers = len(model.shapes) if share is None else len(share)
+    return Term("parent activations of a calibration batch (3 per layer)",
+                _parent_activations(model, layers, config.eval.batch_size, config.data.sequence_length),
+                phase=Phase.calibration)
+
+
+def linear_fit_slots(config: PuzzleConfig, model: ModelShape, candidates: list, target: Target,
+                     share: range | None = None) -> int:
+    """How many linear subblocks one calibration pass of `distill.bld.linear_fits` fits at once: as many as
+    their float32 statistics, 2(h+1)² each, fit beside the parent and a calibration batch's activations
+    (they are freed before any candidate trains). At least one, though it may not fit: the plan says so."""
+    subblocks = _linear_subblocks(candidates)
+    beside = sum(t.bytes for t in [*_bld_held(config, model, target, share),
+                                   _calibration_activations(config, model, share)]
+                 if not (t.host and target.is_gpu))
+    room = PACKING_SHARE * (target.capacity - beside)
+    return min(subblocks, max(1, int(room // _fit_statistics_bytes(model.hidden_size))))
+
+
+def _fit_statistics_bytes(hidden: int) -> int:
+    """X^T X and X^T Y of one linear subblock, X with a ones column, in float32."""
+    return 8 * (hidden + 1) ** 2
+
+
+def _calibration_terms(config: PuzzleConfig, model: ModelShape, candidates: list, target: Target,
+                       share: range | None) -> list[Term]:
+    """Before training, BLD's calibration passes (FFN channel scores, least-squares starts of linear
+    candidates): a batch's parent activations, the statistics of the linear subblocks fitted in one pass,
+    and the fits, kept on the host while the candidates train."""
+    terms = [_calibration_activations(config, model, share)]
+    subblocks = _linear_subblocks(candidates)
+    if subblocks:
+        per_pass = linear_fit_slots(config, model, candidates, target, share)
+        terms += [Term(f"least-squares statistics ({per_pass} of {subblocks} linear subblocks per calibration pass)",
+                       per_pass * _fit_statistics_bytes(model.hidden_size), phase=Phase.calibration),
+                  Term("linear candidates' starting weights (fp32, host)",
+                       subblocks * 4 * (model.hidden_size + 1) * model.hidden_size, host=True)]
+    return terms
 
 
 def bld_groups(config: PuzzleConfig, model: ModelShape, candidates: list, target: Target,
@@ -312,9 +370,10 @@ def bld_groups(config: PuzzleConfig, model: ModelShape, candidates: list, target
                 + (f", {math.ceil(len(groups) / target.ranks)} per rank" if share is None else " on this rank"))
     heaviest = max(groups, key=lambda g: sum(sizes[i] for i in g), default=[])
     params = sum(sizes[i] for i in heaviest)
-    terms = [*fixed, *_linear_fit_terms(candidates, model.hidden_size),
-             Term("candidates: fp32 weights, grads, AdamW (heaviest group)", params * TRAINED_BYTES),
-             Term("candidates' initial weights (fp32, host)", params * 4, host=True)]
+    terms = [*fixed, *_calibration_terms(config, model, candidates, target, share),
+             Term("candidates: fp32 weights, grads, AdamW (heaviest group)", params * TRAINED_BYTES,
+                  phase=Phase.training),
+             Term("candidates' initial weights (fp32, host)", params * 4, host=True, phase=Phase.training)]
     plan = StagePlan(Stage.library, tuple(terms), target.ranks, len(groups), note,
                      "lower bld.batch_size or bld.sequence_length (the parent's activations of a batch stay beside every group)")
     return [[candidates[i] for i in g] for g in groups], plan

@@ -245,7 +245,8 @@ def memory_plan(plan) -> None:
     for stage in plan.stages:
         for term in stage.terms:
             where = " [host]" if term.host and t.is_gpu else ""
-            table.add_row("", term.name + where, f"{term.bytes / 2**30:.2f}", "")
+            phase = f"{term.phase.value}: " if term.phase else ""  # the peak counts only the heavier phase
+            table.add_row("", phase + term.name + where, f"{term.bytes / 2**30:.2f}", "")
         verdict = "yes" if plan.fits(stage.stage) else "[red]NO[/red]"
         table.add_row(stage.stage.value, f"[bold]peak[/bold]{' — ' + stage.note if stage.note else ''}",
                       f"[bold]{stage.peak(t) / 2**30:.2f}[/bold]", verdict, end_section=True)

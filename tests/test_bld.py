@@ -229,7 +229,7 @@ def test_coupled_pairs_are_trained_and_scored_together(tmp_path, tiny_parent_dir
 
 
 @pytest.mark.parametrize("family, bias", [("llama", False), ("llama", True), ("nemotron_h", False)])
-def test_a_linear_candidate_starts_at_the_least_squares_fit_of_its_subblock(family, bias, monkeypatch):
+def test_a_linear_candidate_starts_at_the_least_squares_fit_of_its_subblock(family, bias):
     """On calibration tokens the fitted start is the least-squares one (against torch's solver) and far nearer
     the parent than the weight products; fitting one subblock per pass changes nothing."""
     from puzzle.families import family_adapter
@@ -243,9 +243,8 @@ def test_a_linear_candidate_starts_at_the_least_squares_fit_of_its_subblock(fami
     calibration = torch.randint(0, 128, (8, 48), generator=torch.Generator().manual_seed(0))
     slots = bld.linear_slots(candidates, adapter)
     assert [s.bias for s in slots if s.attention] == ([bias] if family == "llama" else [])
-    fits = bld.linear_fits(adapter, calibration, 4, slots)
-    monkeypatch.setattr(bld, "LINEAR_FIT_BYTES", 1)
-    one_at_a_time = bld.linear_fits(adapter, calibration, 4, slots)
+    fits = bld.linear_fits(adapter, calibration, 4, slots, per_pass=len(slots))
+    one_at_a_time = bld.linear_fits(adapter, calibration, 4, slots, per_pass=1)
     acts = bld.parent_activations(adapter, calibration)
     for candidate, slot in zip(sorted(candidates, key=lambda c: (c.layer, c.ffn is not None)), slots):
         torch.testing.assert_close(one_at_a_time[slot].weight, fits[slot].weight)

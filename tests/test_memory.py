@@ -1,5 +1,6 @@
 """The memory plan, and BLD in the groups it packs."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -9,9 +10,12 @@ from puzzle.api import distill_stage
 from puzzle.config import load_config
 from puzzle.distill.library import bld_candidates
 from puzzle.memory import (
-    PACKING_SHARE, _bld_fixed, _candidate_bytes, bld_groups, candidate_params, model_shape, pack, target,
+    GIB, PACKING_SHARE, Phase, StagePlan, Target, Term, _bld_fixed, _bld_held, _calibration_activations,
+    _candidate_bytes, _fit_statistics_bytes, _linear_subblocks, bld_groups, candidate_params, linear_fit_slots,
+    model_shape, pack, target,
 )
-from puzzle.parents import parent_config
+from puzzle.distill.bld import linear_slots
+from puzzle.parents import load_parent, parent_config
 from puzzle.preflight import job_plan
 from puzzle.rundir import Stage
 from puzzle.stages.library import job_spaces
@@ -165,3 +169,30 @@ def test_multi_process_eval_of_what_runs_on_one_process_stops_before_writing(tmp
     assert code == 2 and "runs on one process" in captured.err and "Traceback" not in captured.err
     assert len(captured.err.strip().splitlines()) == 2  # the file's line and one problem
     assert not (tmp_path / "job").exists()
+
+
+def test_least_squares_statistics_take_the_room_beside_the_parent(tmp_path, tiny_parent_dir):
+    """Linear candidates' calibration passes fit as many subblocks' statistics as the memory beside the parent
+    and a calibration batch holds (at least one), and the plan counts what the library stage will hold."""
+    config = load_config(write_job(tmp_path, tiny_parent_dir))
+    model = model_shape(config, parent_config(config.parent))
+    candidates = bld_candidates(job_spaces(config, list(model.shapes)), list(model.shapes))
+    tgt = target(config)
+    subblocks, each = _linear_subblocks(candidates), _fit_statistics_bytes(model.hidden_size)
+    assert subblocks == len(linear_slots(candidates, load_parent(config.parent).adapter)) >= 2
+    beside = sum(t.bytes for t in [*_bld_held(config, model, tgt), _calibration_activations(config, model, None)])
+    one = replace(tgt, capacity=beside + 1.5 * each / PACKING_SHARE)
+    assert linear_fit_slots(config, model, candidates, one) == 1
+    assert linear_fit_slots(config, model, candidates, replace(tgt, capacity=beside)) == 1
+    assert linear_fit_slots(config, model, candidates, tgt) == subblocks
+    statistics = next(t for t in bld_groups(config, model, candidates, one)[1].terms if "least-squares" in t.name)
+    assert statistics.bytes == each and f"1 of {subblocks}" in statistics.name
+
+
+def test_a_stage_peak_counts_the_heaviest_of_its_phases_once():
+    tgt = Target("gpu", 10 * GIB, 1, True, "")
+    plan = StagePlan(Stage.library, (Term("parent", 4), Term("statistics", 3, phase=Phase.calibration),
+                                     Term("calibration batch", 1, phase=Phase.calibration),
+                                     Term("candidates", 2, phase=Phase.training), Term("host copy", 9, host=True)), ranks=1)
+    assert plan.peak(tgt) == 4 + 3 + 1
+    assert plan.peak(replace(tgt, is_gpu=False)) == 4 + 9 + 3 + 1

@@ -35,7 +35,7 @@ from puzzle.distill.library import (
 from puzzle.distill.schedule import TrainingSettings
 from puzzle.distributed import LayerPipeline, Workers, layer_shares
 from puzzle.families import parent_shapes
-from puzzle.memory import bld_groups, model_shape, placement, target
+from puzzle.memory import bld_groups, linear_fit_slots, model_shape, placement, target
 from puzzle.parents import load_parent, parent_config
 from puzzle.pipeline import StageContext
 from puzzle.progress import progress_bar
@@ -96,14 +96,17 @@ def run(ctx: StageContext, team: Workers) -> LibrarySummary:
     if how == "layers" and team.world > 1:
         # Each rank holds a share of the layers and trains their candidates; all ranks pass every batch on.
         share = layer_shares(len(shapes), team.world)[team.rank]
-        groups, _ = bld_groups(config, model, [c for c in candidates if c.layer in share], tgt, 1, share)
+        ours = [c for c in candidates if c.layer in share]
+        groups, _ = bld_groups(config, model, ours, tgt, 1, share)
         mine = [g for g in ([c for c in group if c in todo] for group in groups) if g]
-        held = _train_groups(config, mine, lib_dir, entry_key, team, len(todo), share)
+        held = _train_groups(config, mine, lib_dir, entry_key, team, len(todo),
+                             linear_fit_slots(config, model, ours, tgt, share), share)
     else:
         groups, _ = bld_groups(config, model, candidates, tgt)
         groups = [[c for c in group if c in todo] for group in groups]
         mine = [group for group in team.shard(groups) if group]
-        held = _train_groups(config, mine, lib_dir, entry_key, team, len(todo)) if mine else None
+        fit_slots = linear_fit_slots(config, model, candidates, tgt)
+        held = _train_groups(config, mine, lib_dir, entry_key, team, len(todo), fit_slots) if mine else None
     team.barrier()
     rows = []
     for c in candidates:
@@ -140,7 +143,9 @@ class BldJob:
     settings: TrainingSettings
 
 
-def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate], pipeline=None) -> BldJob:
+def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate], fit_slots: int, pipeline=None) -> BldJob:
+    """`fit_slots`: the linear subblocks whose least-squares statistics one calibration pass holds
+    (`puzzle.memory.linear_fit_slots`)."""
     bld = config.bld
     device = parent.device
     data = job_blocks(config, parent.tokenizer)
@@ -155,7 +160,7 @@ def prepare_bld(config: PuzzleConfig, parent, candidates: list[Candidate], pipel
         train=data.train.recut(bld.sequence_length),
         held_out=data.validation.recut(bld.sequence_length)[: bld.eval_blocks].to(device),
         scores=ffn_scores(config, parent.adapter, data, candidates, device, pipeline),
-        fits=linear_fits(parent.adapter, calibration, config.eval.batch_size, slots, pipeline),
+        fits=linear_fits(parent.adapter, calibration, config.eval.batch_size, slots, fit_slots, pipeline),
         settings=settings,
     )
 
@@ -189,7 +194,7 @@ def ffn_scores(config: PuzzleConfig, adapter, data, candidates: list[Candidate],
 
 
 def _train_groups(config: PuzzleConfig, groups: list[list[Candidate]], lib_dir: Path, entry_key: str,
-                  team: Workers, total: int, share: range | None = None) -> list[int] | None:
+                  team: Workers, total: int, fit_slots: int, share: range | None = None) -> list[int] | None:
     """Train `groups` in turn. With `share`, this rank holds only those layers of the parent, in a pipeline
     whose ranks all run as many rounds as the rank with the most groups (with nothing to train, a rank
     passes the stream on). Returns, in a pipeline, the parent's bytes each rank holds."""
@@ -204,7 +209,7 @@ def _train_groups(config: PuzzleConfig, groups: list[list[Candidate]], lib_dir: 
                                    if p.device.type != "meta"))
         if rounds == 0:
             return held
-    job = prepare_bld(config, parent, [c for group in groups for c in group], pipeline)
+    job = prepare_bld(config, parent, [c for group in groups for c in group], fit_slots, pipeline)
     steps = job.settings.steps
     done = 0
     with progress_bar() as bar:
