@@ -64,6 +64,28 @@ def mutate(layers: list[list[Block]], choice: list[int], limits: dict[str, float
     return None
 
 
+def neighbours(layers: list[list[Block]], choice: list[int], limits: dict[str, float],
+               fixed: dict[str, float]) -> list[list[int]]:
+    """Every child `mutate` can draw from `choice`, each once: one layer changed, or, where that breaks a
+    budget, also a second layer's block of best score among those that bring it back under every budget."""
+    found: dict[tuple[int, ...], None] = {}
+    for i, layer in enumerate(layers):
+        for b in range(len(layer)):
+            if b == choice[i]:
+                continue
+            child = choice[:i] + [b] + choice[i + 1:]
+            if _fits(layers, child, limits, fixed):
+                found[tuple(child)] = None
+                continue
+            for j in range(len(layers)):
+                repairs = [r for r in range(len(layers[j])) if j != i
+                           and _fits(layers, child[:j] + [r] + child[j + 1:], limits, fixed)]
+                if repairs:
+                    r = min(repairs, key=lambda r: layers[j][r].score)
+                    found[tuple(child[:j] + [r] + child[j + 1:])] = None
+    return [list(c) for c in found]
+
+
 def evolve(*, layers: list[list[Block]], limits: dict[str, float], fixed: dict[str, float] | None = None,
            seeds: list[list[int]], measure: Measure, batches: int, settings: EvolveSettings = EvolveSettings(),
            on_generation: Callable[[int, float], None] = lambda generation, best: None) -> Evolution:

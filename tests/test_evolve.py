@@ -6,7 +6,7 @@ import random
 import pytest
 
 from puzzle.api import search_stage
-from puzzle.search.evolve import EvolveSettings, evolve, mutate
+from puzzle.search.evolve import EvolveSettings, evolve, mutate, neighbours
 from puzzle.search.mip import Block, solve, usage
 from tests.helpers import scored_job
 
@@ -53,6 +53,19 @@ def test_evolution_keeps_every_budget_is_seeded_and_beats_the_sum_on_interaction
     assert not any(c[i] > 1 and c[i + 1] > 1 for i in range(len(c) - 1))
     assert all(b >= a for a, b in zip(first.history[1:], first.history))  # never worse than before
     assert first.evaluations == len(seen)
+
+
+def test_the_neighbourhood_is_every_child_mutation_draws_and_meets_every_budget():
+    layers = synthetic()
+    limits = {"cost": 3.6}
+    [start] = solve(layers=layers, limits=limits)
+    around = neighbours(layers, start.choice, limits, {})
+    assert len(around) == len({tuple(c) for c in around}) > 0
+    assert all(usage(layers, c, limits, {})["cost"].within and c != start.choice for c in around)
+    assert all(sum(a != b for a, b in zip(c, start.choice)) in (1, 2) for c in around)
+    rng = random.Random(0)
+    drawn = {tuple(mutate(layers, start.choice, limits, {}, rng)) for _ in range(5000)}
+    assert drawn == {tuple(c) for c in around}
 
 
 def test_mutation_returns_none_when_no_neighbour_fits():
