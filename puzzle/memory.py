@@ -328,7 +328,7 @@ def linear_fit_slots(config: PuzzleConfig, model: ModelShape, candidates: list, 
                                    _calibration_activations(config, model, share)]
                  if not (t.host and target.is_gpu))
     room = PACKING_SHARE * (target.capacity - beside)
-    return min(subblocks, max(1, int(room // _fit_statistics_bytes(model.hidden_size))))
+    return max(1, min(subblocks, int(room // _fit_statistics_bytes(model.hidden_size))))
 
 
 def _fit_statistics_bytes(hidden: int) -> int:
