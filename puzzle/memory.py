@@ -240,7 +240,7 @@ def _candidate_bytes(params: int, target: Target) -> float:
     return params * TRAINED_BYTES + (0 if target.is_gpu else params * 4)
 
 
-def _bld_held(config: PuzzleConfig, model: ModelShape, target: Target, share: range | None = None) -> list[Term]:
+def _bld_held(model: ModelShape, target: Target, share: range | None = None) -> list[Term]:
     """What BLD holds throughout: the runtime and the parent (or, in a pipeline, the `share` of its layers
     this rank holds)."""
     h = model.hidden_size
@@ -273,7 +273,7 @@ def _bld_fixed(config: PuzzleConfig, model: ModelShape, target: Target, largest:
     candidate_acts = b * t * (8 * h + 5 * model.widest()) * compute + 3 * b * t * h * 4
     autocast_copy = largest * 2 if act < 4 else 0
     return [
-        *_bld_held(config, model, target, share),
+        *_bld_held(model, target, share),
         Term("parent activations (3 per layer)", _parent_activations(model, layers, b, t), phase=Phase.training),
         Term("one candidate's activations", candidate_acts + autocast_copy, phase=Phase.training),
     ]
@@ -324,7 +324,7 @@ def linear_fit_slots(config: PuzzleConfig, model: ModelShape, candidates: list, 
     their float32 statistics, 2(h+1)² each, fit beside the parent and a calibration batch's activations
     (they are freed before any candidate trains). At least one, though it may not fit: the plan says so."""
     subblocks = _linear_subblocks(candidates)
-    beside = sum(t.bytes for t in [*_bld_held(config, model, target, share),
+    beside = sum(t.bytes for t in [*_bld_held(model, target, share),
                                    _calibration_activations(config, model, share)]
                  if not (t.host and target.is_gpu))
     room = PACKING_SHARE * (target.capacity - beside)

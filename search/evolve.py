@@ -57,11 +57,18 @@ def mutate(layers: list[list[Block]], choice: list[int], limits: dict[str, float
         if _fits(layers, child, limits, fixed):
             return child
         j = rng.choice([k for k in range(len(layers)) if k != i] or [i])
-        repairs = [b for b in range(len(layers[j])) if _fits(layers, child[:j] + [b] + child[j + 1:], limits, fixed)]
-        if repairs and j != i:
-            child[j] = min(repairs, key=lambda b: layers[j][b].score)
+        repair = _repair(layers, child, j, limits, fixed)
+        if repair is not None and j != i:
+            child[j] = repair
             return child
     return None
+
+
+def _repair(layers: list[list[Block]], child: list[int], j: int, limits: dict[str, float],
+            fixed: dict[str, float]) -> int | None:
+    """Layer `j`'s block of best score among those that bring `child` under every budget; None if none does."""
+    repairs = [b for b in range(len(layers[j])) if _fits(layers, child[:j] + [b] + child[j + 1:], limits, fixed)]
+    return min(repairs, key=lambda b: layers[j][b].score) if repairs else None
 
 
 def neighbours(layers: list[list[Block]], choice: list[int], limits: dict[str, float],
@@ -77,12 +84,10 @@ def neighbours(layers: list[list[Block]], choice: list[int], limits: dict[str, f
             if _fits(layers, child, limits, fixed):
                 found[tuple(child)] = None
                 continue
-            for j in range(len(layers)):
-                repairs = [r for r in range(len(layers[j])) if j != i
-                           and _fits(layers, child[:j] + [r] + child[j + 1:], limits, fixed)]
-                if repairs:
-                    r = min(repairs, key=lambda r: layers[j][r].score)
-                    found[tuple(child[:j] + [r] + child[j + 1:])] = None
+            for j in (k for k in range(len(layers)) if k != i):
+                repair = _repair(layers, child, j, limits, fixed)
+                if repair is not None:
+                    found[tuple(child[:j] + [repair] + child[j + 1:])] = None
     return [list(c) for c in found]
 
 

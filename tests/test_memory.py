@@ -180,7 +180,7 @@ def test_least_squares_statistics_take_the_room_beside_the_parent(tmp_path, tiny
     tgt = target(config)
     subblocks, each = _linear_subblocks(candidates), _fit_statistics_bytes(model.hidden_size)
     assert subblocks == len(linear_slots(candidates, load_parent(config.parent).adapter)) >= 2
-    beside = sum(t.bytes for t in [*_bld_held(config, model, tgt), _calibration_activations(config, model, None)])
+    beside = sum(t.bytes for t in [*_bld_held(model, tgt), _calibration_activations(config, model, None)])
     one = replace(tgt, capacity=beside + 1.5 * each / PACKING_SHARE)
     assert linear_fit_slots(config, model, candidates, one) == 1
     assert linear_fit_slots(config, model, candidates, replace(tgt, capacity=beside)) == 1
