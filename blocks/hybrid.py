@@ -24,7 +24,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
 )
 
 from puzzle.blocks.heads import mean_pool_kv_heads
-from puzzle.blocks.modeling_hybrid import NemotronHLinearMLP, NemotronHPuzzleConfig
+from puzzle.blocks.modeling_hybrid import CACHE, MAMBA_CACHE, NemotronHLinearMLP, NemotronHPuzzleConfig
 from puzzle.blocks.specs import AttentionKind, AttentionSpec, BlockChoice, FfnKind, ParentShape
 from puzzle.errors import PuzzleError
 
@@ -203,9 +203,9 @@ class HybridSubblock(nn.Module):
         """`cache`: a `hybrid_cache` in which the mixer's `layer_idx` names its slot."""
         x = self.norm(hidden.to(self.norm.weight.dtype))
         if self.block_type == "mamba":
-            return self.mixer(x, cache=cache)
+            return self.mixer(x, **{MAMBA_CACHE: cache})
         if self.block_type == "attention":  # sdpa: causal without a mask, unless a window needs one
-            return self.mixer(hidden_states=x, attention_mask=self._window_mask(x, cache), cache=cache)[0]
+            return self.mixer(hidden_states=x, attention_mask=self._window_mask(x, cache), **{CACHE: cache})[0]
         return self.mixer(x)
 
     def _window_mask(self, x: torch.Tensor, cache) -> torch.Tensor | None:

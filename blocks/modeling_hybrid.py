@@ -14,6 +14,7 @@ A removed layer has no entry. Each layer is transformers' own Nemotron-H block b
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -22,7 +23,6 @@ from transformers.masking_utils import (
     create_causal_mask, create_recurrent_attention_mask, create_sliding_window_causal_mask,
 )
 from transformers.modeling_outputs import MoeModelOutputWithPast
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
@@ -30,6 +30,12 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
     NemotronHBlock, NemotronHForCausalLM, NemotronHMamba2Mixer, NemotronHModel, NemotronHPreTrainedModel,
     NemotronHRMSNorm,
 )
+
+# transformers' words for the cache: `past_key_values` (layers, masks, outputs, generate) and `cache_params` (the
+# Mamba mixer) up to 5.19, `cache` for all in 5.24. A child loads on both sides, since vLLM pins a transformers
+# before the rename.
+CACHE = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+MAMBA_CACHE = "cache" if "cache" in inspect.signature(NemotronHMamba2Mixer.forward).parameters else "cache_params"
 
 # A block's type in the released layout, and transformers' word for it in `layers_block_type`.
 BLOCK_TYPES = {"mamba": "linear_attention", "attention": "full_attention", "mlp": "mlp", "moe": "moe"}
@@ -127,7 +133,7 @@ def _mask_key(block: dict) -> str | None:
 def _masks(config: NemotronHPuzzleConfig, inputs_embeds, attention_mask, cache, position_ids) -> dict:
     """Every mask the layers read, each built once. transformers sizes the causal mask from a full-attention
     layer's cache, so it is built only where one exists."""
-    kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+    kwargs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, CACHE: cache, "position_ids": position_ids}
     masks = {"linear_attention": create_recurrent_attention_mask(config=config, **kwargs)}
     for i, block in enumerate(config.block_configs):
         key = _mask_key(block)
@@ -149,12 +155,12 @@ class NemotronHPuzzleModel(NemotronHPuzzlePreTrainedModel, NemotronHModel):
         self.norm_f = NemotronHRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.post_init()
 
-    # transformers' own stack: hidden states and router logits recorded, the old cache keyword taken.
+    # transformers' own stack: hidden states and router logits recorded, either cache keyword taken.
     @merge_with_config_defaults
     @capture_outputs
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, cache=None, use_cache=None,
                 attention_mask=None, **kwargs):
+        cache = kwargs.pop("past_key_values", cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -167,11 +173,11 @@ class NemotronHPuzzleModel(NemotronHPuzzlePreTrainedModel, NemotronHModel):
         masks = attention_mask if isinstance(attention_mask, dict) else _masks(
             self.config, hidden, attention_mask, cache, position_ids)
         for layer, block in zip(self.layers, self.config.block_configs):
-            hidden = layer(hidden, attention_mask=masks.get(_mask_key(block)), position_ids=position_ids, cache=cache,
-                           use_cache=use_cache, **kwargs)
+            hidden = layer(hidden, attention_mask=masks.get(_mask_key(block)), position_ids=position_ids,
+                           use_cache=use_cache, **{CACHE: cache}, **kwargs)
         if isinstance(cache, NemotronHPuzzleCache):
             cache.seen_tokens += hidden.shape[1]
-        return MoeModelOutputWithPast(last_hidden_state=self.norm_f(hidden), cache=cache if use_cache else None)
+        return MoeModelOutputWithPast(last_hidden_state=self.norm_f(hidden), **{CACHE: cache if use_cache else None})
 
 
 class NemotronHPuzzleForCausalLM(NemotronHPuzzlePreTrainedModel, NemotronHForCausalLM):
@@ -183,10 +189,11 @@ class NemotronHPuzzleForCausalLM(NemotronHPuzzlePreTrainedModel, NemotronHForCau
         self.post_init()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
-            model_kwargs["cache"] = NemotronHPuzzleCache(config=self.config)
+        if model_kwargs.get(CACHE) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE] = NemotronHPuzzleCache(config=self.config)
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     @staticmethod
-    def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
+    def create_masks_for_generate(config, inputs_embeds, attention_mask, cache=None, position_ids=None, **kwargs):
+        cache = kwargs.pop("past_key_values", cache)
         return _masks(config, inputs_embeds, attention_mask, cache, position_ids)

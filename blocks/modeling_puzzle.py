@@ -9,14 +9,21 @@ Every subblock maps the residual stream `hidden` [batch, seq, hidden] to what it
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+# transformers' word for the cache in layers, masks, model outputs and generate: `past_key_values` up to 5.19,
+# `cache` in 5.24. A child loads on both sides, since vLLM pins a transformers before the rename.
+CACHE = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 class RMSNorm(nn.Module):
@@ -483,12 +490,13 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
             attention.kv_fp8_scales = None if pair is None else (float(pair[0]), float(pair[1]))
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
-            model_kwargs["cache"] = self.model.new_cache()
+        if model_kwargs.get(CACHE) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE] = self.model.new_cache()
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
                 inputs_embeds=None, labels=None, logits_to_keep=0, output_hidden_states=False, **kwargs):
+        cache = kwargs.pop("past_key_values", cache)  # generate's word before the rename
         # Hidden states are the residual stream before the final norm (a no-op layer passes its input on).
         hidden, cache, states = self.model(input_ids, attention_mask, position_ids, cache, use_cache, inputs_embeds,
                                            output_hidden_states)
@@ -497,4 +505,4 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache, hidden_states=states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=states, **{CACHE: cache})

@@ -24,6 +24,8 @@ from transformers.masking_utils import (
 )
 
 from puzzle.blocks.init import ParentLayer
+from puzzle.blocks.modeling_hybrid import MAMBA_CACHE
+from puzzle.blocks.modeling_puzzle import CACHE
 from puzzle.blocks.specs import AttentionKind, MambaShape, ParentShape
 from puzzle.errors import PuzzleError
 from puzzle.sharding import gathered
@@ -313,9 +315,8 @@ class FamilyAdapter:
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
-        mask_kwargs = dict(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids
-        )
+        mask_kwargs = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask, CACHE: cache,
+                       "position_ids": position_ids}
         masks: dict[AttentionType, torch.Tensor | None] = {}
         if AttentionType.full in self.attention_types:
             masks[AttentionType.full] = create_causal_mask(**mask_kwargs)
@@ -348,7 +349,7 @@ class FamilyAdapter:
             position_embeddings=ctx.position_embeddings,
             attention_mask=ctx.masks[parts.attention_type],
             position_ids=ctx.position_ids,
-            cache=ctx.cache,
+            **{CACHE: ctx.cache},
         )
         return out
 
@@ -431,8 +432,8 @@ class HybridAdapter(FamilyAdapter):
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
-        mask_kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
-                           position_ids=position_ids)
+        mask_kwargs = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask, CACHE: cache,
+                       "position_ids": position_ids}
         return LayerContext(
             position_ids=position_ids, position_embeddings=None, candidate_position_embeddings=None,
             masks={AttentionType.full: create_causal_mask(**mask_kwargs),
@@ -450,9 +451,9 @@ class HybridAdapter(FamilyAdapter):
             return torch.zeros_like(hidden)
         x = parts.input_norm(hidden.to(parts.input_norm.weight.dtype))
         if self.mixers[index] == "mamba":
-            return parts.attention(x, cache=ctx.cache, attention_mask=ctx.masks[AttentionType.recurrent])
-        out, _ = parts.attention(hidden_states=x, attention_mask=ctx.masks[AttentionType.full], cache=ctx.cache,
-                                 position_ids=ctx.position_ids)
+            return parts.attention(x, attention_mask=ctx.masks[AttentionType.recurrent], **{MAMBA_CACHE: ctx.cache})
+        out, _ = parts.attention(hidden_states=x, attention_mask=ctx.masks[AttentionType.full],
+                                 position_ids=ctx.position_ids, **{CACHE: ctx.cache})
         return out
 
     def ffn_delta(self, index: int, hidden: torch.Tensor) -> torch.Tensor:

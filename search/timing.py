@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from puzzle.blocks.costs import Scenario
+from puzzle.blocks.modeling_puzzle import CACHE
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,9 @@ def _generate_once(model, ids: torch.Tensor, decode_length: int) -> tuple[float,
     out = model(ids, use_cache=True, logits_to_keep=1)
     sync(device)
     prefilled = time.perf_counter()
-    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    cache, token = getattr(out, CACHE), out.logits[:, -1:].argmax(-1)
     for _ in range(decode_length):
-        out = model(token, cache=cache, use_cache=True)
+        out = model(token, use_cache=True, **{CACHE: cache})
         token = out.logits[:, -1:].argmax(-1)
     sync(device)
     return prefilled - start, (time.perf_counter() - prefilled) / decode_length

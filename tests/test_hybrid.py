@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from puzzle.blocks.hybrid import hybrid_child_config, hybrid_child_state, mamba_heads_kept
-from puzzle.blocks.modeling_hybrid import NemotronHPuzzleForCausalLM
+from puzzle.blocks.modeling_hybrid import CACHE, NemotronHPuzzleForCausalLM
 from puzzle.blocks.specs import BlockChoice
 from puzzle.errors import PuzzleError
 from puzzle.families import parent_shapes
@@ -105,7 +105,7 @@ def test_a_child_with_window_attention_and_a_linear_mlp_loads_and_generates_alik
     cached = loaded.generate(ids, max_new_tokens=10, do_sample=False, use_cache=True)
     assert torch.equal(cached, loaded.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False))
     out = loaded(ids, use_cache=True, output_hidden_states=True)
-    assert out.cache.layers[2].keys.shape[-2] == 3  # the window's cache keeps the last window − 1 tokens' KV
+    assert getattr(out, CACHE).layers[2].keys.shape[-2] == 3  # the window's cache keeps the last window − 1 tokens' KV
     assert len(out.hidden_states) == 1 + 5  # what KD aligns the layers on
 
 
@@ -285,5 +285,5 @@ def test_a_child_without_attention_layers_generates_alike_with_and_without_cache
     with torch.no_grad():  # and a cached step continues the uncached forward
         full = model(cached).logits[:, -1]
         out = model(cached[:, :-1], use_cache=True)
-        step = model(cached[:, -1:], cache=out.cache, use_cache=True).logits[:, -1]
+        step = model(cached[:, -1:], use_cache=True, **{CACHE: getattr(out, CACHE)}).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
