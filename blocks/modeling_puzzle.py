@@ -305,6 +305,25 @@ def new_kv_cache(windows: list[int | None]) -> Cache:
 
 # --- the child model (Nemotron-NAS / DeciLM layout) -------------------------------------------------
 
+class BlockConfig(dict):
+    """A `block_configs` entry (or its attention, ffn or moe part), read by key or by attribute. NVIDIA's
+    DeciLM config turns entries into objects and vLLM's reader asks `block.attention.no_op` and
+    `hasattr(block.ffn, "ffn_mult")`; a dict keeps config.json exactly as written. A missing word is an
+    AttributeError, so `hasattr` tells an absent word from a false one."""
+
+    def __init__(self, entries=(), **words):
+        super().__init__(entries, **words)
+        for word, value in self.items():
+            if isinstance(value, dict) and not isinstance(value, BlockConfig):
+                self[word] = BlockConfig(value)
+
+    def __getattr__(self, word: str):
+        try:
+            return self[word]
+        except KeyError:
+            raise AttributeError(word) from None
+
+
 class DeciLMConfig(PretrainedConfig):
     """A heterogeneous decoder: `block_configs` says, per layer, what its attention and FFN are.
 
@@ -357,6 +376,7 @@ class DeciLMConfig(PretrainedConfig):
                  "ffn": {"no_op": False, "replace_with_linear": False, "intermediate_size": self.intermediate_size}}
                 for _ in range(self.num_hidden_layers)
             ]
+        self.block_configs = [BlockConfig(block) for block in self.block_configs]
         super().__post_init__(**kwargs)
 
 

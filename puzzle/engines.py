@@ -4,11 +4,15 @@ One set of rules serves three callers: the verdicts written beside every child (
 search of a job with `target.engine` (only the blocks the engine serves are offered, `block_reasons`), and
 `puzzle validate`, which stops a job whose parent the engine cannot take at all (`parent_reasons`).
 
-vLLM (`nemotron_nas.py`, read in its sources, not run): per-layer KV heads (`n_heads_in_group`), `no_op`
-attention and FFN, FFN width from `ffn_mult` rounded up to a multiple of 256, any `head_dim` and RoPE
-scaling (Llama's attention and `get_rope`). It ignores `replace_with_linear` and `window_length`, so it
-would build the wrong layer for either; its layer is Llama's attention, without q/k norms, and it gives o a
-bias exactly when q, k and v have one.
+vLLM (`nemotron_nas.py`; every rule run in vLLM's CPU build 0.32 by tests/test_vllm.py, which loads one
+child per rule and per family and compares its log-probabilities with transformers): per-layer KV heads
+(`n_heads_in_group`), `no_op` attention and FFN, FFN width from `ffn_mult` rounded up to a multiple of 256,
+any `head_dim` and RoPE scaling (Llama's attention and `get_rope`). Refused there: linear attention and a
+linear FFN (`n_heads_in_group` / the width are absent), an off-grid width (its weights do not fit the
+rounded-up layer), per-head q/k norms (Qwen3: no `k_norm` parameter), a removed attention under a kept FFN
+in the first layer that computes (its layer has no residual yet). Wrong output: window attention (attends
+over everything) and a q/k/v bias without an o bias (Qwen2: vLLM gives o a bias exactly when q, k and v
+have one). vLLM's CPU build adds its own refusals (`cpu_reasons`), given as a verdict of their own.
 
 llama.cpp (its DeciLM conversion and runtime, run on about 30 children through llama-cpp-python 0.3.36):
 per-layer KV heads, removed attention, linear attention, FFN width from `ffn_mult` on the 256 grid. What
@@ -35,6 +39,11 @@ from puzzle.blocks.hybrid import hybrid_block_config
 from puzzle.blocks.specs import Engine
 
 GRID = 256
+
+
+# vLLM's CPU build (0.32): the head sizes its attention kernel takes (`CPUAttentionBackend`).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+VLLM_CPU = "vLLM (CPU build)"
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,9 @@ def block_reasons(engine: Engine, layer: int, layers: int, attention: dict, ffn:
         reasons.append(f"MoE FFN with {ffn['moe']['num_local_experts']} experts (no MoE FFN in the DeciLM reader)")
     if _off_grid(ffn):
         reasons.append(f"FFN width {ffn['intermediate_size']} is off the {GRID} grid (ffn_mult cannot express it)")
+    if vllm and layer == 0 and attention.get("no_op") and not ffn.get("no_op"):
+        reasons.append("the first layer's attention removed under a kept FFN (vLLM's DeciLM layer has no residual "
+                       "to add the FFN to yet)")
     if not vllm:
         if ffn.get("no_op") and not attention.get("no_op"):
             reasons.append("FFN removed under a kept attention (llama.cpp skips the whole layer)")
@@ -163,17 +175,39 @@ def child_reasons(engine: Engine, config, parent_layers: list[int] | None = None
     reasons = model_reasons(engine, config)
     for i, block in enumerate(blocks):
         reasons += [f"layer {i}: {r}" for r in block_reasons(engine, i, len(blocks), block["attention"], block["ffn"])]
+    if engine is Engine.vllm:  # layers removed whole before it: vLLM's first computing layer is a later one
+        first = next((i for i, b in enumerate(blocks) if not (b["attention"].get("no_op") and b["ffn"].get("no_op"))), 0)
+        if first > 0 and blocks[first]["attention"].get("no_op"):
+            reasons.append(f"layer {first}: the first layer's attention removed under a kept FFN (vLLM's DeciLM layer "
+                           "has no residual to add the FFN to yet)")
     if engine is Engine.llama_cpp and not any(_softmax(b["attention"]) for b in blocks):
         reasons.append("no layer keeps softmax attention (llama.cpp cannot allocate a KV cache)")
     return reasons
 
 
+def cpu_reasons(config) -> list[str]:
+    """What vLLM's CPU build refuses beyond vLLM's own rules (run here; vLLM on a GPU was not run)."""
+    if config.model_type == "nemotron_h_puzzle":
+        reasons = [f"block_configs[{i}]: an MoE layer (vLLM's CPU build runs Nemotron-H's non-gated experts on "
+                   "CUDA, XPU and ROCm only)" for i, block in enumerate(config.block_configs)
+                   if block["block_type"] == "moe"]
+        # Measured on the shipped hybrid parent's children without MoE layers: |Δ log p| up to 0.05, argmax
+        # agreement 0.98 in fp32, against 1e-6 for every dense child; the cause was not isolated.
+        return reasons + ["Nemotron-H in vLLM's CPU build computes differently from transformers (log-probabilities "
+                          "apart by up to 0.05 in fp32)"]
+    if config.head_dim not in VLLM_CPU_HEAD_SIZES:
+        return [f"head_dim {config.head_dim} (vLLM's CPU attention takes head sizes {', '.join(map(str, VLLM_CPU_HEAD_SIZES))})"]
+    return []
+
+
 def servability(config, parent_layers: list[int] | None = None) -> list[EngineVerdict]:
     vllm, llama_cpp = (child_reasons(Engine.vllm, config, parent_layers),
                        child_reasons(Engine.llama_cpp, config, parent_layers))
+    vllm_cpu = vllm + cpu_reasons(config)
     return [
         EngineVerdict("transformers (trust_remote_code)", True, []),
         EngineVerdict("vLLM", not vllm, vllm),
+        EngineVerdict(VLLM_CPU, not vllm_cpu, vllm_cpu),
         EngineVerdict("llama.cpp", not llama_cpp, llama_cpp),
     ]
 

@@ -103,6 +103,19 @@ def test_block_configs_and_per_layer_config_round_trip_and_engine_formula(job):
     assert (summary.directory / "modeling_puzzle.py").is_file() and (summary.directory / "tokenizer.json").is_file()
 
 
+def test_block_configs_read_by_attribute_as_vllm_reads_them_and_save_as_plain_json(tmp_path):
+    blocks = [{"attention": {"no_op": False, "n_heads_in_group": 2}, "ffn": {"no_op": False, "ffn_mult": 1.5}},
+              {"attention": {"no_op": True}, "ffn": {"no_op": False, "intermediate_size": 96}}]
+    config = DeciLMConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, block_configs=blocks)
+    first, second = config.block_configs
+    assert first.attention.n_heads_in_group == 2 and first["attention"]["n_heads_in_group"] == 2
+    assert hasattr(first.ffn, "ffn_mult") and not hasattr(second.ffn, "ffn_mult")  # vLLM: ffn_mult, else the width
+    assert second.ffn.intermediate_size == 96 and second.attention.no_op and not hasattr(second.ffn, "hidden_act")
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["block_configs"] == blocks
+    assert DeciLMConfig.from_pretrained(tmp_path).block_configs[1].ffn.intermediate_size == 96
+
+
 def test_engine_verdicts():
     def config(blocks):
         return DeciLMConfig(hidden_size=1536, num_attention_heads=12, num_hidden_layers=len(blocks), block_configs=blocks,
@@ -118,6 +131,11 @@ def test_engine_verdicts():
     verdicts = {v.engine: v for v in servability(config([removed_ffn]))}
     assert verdicts["vLLM"].servable and not verdicts["llama.cpp"].servable
     assert "skips the whole layer" in verdicts["llama.cpp"].reasons[0]
+    # vLLM adds the first layer's FFN to a residual its removed attention never made (run: ValueError).
+    first_removed = {"attention": {"no_op": True}, "ffn": dense["ffn"]}
+    verdicts = {v.engine: v for v in servability(config([first_removed, dense]))}
+    assert not verdicts["vLLM"].servable and "first layer's attention removed" in verdicts["vLLM"].reasons[0]
+    assert {v.engine: v for v in servability(config([dense, first_removed]))}["vLLM"].servable
     linear = {"attention": {"replace_with_linear": True, "n_heads_in_group": None}, "ffn": dense["ffn"]}
     verdicts = {v.engine: v for v in servability(config([dense, linear]))}
     assert not verdicts["vLLM"].servable and verdicts["llama.cpp"].servable

@@ -1,0 +1,153 @@
+"""Every vLLM verdict against vLLM itself (its CPU build, installed by the test extra on x86-64 Linux).
+
+One child per verdict rule and per family is realized with random weights (scripts/engine_check.py's cases,
+plus an MoE child, FP8 KV scales and a child the pipeline chose for `target.engine: vllm`); all of them run in
+one vLLM worker (`puzzle.vllm_engine`), and each "servable" child must match transformers on the shipped
+text: log-probabilities within 1e-4 in fp32, argmax agreement 1.0. Each "not servable" child must be one vLLM
+refuses or computes wrongly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from puzzle.vllm_engine import VllmModel, agreement, run_in_vllm, vllm_unavailable
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(vllm_unavailable() is not None, reason=vllm_unavailable() or "")]
+
+ROOT = Path(__file__).resolve().parent.parent
+KEPT, WIDE = "attention.kv2", "ffn.i512"
+# Beyond engine_check's cases: rules of place that engine_check's 4-layer children do not reach.
+EXTRA_CASES = {
+    "first layer removed whole, then attention removed": ["attention.noop+ffn.noop", f"attention.noop+{WIDE}",
+                                                          f"{KEPT}+{WIDE}", f"{KEPT}+{WIDE}"],
+    "first layer removed whole, then a kept layer": ["attention.noop+ffn.noop", f"{KEPT}+{WIDE}", f"{KEPT}+{WIDE}",
+                                                     f"{KEPT}+{WIDE}"],
+}
+# Families whose head size vLLM's CPU attention does not take: the CPU build's own rule.
+CPU_FAMILIES = {"llama, head_dim 16": ("llama", {"head_dim": 16}, "byte-fallback")}
+
+
+class Case:
+    def __init__(self, name: str, directory: Path, config, model, kind: str, kv_cache_dtype: str = "auto"):
+        self.name, self.directory, self.config, self.model, self.kind = name, directory, config, model, kind
+        self.kv_cache_dtype = kv_cache_dtype
+
+
+def _moe_case(work: Path, engine_check) -> Case:
+    """A Mixtral parent's child with its own (sparse) FFNs: the DeciLM layout's `moe` entry is the project's own."""
+    tok = engine_check.tokenizer("byte-fallback")
+    hf_config = engine_check.parent_config("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, len(tok))
+    blocks = [f"{KEPT}+ffn.moe4.top2"] * 4
+    config, model = engine_check.realize(work / "moe", hf_config, blocks, tok)
+    return Case("MoE FFN (Mixtral)", work / "moe", config, model, "byte-fallback")
+
+
+def _fp8_case(work: Path, engine_check, tokens: list[int]) -> Case:
+    """The parent's own blocks with calibrated FP8 K/V scales stored where vLLM reads them."""
+    from puzzle.kv_fp8 import calibrate_kv_scales, store_kv_scales
+
+    tok = engine_check.tokenizer("byte-fallback")
+    config, model = engine_check.realize(work / "fp8", engine_check.parent_config("llama", {}, len(tok)),
+                                         engine_check.CASES["parent's own blocks"], tok)
+    scales = calibrate_kv_scales(model, blocks=torch.tensor([tokens]), batch_size=1)
+    store_kv_scales(work / "fp8", scales)
+    model.set_kv_fp8_scales(scales.pairs())  # the reference: the simulated E4M3 cache
+    return Case("FP8 KV scales", work / "fp8", config, model, "byte-fallback", kv_cache_dtype="fp8")
+
+
+def _engine_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("engine_check", ROOT / "scripts/engine_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ENGINE_CHECK = _engine_check()
+NAMES = [*ENGINE_CHECK.CASES, *EXTRA_CASES, *ENGINE_CHECK.FAMILIES, *CPU_FAMILIES, "MoE FFN (Mixtral)"]
+# vLLM's CPU build runs an FP8 KV cache only with AVX-512 or AMX (`_get_attn_isa`).
+FP8_CPU = torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
+
+
+@pytest.fixture(scope="module")
+def engine_check():
+    return ENGINE_CHECK
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory, engine_check):
+    """Every case realized and run in vLLM: {name: (case, tokens, reference logits, vLLM's result)}."""
+    work = tmp_path_factory.mktemp("vllm")
+    runs = [(n, "llama", {}, "byte-fallback", b) for n, b in {**engine_check.CASES, **EXTRA_CASES}.items()]
+    runs += [(n, f, e, k, engine_check.CASES["parent's own blocks"])
+             for n, (f, e, k) in {**engine_check.FAMILIES, **CPU_FAMILIES}.items()]
+    tokens = {k: engine_check.tokenizer(k)(engine_check.TEXT[:2000])["input_ids"][:96]
+              for k in ("byte-fallback", "byte-level")}
+    cases = []
+    for i, (name, family, extra, kind, blocks) in enumerate(runs):
+        tok = engine_check.tokenizer(kind)
+        config, model = engine_check.realize(work / f"child{i}", engine_check.parent_config(family, extra, len(tok)),
+                                             blocks, tok)
+        cases.append(Case(name, work / f"child{i}", config, model, kind))
+    cases += [_moe_case(work, engine_check), _fp8_case(work, engine_check, tokens["byte-fallback"])]
+    out = {}
+    for kind in tokens:
+        mine = [c for c in cases if c.kind == kind]
+        results = run_in_vllm([VllmModel(c.name, c.directory, c.kv_cache_dtype) for c in mine], tokens[kind],
+                              work=work / f"worker-{kind}")
+        for case, result in zip(mine, results):
+            with torch.no_grad():
+                reference = case.model(torch.tensor([tokens[kind]])).logits[0].float()
+            out[case.name] = (case, tokens[kind], reference, result)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_vllm_cpu_verdict_is_what_vllm_does(ran, name):
+    from puzzle.engines import VLLM_CPU, servability
+
+    case, tokens, reference, result = ran[name]
+    [verdict] = [v for v in servability(case.config) if v.engine == VLLM_CPU]
+    if verdict.servable:
+        assert result.error is None, f"called servable, but vLLM refused it: {result.error}"
+        check = agreement(result, reference, tokens)
+        assert check.matches, check
+    else:
+        refused = result.error is not None
+        assert refused or not agreement(result, reference, tokens).matches, \
+            f"called not servable ({verdict.reasons}), but vLLM matches transformers"
+
+
+def test_stored_fp8_kv_scales_run_in_vllm_as_the_simulated_fp8_cache(ran):
+    *_, result = ran["FP8 KV scales"]
+    if not FP8_CPU:
+        assert result.error and "AVX-512 or AMX" in result.error
+        pytest.skip("vLLM's CPU build runs an FP8 KV cache only with AVX-512 or AMX; this CPU has neither")
+    case, tokens, reference, result = ran["FP8 KV scales"]
+    check = agreement(result, reference, tokens)  # vLLM's E4M3 rounding against the simulated one, same scales
+    assert check.argmax_agreement >= 0.97 and check.mean_logprob_error < 1e-2, check
+
+
+def test_a_refusal_is_vllms_own_message_and_the_rest_still_run(ran):
+    *_, refused = ran["linear FFN"]
+    assert refused.error and "Error" in refused.error
+    *_, after = ran["FFN off the grid"]  # the worker started again after each refusal
+    assert after.error and "exceeds dimension size" in after.error
+
+
+def test_the_shipped_parent_matches_transformers_in_vllm(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parent = ROOT / "examples/parent"
+    tokens = AutoTokenizer.from_pretrained(parent)((ROOT / "examples/data/shakespeare/sonnets.txt").read_text()[:3000])
+    tokens = tokens["input_ids"][:128]
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(parent).eval()(torch.tensor([tokens])).logits[0]
+    [result] = run_in_vllm([VllmModel("parent", parent)], tokens, work=tmp_path)
+    assert agreement(result, reference, tokens).matches
