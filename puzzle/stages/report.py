@@ -63,7 +63,7 @@ def comparison_table(results: dict) -> pd.DataFrame:
             "speedup (predicted by the cost model)": "n/a" if predicted is None else f"{predicted:.2f}x",
             **{f"{task} accuracy": f"{metrics['acc,none']:.1%}" for task, metrics in m.get("tasks", {}).items()
                if "acc,none" in metrics},
-            **m.get("llama.cpp", {}),
+            **m.get("llama.cpp", {}), **m.get("vLLM", {}),
         }
     return pd.DataFrame(rows)
 
@@ -195,10 +195,13 @@ def _frontier(config: PuzzleConfig, solution: Architecture, path: Path, held_out
 # --- the page -------------------------------------------------------------------------------------
 
 
+ENGINE_FILES = ("vllm.json", "llama_cpp.json")
+
+
 def key_extra(config: PuzzleConfig, run: RunDir) -> str:
-    """The llama.cpp measurements (`puzzle eval --engine llama.cpp`) enter the report when they are made."""
-    engine = run.stage_dir(Stage.eval) / "llama_cpp.json"
-    return sha256_file(engine)[:16] if engine.is_file() else "no-engine"
+    """The engines' measurements (`puzzle eval --engine vllm|llama.cpp`) enter the report when they are made."""
+    files = [run.stage_dir(Stage.eval) / name for name in ENGINE_FILES]
+    return "+".join(sha256_file(f)[:16] for f in files if f.is_file()) or "no-engine"
 
 
 def engine_rows(results: dict, engine: dict) -> None:
@@ -217,6 +220,25 @@ def engine_rows(results: dict, engine: dict) -> None:
         }
 
 
+def vllm_rows(results: dict, engine: dict) -> None:
+    """vLLM's measurements put beside each model's column of the comparison table (in place)."""
+    runs = {r["name"]: r for r in engine["runs"]}
+    parent = runs.get("parent")
+    for m in results["models"]:
+        r = runs.get(m["name"])
+        if r is None or parent is None or parent["error"]:
+            continue
+        if r["error"]:
+            m["vLLM"] = {"vLLM": f"refused: {r['error']}"}
+            continue
+        m["vLLM"] = {
+            "vLLM max |Δ log p| / argmax agreement": f"{r['max_logprob_error']:.1e} / {r['argmax_agreement']:.1%}",
+            "vLLM decode tokens/s": f"{r['decode_tokens_per_second']:,.0f}",
+            "speedup in vLLM (decode / prefill)": f"{r['decode_tokens_per_second'] / parent['decode_tokens_per_second']:.2f}x"
+                                                   f" / {r['prefill_tokens_per_second'] / parent['prefill_tokens_per_second']:.2f}x",
+        }
+
+
 def run(ctx: StageContext) -> ReportSummary:
     started = time.time()
     config, run_dir, directory = ctx.config, ctx.run, ctx.directory
@@ -225,6 +247,8 @@ def run(ctx: StageContext) -> ReportSummary:
     results = read_json(run_dir.stage_dir(Stage.eval) / "results.json")
     if (run_dir.stage_dir(Stage.eval) / "llama_cpp.json").is_file():
         engine_rows(results, read_json(run_dir.stage_dir(Stage.eval) / "llama_cpp.json"))
+    if (run_dir.stage_dir(Stage.eval) / "vllm.json").is_file():
+        vllm_rows(results, read_json(run_dir.stage_dir(Stage.eval) / "vllm.json"))
     kd_dir = run_dir.stage_dir(Stage.kd)
     directory.mkdir(parents=True, exist_ok=True)
 
