@@ -1,11 +1,16 @@
-"""Every llama.cpp verdict rule against llama.cpp itself: one child per rule and per family, realized with
-random weights (seeded), converted by llama.cpp's converter and run by its runtime, its logits compared with
-this project's modeling code on the same token ids. Prints verdict against reality, one row per child.
+"""Every verdict rule of an engine against the engine itself: one child per rule and per family, realized with
+random weights (seeded), run by the engine, its output compared with this project's modeling code on the same
+token ids. Prints verdict against reality, one row per child.
 
-Run by hand, not by the test suite (it needs llama-cpp-python, `pip install -e ".[llama-cpp]"`, and
-llama.cpp's converter, e.g. vendor/llama.cpp/convert_hf_to_gguf.py in llama-cpp-python's source):
+    python scripts/engine_check.py --engine vllm
+    python scripts/engine_check.py --engine llama.cpp --converter PATH/convert_hf_to_gguf.py
 
-    python scripts/engine_check.py --converter PATH/convert_hf_to_gguf.py
+vLLM (its CPU build, installed by the test extra): tests/test_vllm.py runs the same cases in the test suite.
+A child "works" when vLLM's log-probabilities of the text are within 1e-4 of transformers' and its argmax
+agrees everywhere; the verdict compared is "vLLM (CPU build)".
+
+llama.cpp: run by hand, not by the test suite (it needs llama-cpp-python, `pip install -e ".[llama-cpp]"`,
+and llama.cpp's converter, e.g. vendor/llama.cpp/convert_hf_to_gguf.py in llama-cpp-python's source).
 
 A child "works" when its logits agree with transformers to a relative error of 1e-2 (random weights make
 near-ties, so an argmax may flip at an error of 1e-4; the agreement is printed beside it); the runtime runs in a process of its own, so a child that aborts llama.cpp is a row too.
@@ -128,29 +133,63 @@ def reality(directory: Path, model, converter: Path, tokens: list[int]) -> str:
     return f"{verdict} (rel. error {error:.1e}, argmax agreement {agreement:.2f})"
 
 
+def vllm_reality(children: list[tuple], tokens: list[int], work: Path) -> list[str]:
+    """What vLLM does with each (name, directory, model): works, wrong output, or its refusal."""
+    from puzzle.vllm_engine import VllmModel, agreement, run_in_vllm
+
+    results = run_in_vllm([VllmModel(name, directory) for name, directory, _ in children], tokens, work=work)
+    seen = []
+    for (_, _, model), result in zip(children, results):
+        if result.error:
+            seen.append(f"refused: {result.error[:90]}")
+            continue
+        with torch.no_grad():
+            check = agreement(result, model(torch.tensor([tokens])).logits[0].float(), tokens)
+        verdict = "works" if check.matches else "wrong output"
+        seen.append(f"{verdict} (max |Δ log p| {check.max_logprob_error:.1e}, argmax agreement {check.argmax_agreement:.2f})")
+    return seen
+
+
 def main() -> None:
+    from puzzle.engines import VLLM_CPU, servability
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--converter", type=Path, required=True)
+    parser.add_argument("--engine", choices=["vllm", "llama.cpp"], default="llama.cpp")
+    parser.add_argument("--converter", type=Path, default=None, help="llama.cpp's convert_hf_to_gguf.py")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
+    if args.engine == "llama.cpp" and args.converter is None:
+        parser.error("--engine llama.cpp needs --converter")
     work = args.work or Path(tempfile.mkdtemp(prefix="puzzle-engine-check-"))
-    rows = []
+    rows, built = [], []
     runs = [(name, "llama", {}, "byte-fallback", blocks) for name, blocks in CASES.items()]
     runs += [(name, family, extra, kind, CASES["parent's own blocks"]) for name, (family, extra, kind) in FAMILIES.items()]
     tokens_by_kind = {}
     for i, (name, family, extra, kind, blocks) in enumerate(runs):
         tok = tokenizer(kind)
-        tokens = tokens_by_kind.setdefault(kind, tok(TEXT[:2000])["input_ids"][:96])
+        tokens_by_kind.setdefault(kind, tok(TEXT[:2000])["input_ids"][:96])
         directory = work / f"child{i}"
         config, model = realize(directory, parent_config(family, extra, len(tok)), blocks, tok)
-        reasons = child_reasons(Engine.llama_cpp, config) + tokenizer_reasons(Engine.llama_cpp, directory)
+        if args.engine == "vllm":
+            [cpu] = [v for v in servability(config) if v.engine == VLLM_CPU]
+            reasons = cpu.reasons
+        else:
+            reasons = child_reasons(Engine.llama_cpp, config) + tokenizer_reasons(Engine.llama_cpp, directory)
+        built.append((name, kind, directory, model, reasons))
+    seen = {}
+    if args.engine == "vllm":
+        for kind, tokens in tokens_by_kind.items():
+            mine = [(n, d, m) for n, k, d, m, _ in built if k == kind]
+            seen.update(zip([n for n, _, _ in mine], vllm_reality(mine, tokens, work / f"vllm-{kind}")))
+    for name, kind, directory, model, reasons in built:
         more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
         verdict = "servable" if not reasons else f"not servable: {reasons[-1][:80]}{more}"
-        seen = reality(directory, model, args.converter, tokens)
-        match = (not reasons) == seen.startswith("works")
-        rows.append((name, verdict, seen, "yes" if match else "NO"))
-        print(f"{name}: {verdict} | {seen}", flush=True)
-    print("\n| child | verdict | llama.cpp | verdict right |\n|---|---|---|---|")
+        if name not in seen:
+            seen[name] = reality(directory, model, args.converter, tokens_by_kind[kind])
+        match = (not reasons) == seen[name].startswith("works")
+        rows.append((name, verdict, seen[name], "yes" if match else "NO"))
+        print(f"{name}: {verdict} | {seen[name]}", flush=True)
+    print(f"\n| child | verdict | {args.engine} | verdict right |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print(f"\n{sum(r[3] == 'yes' for r in rows)} of {len(rows)} verdicts right")
