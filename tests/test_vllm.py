@@ -194,3 +194,50 @@ def test_eval_in_vllm_checks_and_times_a_child_searched_for_vllm(tmp_path, vllm_
         assert runs[name]["error"] is None and runs[name]["max_logprob_error"] <= 1e-4, runs[name]
         assert runs[name]["argmax_agreement"] == 1.0 and runs[name]["decode_tokens_per_second"] > 0
     assert "vLLM: " in shown and "decode speedup" in shown
+
+
+# The shipped hybrid parent: Mamba, MLP, Mamba, attention, Mamba, MoE, Mamba, MLP.
+HYBRID_OWN = ["attention.mamba8+ffn.noop", "attention.noop+ffn.i256", "attention.mamba8+ffn.noop",
+              "attention.kv2+ffn.noop", "attention.mamba8+ffn.noop", "attention.noop+ffn.moe4.top2",
+              "attention.mamba8+ffn.noop", "attention.noop+ffn.i256"]
+HYBRID_CASES = {
+    "hybrid, the parent's own blocks (an MoE layer)": HYBRID_OWN,
+    "hybrid without its MoE layer": [*HYBRID_OWN[:5], "attention.noop+ffn.noop", *HYBRID_OWN[6:]],
+    "hybrid, a Mamba layer with fewer heads": ["attention.mamba4+ffn.noop", *HYBRID_OWN[1:5], "attention.noop+ffn.noop",
+                                               *HYBRID_OWN[6:]],
+}
+
+
+def test_hybrid_children_in_vllms_cpu_build_are_what_its_verdict_says(tmp_path):
+    """vLLM's CPU build refuses Nemotron-H's MoE and a Mamba layer with fewer heads, and computes a hybrid
+    without MoE apart from transformers: its verdict calls no hybrid child servable, and each is checked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from puzzle.blocks.hybrid import hybrid_child_state
+    from puzzle.blocks.specs import BlockChoice
+    from puzzle.checkpoint import child_config, write_child
+    from puzzle.engines import VLLM_CPU, servability
+    from puzzle.families import parent_shapes
+
+    source = ROOT / "examples/hybrid_parent"
+    parent, tokenizer = AutoModelForCausalLM.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
+    tokens = tokenizer((ROOT / "examples/data/shakespeare/sonnets.txt").read_text()[:3000])["input_ids"][:96]
+    models, references, verdicts = [], {}, {}
+    for i, (name, blocks) in enumerate(HYBRID_CASES.items()):
+        choices = [BlockChoice.from_id(b) for b in blocks]
+        config = child_config(parent.config, choices)
+        state = hybrid_child_state(parent, choices, parent_shapes(parent.config))
+        write_child(tmp_path / f"hybrid{i}", config, state.items(), dtype=torch.float32, tokenizer=tokenizer,
+                    generation_config=None, info={"layers": []})
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / f"hybrid{i}", trust_remote_code=True).eval()
+        with torch.no_grad():
+            references[name] = loaded(torch.tensor([tokens])).logits[0].float()
+        [verdicts[name]] = [v for v in servability(config) if v.engine == VLLM_CPU]
+        models.append(VllmModel(name, tmp_path / f"hybrid{i}"))
+    results = {r.name: r for r in run_in_vllm(models, tokens, work=tmp_path / "worker")}
+    assert "is_act_and_mul=False" in results["hybrid, the parent's own blocks (an MoE layer)"].error
+    assert "exceeds dimension size" in results["hybrid, a Mamba layer with fewer heads"].error
+    apart = agreement(results["hybrid without its MoE layer"], references["hybrid without its MoE layer"], tokens)
+    assert not apart.matches and apart.argmax_agreement > 0.9, apart  # it runs, close but not within 1e-4
+    for name, verdict in verdicts.items():
+        assert not verdict.servable and any("Nemotron-H" in r for r in verdict.reasons), (name, verdict.reasons)
