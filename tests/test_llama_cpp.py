@@ -47,8 +47,8 @@ def test_eval_engine_flags_are_checked_before_any_work(tmp_path, monkeypatch, ca
     from tests.helpers import cli, pipeline_job
 
     path = pipeline_job(tmp_path, tiny_parent_dir)
-    code, (_, err) = cli(monkeypatch, capsys, "eval", path, "--engine", "vllm")
-    assert code == 2 and "the engine measured here is llama.cpp" in err and "Traceback" not in err
+    code, (_, err) = cli(monkeypatch, capsys, "eval", path, "--engine", "tensorrt-llm")
+    assert code == 2 and "the engines measured here are vllm and llama.cpp" in err and "Traceback" not in err
     code, (_, err) = cli(monkeypatch, capsys, "eval", path, "--engine", "llama.cpp")
     assert code == 2 and "--converter" in err
     assert not (tmp_path / "run").exists()

@@ -149,7 +149,8 @@ def test_the_shipped_parent_matches_transformers_in_vllm(tmp_path):
     tokens = AutoTokenizer.from_pretrained(parent)((ROOT / "examples/data/shakespeare/sonnets.txt").read_text()[:3000])
     tokens = tokens["input_ids"][:128]
     with torch.no_grad():
-        reference = AutoModelForCausalLM.from_pretrained(parent).eval()(torch.tensor([tokens])).logits[0]
+        model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32).eval()  # stored in bf16
+        reference = model(torch.tensor([tokens])).logits[0]
     [result] = run_in_vllm([VllmModel("parent", parent)], tokens, work=tmp_path)
     assert agreement(result, reference, tokens).matches
 
@@ -203,6 +204,8 @@ HYBRID_OWN = ["attention.mamba8+ffn.noop", "attention.noop+ffn.i256", "attention
 HYBRID_CASES = {
     "hybrid, the parent's own blocks (an MoE layer)": HYBRID_OWN,
     "hybrid without its MoE layer": [*HYBRID_OWN[:5], "attention.noop+ffn.noop", *HYBRID_OWN[6:]],
+    "hybrid without attention or MoE": [*HYBRID_OWN[:3], "attention.noop+ffn.noop", HYBRID_OWN[4], "attention.noop+ffn.noop",
+                                        *HYBRID_OWN[6:]],
     "hybrid, a Mamba layer with fewer heads": ["attention.mamba4+ffn.noop", *HYBRID_OWN[1:5], "attention.noop+ffn.noop",
                                                *HYBRID_OWN[6:]],
 }
@@ -220,7 +223,8 @@ def test_hybrid_children_in_vllms_cpu_build_are_what_its_verdict_says(tmp_path):
     from puzzle.families import parent_shapes
 
     source = ROOT / "examples/hybrid_parent"
-    parent, tokenizer = AutoModelForCausalLM.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
+    parent = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()  # stored in bf16
+    tokenizer = AutoTokenizer.from_pretrained(source)
     tokens = tokenizer((ROOT / "examples/data/shakespeare/sonnets.txt").read_text()[:3000])["input_ids"][:96]
     models, references, verdicts = [], {}, {}
     for i, (name, blocks) in enumerate(HYBRID_CASES.items()):
@@ -237,7 +241,8 @@ def test_hybrid_children_in_vllms_cpu_build_are_what_its_verdict_says(tmp_path):
     results = {r.name: r for r in run_in_vllm(models, tokens, work=tmp_path / "worker")}
     assert "is_act_and_mul=False" in results["hybrid, the parent's own blocks (an MoE layer)"].error
     assert "exceeds dimension size" in results["hybrid, a Mamba layer with fewer heads"].error
+    assert "IndexError" in results["hybrid without attention or MoE"].error
     apart = agreement(results["hybrid without its MoE layer"], references["hybrid without its MoE layer"], tokens)
-    assert not apart.matches and apart.argmax_agreement > 0.9, apart  # it runs, close but not within 1e-4
+    assert not apart.matches and apart.argmax_agreement > 0.95, apart  # it runs, close but not within 1e-4
     for name, verdict in verdicts.items():
         assert not verdict.servable and any("Nemotron-H" in r for r in verdict.reasons), (name, verdict.reasons)
