@@ -16,12 +16,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
+# llama.cpp for its verdict tests (tests/test_llama_cpp.py): libllama alone, a few minutes.
+$(VENV)/.llama-cpp: $(VENV)/.installed scripts/build_llama_cpp.sh
+	bash scripts/build_llama_cpp.sh $(VENV)
+	touch $@
+
 setup: $(VENV)/.installed
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/puzzle run examples/default.yaml
 
-test: setup
+test: setup $(VENV)/.llama-cpp
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # Retrains the shipped parent (examples/parent) from the shipped text; about 40 minutes on 2 CPU cores.

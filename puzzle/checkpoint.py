@@ -46,6 +46,8 @@ def block_config(choice: BlockChoice, shape: ParentShape) -> dict:
     if f.kind is FfnKind.dense:
         ffn = {"no_op": False, "replace_with_linear": False, "ffn_mult": ffn_mult(f.intermediate_size, hidden_size),
                "intermediate_size": f.intermediate_size}
+        if f.intermediate_size % 256:  # no multiplier gives it; without one vLLM reads intermediate_size itself
+            del ffn["ffn_mult"]
     elif f.kind is FfnKind.moe:
         ffn = {"no_op": False, "replace_with_linear": False, "ffn_mult": None, "moe": {
             "num_local_experts": f.num_experts, "num_experts_per_tok": f.experts_per_token,

@@ -7,9 +7,9 @@ search of a job with `target.engine` (only the blocks the engine serves are offe
 vLLM (`nemotron_nas.py`; every rule run in vLLM's CPU build 0.32 by tests/test_vllm.py, which loads one
 child per rule and per family and compares its log-probabilities with transformers): per-layer KV heads
 (`n_heads_in_group`), `no_op` attention and FFN, FFN width from `ffn_mult` rounded up to a multiple of 256,
-any `head_dim` and RoPE scaling (Llama's attention and `get_rope`). Refused there: linear attention and a
-linear FFN (`n_heads_in_group` / the width are absent), an off-grid width (its weights do not fit the
-rounded-up layer), per-head q/k norms (Qwen3: no `k_norm` parameter), a removed attention under a kept FFN
+or `intermediate_size` itself where no `ffn_mult` is written (as a child writes an off-grid width), any
+`head_dim` and RoPE scaling (Llama's attention and `get_rope`). Refused there: linear attention and a
+linear FFN (`n_heads_in_group` / the width are absent), per-head q/k norms (Qwen3: no `k_norm` parameter), a removed attention under a kept FFN
 in the first layer that computes (its layer has no residual yet). Wrong output: window attention (attends
 over everything) and a q/k/v bias without an o bias (Qwen2: vLLM gives o a bias exactly when q, k and v
 have one). vLLM's CPU build adds its own refusals (`cpu_reasons`), given as a verdict of their own.
@@ -77,7 +77,7 @@ def block_reasons(engine: Engine, layer: int, layers: int, attention: dict, ffn:
         reasons.append(f"linear FFN ({'vLLM ignores replace_with_linear' if vllm else 'not in llama.cpp DeciLM reader'})")
     if ffn.get("moe"):
         reasons.append(f"MoE FFN with {ffn['moe']['num_local_experts']} experts (no MoE FFN in the DeciLM reader)")
-    if _off_grid(ffn):
+    if _off_grid(ffn) and not vllm:  # vLLM reads the width itself where no ffn_mult is written
         reasons.append(f"FFN width {ffn['intermediate_size']} is off the {GRID} grid (ffn_mult cannot express it)")
     if vllm and layer == 0 and attention.get("no_op") and not ffn.get("no_op"):
         reasons.append("the first layer's attention removed under a kept FFN (vLLM's DeciLM layer has no residual "
@@ -121,10 +121,17 @@ def model_reasons(engine: Engine, config) -> list[str]:
 
 def tokenizer_reasons(engine: Engine, directory: Path) -> list[str]:
     """Why `engine` cannot take the tokenizer saved in `directory` (llama.cpp: its DeciLM converter takes
-    Llama 3's byte-level BPE or a byte-fallback BPE, not another byte-level one such as Qwen2's)."""
+    Llama 3's byte-level BPE or a byte-fallback BPE, not another byte-level one such as Qwen2's; its Nemotron-H
+    converter takes only a BPE whose pre-tokenizer it recognizes by hash)."""
     path = Path(directory) / "tokenizer.json"
     if engine is not Engine.llama_cpp or not path.is_file():
         return []
+    config = Path(directory) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") in ("nemotron_h", "nemotron_h_puzzle"):
+        # Run here: it refused the shipped hybrid parent's byte-level BPE and a byte-fallback BPE alike ("BPE
+        # pre-tokenizer was not recognized"); a released Nemotron-H tokenizer it knows could not be tried offline.
+        return ["a tokenizer llama.cpp's Nemotron-H converter does not recognize (it takes only BPE pre-tokenizers "
+                "it knows by hash; none built here passed)"]
     tokenizer = json.loads(path.read_text())
     byte_level = "ByteLevel" in json.dumps(tokenizer.get("pre_tokenizer"))
     llama3 = any(t.get("content") == "<|begin_of_text|>" for t in tokenizer.get("added_tokens", []))
@@ -157,14 +164,24 @@ HYBRID_UNREAD = {
 }
 
 
+# Run here: llama.cpp's Nemotron-H converter leaves the experts of a child's MoE layer unprocessed, as they are
+# saved in transformers 5's fused layout (experts.gate_up_proj and experts.down_proj, not one tensor per expert).
+HYBRID_MOE_LLAMA_CPP = ("an MoE layer (its experts are saved fused, as transformers 5 holds them; llama.cpp's "
+                        "Nemotron-H converter: 'Unprocessed experts')")
+
+
 def hybrid_reasons(engine: Engine, config, parent_layers: list[int] | None = None) -> list[str]:
     """Why `engine` cannot serve a hybrid (Nemotron-H Puzzle) child of this config. A hybrid child keeps
     only its non-empty layers, so the reasons name the checkpoint's own entries, and with `parent_layers`
     (the parent layer of each entry) the parent's layer that the search's tables show too."""
     unread = HYBRID_UNREAD.get(engine, {})
     where = [f" (parent layer {p})" for p in parent_layers] if parent_layers else [""] * len(config.block_configs)
-    return [f"block_configs[{i}]{where[i]}: {unread[word]}" for i, block in enumerate(config.block_configs)
-            for word in block if word in unread]
+    reasons = []
+    for i, block in enumerate(config.block_configs):
+        if engine is Engine.llama_cpp and block["block_type"] == "moe":
+            reasons.append(f"block_configs[{i}]{where[i]}: {HYBRID_MOE_LLAMA_CPP}")
+        reasons += [f"block_configs[{i}]{where[i]}: {unread[word]}" for word in block if word in unread]
+    return reasons
 
 
 def child_reasons(engine: Engine, config, parent_layers: list[int] | None = None) -> list[str]:
@@ -202,9 +219,12 @@ def cpu_reasons(config) -> list[str]:
     return []
 
 
-def servability(config, parent_layers: list[int] | None = None) -> list[EngineVerdict]:
+def servability(config, parent_layers: list[int] | None = None, tokenizer: Path | None = None) -> list[EngineVerdict]:
+    """Every engine's verdict on the child of this config; `tokenizer`: the directory of the tokenizer it is
+    saved with (the parent's), which llama.cpp's converter judges too."""
     vllm, llama_cpp = (child_reasons(Engine.vllm, config, parent_layers),
                        child_reasons(Engine.llama_cpp, config, parent_layers))
+    llama_cpp += tokenizer_reasons(Engine.llama_cpp, tokenizer) if tokenizer is not None else []
     vllm_cpu = vllm + cpu_reasons(config)
     return [
         EngineVerdict("transformers (trust_remote_code)", True, []),

@@ -52,3 +52,82 @@ def test_eval_engine_flags_are_checked_before_any_work(tmp_path, monkeypatch, ca
     code, (_, err) = cli(monkeypatch, capsys, "eval", path, "--engine", "llama.cpp")
     assert code == 2 and "--converter" in err
     assert not (tmp_path / "run").exists()
+
+
+# --- every llama.cpp verdict against llama.cpp itself (built by scripts/build_llama_cpp.sh into .venv) ---------
+
+def _converter():
+    """llama.cpp's converter beside the libllama `make setup` built, or None."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    found = Path(sys.prefix) / "llama.cpp" / "src" / "convert_hf_to_gguf.py"
+    return found if found.is_file() and importlib.util.find_spec("llama_cpp") else None
+
+
+def _engine_check():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("engine_check", Path(__file__).parent.parent / "scripts/engine_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ENGINE_CHECK = _engine_check()
+RUNS = [(n, "llama", {}, "byte-fallback", b) for n, b in ENGINE_CHECK.CASES.items()]
+RUNS += [(n, f, e, k, ENGINE_CHECK.CASES["parent's own blocks"]) for n, (f, e, k) in ENGINE_CHECK.FAMILIES.items()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_converter() is None, reason="llama.cpp is not built in this environment (scripts/build_llama_cpp.sh)")
+@pytest.mark.parametrize("run", RUNS, ids=[r[0] for r in RUNS])
+def test_the_llama_cpp_verdict_is_what_llama_cpp_does(tmp_path, run):
+    from puzzle.engines import Engine, child_reasons, tokenizer_reasons
+
+    name, family, extra, kind, blocks = run
+    tok = ENGINE_CHECK.tokenizer(kind)
+    tokens = tok(ENGINE_CHECK.TEXT[:2000])["input_ids"][:96]
+    config, model = ENGINE_CHECK.realize(tmp_path / "child", ENGINE_CHECK.parent_config(family, extra, len(tok)), blocks,
+                                         tok)
+    reasons = child_reasons(Engine.llama_cpp, config) + tokenizer_reasons(Engine.llama_cpp, tmp_path / "child")
+    seen = ENGINE_CHECK.reality(tmp_path / "child", model, _converter(), tokens)
+    assert (not reasons) == seen.startswith("works"), f"verdict {reasons or 'servable'}; llama.cpp: {seen}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_converter() is None, reason="llama.cpp is not built in this environment (scripts/build_llama_cpp.sh)")
+def test_llama_cpp_refuses_the_hybrid_children_its_verdict_refuses(tmp_path):
+    """llama.cpp's Nemotron-H Puzzle converter: an MoE layer's fused experts and the shipped hybrid parent's
+    tokenizer are refused, and the verdicts (with the tokenizer's) say so."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from puzzle.blocks.hybrid import hybrid_child_state
+    from puzzle.blocks.specs import BlockChoice
+    from puzzle.checkpoint import child_config, write_child
+    from puzzle.engines import servability
+    from puzzle.families import parent_shapes
+    from tests.test_vllm import HYBRID_CASES
+
+    source = Path(__file__).parent.parent / "examples/hybrid_parent"
+    parent = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokens = tokenizer(ENGINE_CHECK.TEXT[:2000])["input_ids"][:64]
+    for i, name in enumerate(["hybrid, the parent's own blocks (an MoE layer)", "hybrid without its MoE layer"]):
+        choices = [BlockChoice.from_id(b) for b in HYBRID_CASES[name]]
+        config = child_config(parent.config, choices)
+        write_child(tmp_path / f"h{i}", config, hybrid_child_state(parent, choices, parent_shapes(parent.config)).items(),
+                    dtype=torch.float32, tokenizer=tokenizer, generation_config=None, info={"layers": []})
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / f"h{i}", trust_remote_code=True).eval()
+        seen = ENGINE_CHECK.reality(tmp_path / f"h{i}", model, _converter(), tokens)
+        [verdict] = [v for v in servability(config, tokenizer=source) if v.engine == "llama.cpp"]
+        assert seen.startswith("converter refused") and not verdict.servable, (name, seen, verdict.reasons)
+        expected = "Unprocessed experts" if "MoE layer)" in name else "pre-tokenizer was not recognized"
+        assert expected in seen, seen
+    assert any("fused" in r for r in servability(child_config(parent.config, [BlockChoice.from_id(b) for b in
+               HYBRID_CASES["hybrid, the parent's own blocks (an MoE layer)"]]))[3].reasons)

@@ -70,7 +70,7 @@ def run(ctx: StageContext) -> RealizeSummary:
     else:
         parent = load_parent(config.parent)
         child = build_child(parent, Library(ctx.run.stage_dir(Stage.library), parent.adapter), choices)
-        engines = servability(child.config, kept_layers(choices))
+        engines = servability(child.config, kept_layers(choices), Path(config.parent.path).expanduser())
         write_checkpoint(directory, child, parent, {**info, "engines": [e.__dict__ for e in engines]},
                          saved_dtype(config), job_kv_calibration(config, parent.tokenizer, parent.device))
     ctx.record.outputs = {"checkpoint": "checkpoint", "solution": config.realize.solution}
@@ -84,7 +84,7 @@ def _streamed(config: PuzzleConfig, run: RunDir, choices: list[BlockChoice], dir
     parent nor the child is ever whole in memory (docs/design.md §8)."""
     parent = parent_skeleton(config.parent)
     child = child_config(parent.model.config, choices)
-    engines = servability(child, kept_layers(choices))
+    engines = servability(child, kept_layers(choices), Path(config.parent.path).expanduser())
     tensors = streamed_child_tensors(parent, CheckpointReader(Path(config.parent.path).expanduser()),
                                      Library(run.stage_dir(Stage.library), parent.adapter), choices, parent.model.dtype)
     write_child(directory, child, tensors, dtype=saved_dtype(config), tokenizer=parent.tokenizer,
