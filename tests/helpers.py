@@ -183,3 +183,31 @@ def hybrid_parent(directory: Path, tokenizer_parent: Path, **config_changes) -> 
         data.update(config_changes)
         (directory / "config.json").write_text(json.dumps(data))
     return directory
+
+
+def grid_llama(directory: Path, hidden_size: int, max_position_embeddings: int = 128) -> Path:
+    """A tiny Llama whose FFN width (512) is on the engines' 256 grid, with a byte-fallback tokenizer: 3 layers,
+    4 query heads and 2 KV heads (head size hidden_size / 4; vLLM's CPU build takes 32, not 16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from puzzle.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer([open(SONNETS).read()], vocab_size=384)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=512, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def engine_check_module():
+    """scripts/engine_check.py as a module: its cases, realize and its engines' reality, for the engine tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("engine_check", ROOT / "scripts/engine_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,6 @@
 """target.engine: the library and the search offer only what the engine serves, by the verdicts' own rules."""
 
 import pytest
-import torch
 
 from puzzle.api import search_stage, with_settings
 from puzzle.checkpoint import child_config
@@ -11,26 +10,12 @@ from puzzle.engines import Engine, child_reasons
 from puzzle.parents import parent_config
 from puzzle.preflight import engine_removals, preflight
 from puzzle.rundir import RunDir, Stage
-from tests.helpers import FAST, SONNETS, scored_job, write_job
+from tests.helpers import FAST, grid_llama, scored_job, write_job
 
 
 @pytest.fixture(scope="module")
 def grid_parent(tmp_path_factory):
-    """A tiny Llama whose FFN width (512) is on the engines' 256 grid, with a byte-fallback tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from puzzle.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer([open(SONNETS).read()], vocab_size=384)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id))
-    out = tmp_path_factory.mktemp("grid_parent")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return grid_llama(tmp_path_factory.mktemp("grid_parent"), hidden_size=64)
 
 
 @pytest.fixture(scope="module")

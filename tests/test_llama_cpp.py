@@ -1,11 +1,13 @@
-"""`puzzle eval --engine llama.cpp`: the parts that need neither llama.cpp's converter nor its runtime (those are
-run by hand with llama-cpp-python installed; docs/benchmarks.md has the numbers)."""
+"""llama.cpp: `puzzle eval --engine llama.cpp`'s parts that need neither its converter nor its runtime, and every
+llama.cpp verdict rule against llama.cpp itself (built into .venv by scripts/build_llama_cpp.sh; skipped where
+it is not built)."""
 
 import pytest
 
 from puzzle.errors import PuzzleError
 from puzzle.llama_cpp import _converted
 from puzzle.stages.report import comparison_table, engine_rows
+from tests.helpers import engine_check_module
 
 
 def _script(path, body: str):
@@ -66,17 +68,7 @@ def _converter():
     return found if found.is_file() and importlib.util.find_spec("llama_cpp") else None
 
 
-def _engine_check():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("engine_check", Path(__file__).parent.parent / "scripts/engine_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ENGINE_CHECK = _engine_check()
+ENGINE_CHECK = engine_check_module()
 RUNS = [(n, "llama", {}, "byte-fallback", b) for n, b in ENGINE_CHECK.CASES.items()]
 RUNS += [(n, f, e, k, ENGINE_CHECK.CASES["parent's own blocks"]) for n, (f, e, k) in ENGINE_CHECK.FAMILIES.items()]
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from puzzle.vllm_engine import VllmModel, agreement, run_in_vllm, vllm_unavailable
+from tests.helpers import engine_check_module
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(vllm_unavailable() is not None, reason=vllm_unavailable() or "")]
@@ -61,16 +62,7 @@ def _fp8_case(work: Path, engine_check, tokens: list[int]) -> Case:
     return Case("FP8 KV scales", work / "fp8", config, model, "byte-fallback", kv_cache_dtype="fp8")
 
 
-def _engine_check():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("engine_check", ROOT / "scripts/engine_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ENGINE_CHECK = _engine_check()
+ENGINE_CHECK = engine_check_module()
 NAMES = [*ENGINE_CHECK.CASES, *EXTRA_CASES, *ENGINE_CHECK.FAMILIES, *CPU_FAMILIES, "MoE FFN (Mixtral)"]
 # vLLM's CPU build runs an FP8 KV cache only with AVX-512 or AMX (`_get_attn_isa`).
 FP8_CPU = torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
@@ -159,22 +151,10 @@ def test_the_shipped_parent_matches_transformers_in_vllm(tmp_path):
 
 @pytest.fixture(scope="module")
 def vllm_parent(tmp_path_factory):
-    """A tiny Llama that vLLM's CPU build takes: head size 32, FFN width on the 256 grid."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Head size 32: one vLLM's CPU build takes."""
+    from tests.helpers import grid_llama
 
-    from puzzle.tokenizer import build_tokenizer
-    from tests.helpers import SONNETS
-
-    tokenizer = build_tokenizer([open(SONNETS).read()], vocab_size=384)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id))
-    out = tmp_path_factory.mktemp("vllm_parent")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return grid_llama(tmp_path_factory.mktemp("vllm_parent"), hidden_size=128, max_position_embeddings=256)
 
 
 def test_eval_in_vllm_checks_and_times_a_child_searched_for_vllm(tmp_path, vllm_parent, monkeypatch, capsys):
