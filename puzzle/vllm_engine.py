@@ -144,7 +144,7 @@ class VllmEval:
         return None if rates[index] is None or rates[0] is None else rates[index] / rates[0]
 
 
-def engine_eval(config, tokens: int = 128, decode: int = 32, rounds: int = 3) -> VllmEval:
+def engine_eval(config, tokens: int = 128, decode: int = 64, rounds: int = 5) -> VllmEval:
     """Parent and children loaded in vLLM, checked against transformers on a held-out block and timed there
     (see the module's docstring). With `eval.kv_dtype: fp8`, vLLM runs an FP8 KV cache with the child's stored
     scales and the reference is the simulated FP8 cache."""
