@@ -80,7 +80,9 @@ def test_engine_verdicts_name_the_parent_layer_of_each_kept_entry():
     assert hybrid_reasons(Engine.llama_cpp, config, kept_layers(choices)) == [
         "block_configs[0] (parent layer 1): a linear MLP layer (llama.cpp builds every MLP layer as an MLP)",
         "block_configs[1] (parent layer 2): fewer KV heads in one layer (llama.cpp's Nemotron-H Puzzle converter "
-        "reads none)"]
+        "reads none)",
+        "block_configs[2] (parent layer 3): an MoE layer (its experts are saved fused, as transformers 5 holds them; "
+        "llama.cpp's Nemotron-H converter: 'Unprocessed experts')"]
 
 
 # Window attention (a window of 4 on 12 + 10 tokens) and a linear MLP.
