@@ -44,6 +44,9 @@ GRID = 256
 # vLLM's CPU build (0.32): the head sizes its attention kernel takes (`CPUAttentionBackend`).
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 VLLM_CPU = "vLLM (CPU build)"
+# vLLM's DeciLM layer adds a removed attention's FFN to a residual only an earlier layer's attention makes.
+VLLM_FIRST_LAYER = ("the first layer's attention removed under a kept FFN (vLLM's DeciLM layer has no residual to "
+                    "add the FFN to yet)")
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,7 @@ def block_reasons(engine: Engine, layer: int, layers: int, attention: dict, ffn:
     if _off_grid(ffn) and not vllm:  # vLLM reads the width itself where no ffn_mult is written
         reasons.append(f"FFN width {ffn['intermediate_size']} is off the {GRID} grid (ffn_mult cannot express it)")
     if vllm and layer == 0 and attention.get("no_op") and not ffn.get("no_op"):
-        reasons.append("the first layer's attention removed under a kept FFN (vLLM's DeciLM layer has no residual "
-                       "to add the FFN to yet)")
+        reasons.append(VLLM_FIRST_LAYER)
     if not vllm:
         if ffn.get("no_op") and not attention.get("no_op"):
             reasons.append("FFN removed under a kept attention (llama.cpp skips the whole layer)")
@@ -195,8 +197,7 @@ def child_reasons(engine: Engine, config, parent_layers: list[int] | None = None
     if engine is Engine.vllm:  # layers removed whole before it: vLLM's first computing layer is a later one
         first = next((i for i, b in enumerate(blocks) if not (b["attention"].get("no_op") and b["ffn"].get("no_op"))), 0)
         if first > 0 and blocks[first]["attention"].get("no_op"):
-            reasons.append(f"layer {first}: the first layer's attention removed under a kept FFN (vLLM's DeciLM layer "
-                           "has no residual to add the FFN to yet)")
+            reasons.append(f"layer {first}: {VLLM_FIRST_LAYER}")
     if engine is Engine.llama_cpp and not any(_softmax(b["attention"]) for b in blocks):
         reasons.append("no layer keeps softmax attention (llama.cpp cannot allocate a KV cache)")
     return reasons

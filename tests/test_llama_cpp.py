@@ -69,8 +69,7 @@ def _converter():
 
 
 ENGINE_CHECK = engine_check_module()
-RUNS = [(n, "llama", {}, "byte-fallback", b) for n, b in ENGINE_CHECK.CASES.items()]
-RUNS += [(n, f, e, k, ENGINE_CHECK.CASES["parent's own blocks"]) for n, (f, e, k) in ENGINE_CHECK.FAMILIES.items()]
+RUNS = ENGINE_CHECK.children()
 
 
 @pytest.mark.slow

@@ -77,9 +77,7 @@ def engine_check():
 def ran(tmp_path_factory, engine_check):
     """Every case realized and run in vLLM: {name: (case, tokens, reference logits, vLLM's result)}."""
     work = tmp_path_factory.mktemp("vllm")
-    runs = [(n, "llama", {}, "byte-fallback", b) for n, b in {**engine_check.CASES, **EXTRA_CASES}.items()]
-    runs += [(n, f, e, k, engine_check.CASES["parent's own blocks"])
-             for n, (f, e, k) in {**engine_check.FAMILIES, **CPU_FAMILIES}.items()]
+    runs = engine_check.children({**engine_check.CASES, **EXTRA_CASES}, {**engine_check.FAMILIES, **CPU_FAMILIES})
     tokens = {k: engine_check.tokenizer(k)(engine_check.TEXT[:2000])["input_ids"][:96]
               for k in ("byte-fallback", "byte-level")}
     cases = []
@@ -92,7 +90,7 @@ def ran(tmp_path_factory, engine_check):
     out = {}
     for kind in tokens:
         mine = [c for c in cases if c.kind == kind]
-        results = run_in_vllm([VllmModel(c.name, c.directory, c.kv_cache_dtype) for c in mine], tokens[kind],
+        results = run_in_vllm([VllmModel(c.name, c.directory, True, c.kv_cache_dtype) for c in mine], tokens[kind],
                               work=work / f"worker-{kind}")
         for case, result in zip(mine, results):
             with torch.no_grad():
@@ -145,7 +143,7 @@ def test_the_shipped_parent_matches_transformers_in_vllm(tmp_path):
     with torch.no_grad():
         model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32).eval()  # stored in bf16
         reference = model(torch.tensor([tokens])).logits[0]
-    [result] = run_in_vllm([VllmModel("parent", parent)], tokens, work=tmp_path)
+    [result] = run_in_vllm([VllmModel("parent", parent, trust_remote_code=False)], tokens, work=tmp_path)
     assert agreement(result, reference, tokens).matches
 
 
@@ -219,7 +217,7 @@ def test_hybrid_children_in_vllms_cpu_build_are_what_its_verdict_says(tmp_path):
         with torch.no_grad():
             references[name] = loaded(torch.tensor([tokens])).logits[0].float()
         [verdicts[name]] = [v for v in servability(config) if v.engine == VLLM_CPU]
-        models.append(VllmModel(name, tmp_path / f"hybrid{i}"))
+        models.append(VllmModel(name, tmp_path / f"hybrid{i}", trust_remote_code=True))
     results = {r.name: r for r in run_in_vllm(models, tokens, work=tmp_path / "worker")}
     assert "is_act_and_mul=False" in results["hybrid, the parent's own blocks (an MoE layer)"].error
     assert "exceeds dimension size" in results["hybrid, a Mamba layer with fewer heads"].error

@@ -63,7 +63,7 @@ def comparison_table(results: dict) -> pd.DataFrame:
             "speedup (predicted by the cost model)": "n/a" if predicted is None else f"{predicted:.2f}x",
             **{f"{task} accuracy": f"{metrics['acc,none']:.1%}" for task, metrics in m.get("tasks", {}).items()
                if "acc,none" in metrics},
-            **m.get("llama.cpp", {}), **m.get("vLLM", {}),
+            **{row: value for name, *_ in ENGINES.values() for row, value in m.get(name, {}).items()},
         }
     return pd.DataFrame(rows)
 
@@ -195,47 +195,35 @@ def _frontier(config: PuzzleConfig, solution: Architecture, path: Path, held_out
 # --- the page -------------------------------------------------------------------------------------
 
 
-ENGINE_FILES = ("vllm.json", "llama_cpp.json")
+# Each engine's measurements in eval/ (`puzzle eval --engine`): its name in the report, and how its logits were
+# checked against transformers (the field of each run that holds it).
+ENGINES = {"llama_cpp.json": ("llama.cpp", "logits rel. error", "relative_error"),
+           "vllm.json": ("vLLM", "max |Δ log p|", "max_logprob_error")}
 
 
 def key_extra(config: PuzzleConfig, run: RunDir) -> str:
     """The engines' measurements (`puzzle eval --engine vllm|llama.cpp`) enter the report when they are made."""
-    files = [run.stage_dir(Stage.eval) / name for name in ENGINE_FILES]
+    files = [run.stage_dir(Stage.eval) / name for name in ENGINES]
     return "+".join(sha256_file(f)[:16] for f in files if f.is_file()) or "no-engine"
 
 
-def engine_rows(results: dict, engine: dict) -> None:
-    """llama.cpp's measurements put beside each model's column of the comparison table (in place)."""
+def engine_rows(results: dict, engine: dict, file: str = "llama_cpp.json") -> None:
+    """An engine's measurements (its eval/ `file`) put beside each model's column of the comparison table (in place)."""
+    name, check, field = ENGINES[file]
     runs = {r["name"]: r for r in engine["runs"]}
     parent = runs.get("parent")
     for m in results["models"]:
         r = runs.get(m["name"])
-        if r is None or parent is None:
+        if r is None or parent is None or parent.get("error"):
             continue
-        m["llama.cpp"] = {
-            "llama.cpp logits rel. error / argmax agreement": f"{r['relative_error']:.1e} / {r['argmax_agreement']:.1%}",
-            "llama.cpp decode tokens/s": f"{r['decode_tokens_per_second']:,.0f}",
-            "speedup in llama.cpp (decode / prefill)": f"{r['decode_tokens_per_second'] / parent['decode_tokens_per_second']:.2f}x"
-                                                         f" / {r['prefill_tokens_per_second'] / parent['prefill_tokens_per_second']:.2f}x",
-        }
-
-
-def vllm_rows(results: dict, engine: dict) -> None:
-    """vLLM's measurements put beside each model's column of the comparison table (in place)."""
-    runs = {r["name"]: r for r in engine["runs"]}
-    parent = runs.get("parent")
-    for m in results["models"]:
-        r = runs.get(m["name"])
-        if r is None or parent is None or parent["error"]:
+        if r.get("error"):
+            m[name] = {name: f"refused: {r['error']}"}
             continue
-        if r["error"]:
-            m["vLLM"] = {"vLLM": f"refused: {r['error']}"}
-            continue
-        m["vLLM"] = {
-            "vLLM max |Δ log p| / argmax agreement": f"{r['max_logprob_error']:.1e} / {r['argmax_agreement']:.1%}",
-            "vLLM decode tokens/s": f"{r['decode_tokens_per_second']:,.0f}",
-            "speedup in vLLM (decode / prefill)": f"{r['decode_tokens_per_second'] / parent['decode_tokens_per_second']:.2f}x"
-                                                   f" / {r['prefill_tokens_per_second'] / parent['prefill_tokens_per_second']:.2f}x",
+        m[name] = {
+            f"{name} {check} / argmax agreement": f"{r[field]:.1e} / {r['argmax_agreement']:.1%}",
+            f"{name} decode tokens/s": f"{r['decode_tokens_per_second']:,.0f}",
+            f"speedup in {name} (decode / prefill)": f"{r['decode_tokens_per_second'] / parent['decode_tokens_per_second']:.2f}x"
+                                                     f" / {r['prefill_tokens_per_second'] / parent['prefill_tokens_per_second']:.2f}x",
         }
 
 
@@ -245,10 +233,9 @@ def run(ctx: StageContext) -> ReportSummary:
     solutions = read_solutions(run_dir.stage_dir(Stage.search) / "solutions.json")
     choices = child_choices(run_dir.stage_dir(Stage.child) / "checkpoint")
     results = read_json(run_dir.stage_dir(Stage.eval) / "results.json")
-    if (run_dir.stage_dir(Stage.eval) / "llama_cpp.json").is_file():
-        engine_rows(results, read_json(run_dir.stage_dir(Stage.eval) / "llama_cpp.json"))
-    if (run_dir.stage_dir(Stage.eval) / "vllm.json").is_file():
-        vllm_rows(results, read_json(run_dir.stage_dir(Stage.eval) / "vllm.json"))
+    for file in ENGINES:
+        if (run_dir.stage_dir(Stage.eval) / file).is_file():
+            engine_rows(results, read_json(run_dir.stage_dir(Stage.eval) / file), file)
     kd_dir = run_dir.stage_dir(Stage.kd)
     directory.mkdir(parents=True, exist_ok=True)
 
